@@ -1,0 +1,70 @@
+"""The session the running code belongs to, and the checks sync tools make against it.
+
+The current session travels in a context variable, not a thread-local: it follows the
+session's context into tasks and into worker threads started by ``anyio.to_thread`` /
+``session.run_sync`` (which copy the context), not the thread id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from contextvars import ContextVar
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ._session import Session
+
+_current_session: ContextVar[Session | None] = ContextVar(
+    "kill_switch_current_session", default=None
+)
+
+
+def current_session() -> Session | None:
+    """Return the session whose context the caller runs in, or ``None``."""
+    return _current_session.get()
+
+
+def check() -> None:
+    """Raise ``Interrupted`` if the current session has been interrupted.
+
+    Cheap (a context-variable read and a flag test), callable from coroutines and worker
+    threads alike; use it at commit points so no side effect lands after a kill. Outside
+    any session it does nothing. It is not a checkpoint: it never yields.
+
+    Raises:
+        Interrupted: the current session was interrupted.
+    """
+    session = _current_session.get()
+    if session is not None and session._flag.is_set():
+        raise session._interrupted_exc()
+
+
+def sleep(seconds: float) -> None:
+    """Block the calling worker thread for *seconds*, waking early if interrupted.
+
+    Event-driven (it waits on the session's flag, it does not poll). Outside any session
+    it is a plain sleep.
+
+    Raises:
+        Interrupted: the current session was interrupted before or during the sleep.
+        ValueError: *seconds* is negative or NaN.
+        RuntimeError: called on a thread running an event loop (it would block the loop;
+            use ``await anyio.sleep()`` there).
+    """
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+        raise TypeError(f"seconds must be a number, not {type(seconds).__name__}")
+    if math.isnan(seconds) or seconds < 0:
+        raise ValueError(f"seconds must be >= 0, got {seconds!r}")
+    if asyncio._get_running_loop() is not None:
+        raise RuntimeError(
+            "kill_switch.sleep() blocks its thread; in a coroutine use `await anyio.sleep()`"
+        )
+    session = _current_session.get()
+    if session is None:
+        import threading
+
+        threading.Event().wait(seconds)
+        return
+    if session._flag.wait(None if math.isinf(seconds) else seconds):
+        raise session._interrupted_exc()

@@ -1,0 +1,147 @@
+"""What an interrupt did: the frozen report returned by ``await handle``."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import attrs
+
+#: ``durable``: every event of the interrupt is on disk. ``volatile``: kept in memory
+#: only. ``degraded``: the durable store failed; events went to a fallback. ``disabled``:
+#: the runtime has no audit sink. ``pending``: not yet acknowledged within the bound.
+AuditStatus = Literal["durable", "volatile", "degraded", "disabled", "pending"]
+
+#: ``stopped``: interrupted and verified quiescent. ``unresponsive``: not quiescent within
+#: the stop timeout. ``before_start``: interrupted before its block began; the body never
+#: ran. ``after_end``: the session had already ended; nothing was stopped.
+Outcome = Literal["stopped", "unresponsive", "before_start", "after_end"]
+
+
+@attrs.frozen
+class InterruptRequest:
+    """One call of ``interrupt()``: the first one wins, later ones are kept."""
+
+    trigger: str
+    reason: str
+    operator: str | None
+    requested_at: float  # wall clock, seconds since the epoch
+    requested_mono: float  # monotonic clock, seconds
+
+
+@attrs.frozen
+class Latency:
+    """Seconds between the stages of a stop (``None`` when a stage did not happen)."""
+
+    #: interrupt() → cancellation delivered on the event loop.
+    delivered: float | None
+    #: interrupt() → body and every tool task exited.
+    quiescent: float | None
+    #: interrupt() → the report was built.
+    total: float
+
+
+@attrs.frozen
+class LeakedTask:
+    """A task created inside the session that outlived its block (it escaped structure)."""
+
+    name: str
+    coro: str
+    cancelled: bool  # it was cancelled and exited within the stop timeout
+
+
+@attrs.frozen
+class ProcessReport:
+    """What the process plane did to one tracked process (group)."""
+
+    pid: int
+    pgid: int | None
+    command: tuple[str, ...]
+    #: signals sent to the group, in order, by name (``("SIGTERM", "SIGKILL")``).
+    signals: tuple[str, ...]
+    #: exit status as ``subprocess`` reports it (negative: killed by that signal), or
+    #: ``None`` if it could not be reaped.
+    returncode: int | None
+    #: seconds from the first signal to the process being reaped (``None``: not reaped).
+    seconds_to_exit: float | None
+    #: it left the process group (``setsid``/double fork) and was found elsewhere.
+    escaped: bool = False
+    #: still alive after the ladder (it could not be killed: EPERM, say).
+    survived: bool = False
+    error: str | None = None
+
+
+ThreadOutcome = Literal["returned", "raised", "interrupted", "abandoned"]
+
+
+@attrs.frozen
+class ThreadReport:
+    """What the thread plane saw of one sync tool's worker thread."""
+
+    name: str
+    ident: int | None
+    outcome: ThreadOutcome
+    #: seconds from the interrupt's delivery to the thread returning (``None``: abandoned).
+    seconds: float | None
+    tool: str = ""
+
+
+@attrs.frozen
+class StopReport:
+    """What one interrupt did to one session, and whether everything really stopped."""
+
+    session_id: str
+    agent: str
+    interrupt_id: str
+    trigger: str
+    reason: str
+    operator: str | None
+    requested_at: float
+    outcome: Outcome
+    #: body and every tool task of the session exited (never true for ``unresponsive``).
+    quiescent: bool
+    #: interrupt() calls after the first, in order; their reasons never replace the first.
+    later: tuple[InterruptRequest, ...] = ()
+    #: tool calls in flight that the interrupt cancelled.
+    tool_calls_cancelled: int = 0
+    #: tool results that arrived after the interrupt and were not delivered to the agent.
+    late_results: int = 0
+    leaked_tasks: tuple[LeakedTask, ...] = ()
+    #: exceptions that tools raised while being cancelled (kept, not propagated).
+    secondary_errors: tuple[str, ...] = ()
+    #: child sessions interrupted with this one (trigger ``parent``).
+    children: tuple[str, ...] = ()
+    audit: AuditStatus = "disabled"
+    latency: Latency = Latency(None, None, 0.0)
+    #: the process plane: every tracked process of the session (issue: processes).
+    processes: tuple[ProcessReport, ...] = ()
+    #: the thread plane: every sync tool thread running when the interrupt came.
+    threads: tuple[ThreadReport, ...] = ()
+
+    def summary(self) -> str:
+        """A few readable lines describing the stop."""
+        lines = [
+            f"session {self.session_id} ({self.agent}) — {self.outcome}, "
+            f"{'quiescent' if self.quiescent else 'NOT quiescent'}",
+            f"  interrupt {self.interrupt_id} by {self.trigger}"
+            + (f" ({self.operator})" if self.operator else "")
+            + f": {self.reason}",
+        ]
+        for req in self.later:
+            lines.append(f"  also {req.trigger}: {req.reason}")
+        lines.append(
+            f"  tool calls cancelled: {self.tool_calls_cancelled}, "
+            f"late results dropped: {self.late_results}, "
+            f"leaked tasks: {len(self.leaked_tasks)}"
+        )
+        if self.children:
+            lines.append(f"  children interrupted: {', '.join(self.children)}")
+        for err in self.secondary_errors:
+            lines.append(f"  secondary error: {err}")
+        lat = self.latency
+        parts = [f"total {lat.total * 1e3:.2f} ms"]
+        if lat.delivered is not None:
+            parts.insert(0, f"delivered {lat.delivered * 1e3:.2f} ms")
+        if lat.quiescent is not None:
+            parts.insert(1, f"quiescent {lat.quiescent * 1e3:.2f} ms")
+        lines.append(f"  latency: {', '.join(parts)}; audit: {self.audit}")
+        return "\n".join(lines)

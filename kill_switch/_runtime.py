@@ -1,0 +1,315 @@
+"""The runtime: the process's inventory of agent sessions, its audit sink, and the
+service tasks that finish stops."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import sys
+import threading
+from collections.abc import Coroutine, Mapping
+from typing import Any, Callable
+
+import anyio
+
+from ._audit import SESSION_REFUSED, AuditEvent, AuditSink
+from ._current import _current_session
+from ._exceptions import SessionRefused
+from ._handle import InterruptHandle
+from ._info import SessionInfo
+from ._policy import StopPolicy
+from ._report import AuditStatus
+from ._session import Session, ToolPolicy
+from ._triggers import bound_text
+
+_MAX_AGENT = 200
+_MAX_LABELS = 64
+
+
+def _check_labels(labels: Mapping[str, str] | None) -> dict[str, str]:
+    if labels is None:
+        return {}
+    if not isinstance(labels, Mapping):
+        raise TypeError(f"labels must be a mapping of str to str, not {type(labels).__name__}")
+    if len(labels) > _MAX_LABELS:
+        raise ValueError(f"at most {_MAX_LABELS} labels, got {len(labels)}")
+    out: dict[str, str] = {}
+    for k, v in labels.items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise TypeError(f"labels must map str to str, got {k!r}: {v!r}")
+        if not k:
+            raise ValueError("label names must not be empty")
+        out[bound_text(k, "label name", 100)] = bound_text(v, "label value", 200)
+    return out
+
+
+class Runtime:
+    """The process's kill switch: an inventory of sessions and where their audit goes.
+
+    Use it as an async context manager on an asyncio event loop (uvloop included)::
+
+        async with Runtime(audit=sink) as runtime:
+            async with runtime.session("researcher") as session:
+                ...
+
+    Leaving the block interrupts every session still running (trigger ``shutdown``) and
+    waits, bounded by the policy's stop timeout, for them to stop.
+    """
+
+    def __init__(
+        self,
+        *,
+        audit: AuditSink | None = None,
+        policy: StopPolicy | None = None,
+        track_tasks: bool = True,
+    ) -> None:
+        if audit is not None and not isinstance(audit, AuditSink):
+            raise TypeError(f"audit must be an AuditSink or None, not {type(audit).__name__}")
+        if policy is not None and not isinstance(policy, StopPolicy):
+            raise TypeError(f"policy must be a StopPolicy, not {type(policy).__name__}")
+        self._sink = audit
+        self.policy = policy if policy is not None else StopPolicy()
+        self._track_tasks = track_tasks
+        self._sessions: dict[str, Session] = {}
+        self._terminated: set[str] = set()
+        self._service: set[asyncio.Task[Any]] = set()
+        self._entered = False
+        self._closed = False
+        self._loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set on entry
+        self._loop_thread = 0
+        self._context = contextvars.copy_context()
+        self._factory: Callable[..., asyncio.Task[Any]] | None = None
+        self._prev_factory: Any = None
+
+    # --------------------------------------------------------------- lifetime
+
+    async def __aenter__(self) -> Runtime:
+        if self._entered:
+            raise RuntimeError("a Runtime can be entered once")
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            backend = "trio" if "trio" in sys.modules else "a non-asyncio event loop"
+            raise RuntimeError(
+                f"kill_switch needs the asyncio backend (uvloop included), not {backend}: "
+                "its tool plane cancels asyncio tasks directly and its audit log uses "
+                "aiosqlite, which runs only on asyncio"
+            ) from None
+        self._entered = True
+        self._loop = loop
+        self._loop_thread = threading.get_ident()
+        ctx = contextvars.copy_context()
+        ctx.run(_current_session.set, None)
+        self._context = ctx
+        if self._sink is not None:
+            await self._sink.__aenter__()
+        if self._track_tasks:
+            self._install_task_factory()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        try:
+            live = [s for s in self._sessions.values() if s._state != "created"]
+            handles = [
+                s.interrupt("runtime closing", trigger="shutdown") for s in live
+            ]
+            with anyio.move_on_after(self.policy.stop_timeout + 1.0, shield=True):
+                for h in handles:
+                    await h
+                while self._service:
+                    await asyncio.wait(set(self._service))
+        finally:
+            self._closed = True
+            self._uninstall_task_factory()
+            if self._sink is not None:
+                with anyio.move_on_after(self.policy.stop_timeout, shield=True):
+                    await self._sink.__aexit__(*exc_info)
+
+    def _install_task_factory(self) -> None:
+        loop = self._loop
+        prev = loop.get_task_factory()
+
+        def factory(
+            loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, Any], **kwargs: Any
+        ) -> asyncio.Task[Any]:
+            if prev is not None:
+                task: asyncio.Task[Any] = prev(loop, coro, **kwargs)
+            else:
+                task = asyncio.Task(coro, loop=loop, **kwargs)
+            ctx = kwargs.get("context")
+            session = ctx.get(_current_session) if ctx is not None else _current_session.get()
+            if session is not None and not self._closed:
+                session._tasks.add(task)
+                task.add_done_callback(session._tasks.discard)
+            return task
+
+        self._prev_factory = prev
+        self._factory = factory
+        loop.set_task_factory(factory)  # type: ignore[arg-type]  # typeshed lags **kwargs
+
+    def _uninstall_task_factory(self) -> None:
+        if self._factory is not None and self._loop.get_task_factory() is self._factory:
+            self._loop.set_task_factory(self._prev_factory)
+        self._factory = None
+
+    # ---------------------------------------------------------------- sessions
+
+    def session(
+        self,
+        agent: str,
+        *,
+        labels: Mapping[str, str] | None = None,
+        session_id: str | None = None,
+        parent: Session | None = None,
+        policy: StopPolicy | None = None,
+        tool_policy: ToolPolicy | None = None,
+    ) -> Session:
+        """Create a session for *agent*; enter it with ``async with``.
+
+        Raises:
+            TypeError / ValueError: a bad agent name, label, id, parent or policy.
+            SessionRefused: *session_id* was terminated earlier (a kill is sticky) or is
+                already running.
+            RuntimeError: the runtime is not running.
+        """
+        if not self._entered or self._closed:
+            raise RuntimeError("the runtime is not running (use `async with Runtime()`)")
+        if not isinstance(agent, str) or not agent:
+            raise TypeError(f"agent must be a non-empty str, got {agent!r}")
+        agent = bound_text(agent, "agent", _MAX_AGENT)
+        checked = _check_labels(labels)
+        if session_id is None:
+            from ._audit import new_id
+
+            session_id = new_id()
+        elif not isinstance(session_id, str) or not session_id or len(session_id) > 200:
+            raise ValueError(f"session_id must be a non-empty str of <= 200 chars: {session_id!r}")
+        if parent is not None and (not isinstance(parent, Session) or parent._runtime is not self):
+            raise ValueError("parent must be a session of this runtime")
+        if policy is not None and not isinstance(policy, StopPolicy):
+            raise TypeError(f"policy must be a StopPolicy, not {type(policy).__name__}")
+        self._refuse_if_taken(session_id, agent)
+        session = Session(
+            self,
+            agent,
+            session_id=session_id,
+            labels=checked,
+            parent=parent,
+            policy=policy if policy is not None else self.policy,
+            tool_policy=tool_policy,
+        )
+        if parent is not None:
+            parent._children.append(session)
+            if parent._requests:
+                first = parent._requests[0]
+                session.interrupt(
+                    f"parent session {parent.id} interrupted: {first.reason}",
+                    trigger="parent",
+                    operator=first.operator,
+                )
+        return session
+
+    def _refuse_if_taken(self, session_id: str, agent: str) -> None:
+        why = None
+        if session_id in self._terminated:
+            why = f"session {session_id} was terminated; a kill is final"
+        elif session_id in self._sessions:
+            why = f"session {session_id} is already running"
+        if why is not None:
+            self._record(AuditEvent(SESSION_REFUSED, session_id, agent=agent, reason=why))
+            raise SessionRefused(why)
+
+    def _enter_session(self, session: Session) -> None:
+        if session.id not in self._terminated or session._requests:
+            if self._sessions.get(session.id, session) is not session:
+                self._refuse_if_taken(session.id, session.agent)
+            self._sessions[session.id] = session
+            return
+        self._refuse_if_taken(session.id, session.agent)
+
+    def _leave_session(self, session: Session) -> None:
+        if self._sessions.get(session.id) is session:
+            del self._sessions[session.id]
+        parent = session.parent
+        if parent is not None and not session._requests:
+            try:
+                parent._children.remove(session)
+            except ValueError:
+                pass
+
+    def _note_terminated(self, session: Session) -> None:
+        self._terminated.add(session.id)
+
+    def sessions(self) -> tuple[SessionInfo, ...]:
+        """Snapshots of every session currently entered (running or stopping)."""
+        return tuple(s.info() for s in list(self._sessions.values()))
+
+    def get(self, session_id: str) -> Session | None:
+        """The live session with this id, or ``None``."""
+        return self._sessions.get(session_id)
+
+    def interrupt_all(
+        self, reason: str, *, trigger: str, operator: str | None = None
+    ) -> tuple[InterruptHandle, ...]:
+        """Interrupt every live session. Thread-safe; never blocks."""
+        return self.interrupt_where(reason, trigger=trigger, operator=operator)
+
+    def interrupt_where(
+        self,
+        reason: str,
+        *,
+        trigger: str,
+        operator: str | None = None,
+        agent: str | None = None,
+        labels: Mapping[str, str] | None = None,
+    ) -> tuple[InterruptHandle, ...]:
+        """Interrupt the live sessions of *agent* and/or carrying every one of *labels*.
+
+        Thread-safe; never blocks. With neither filter it interrupts them all.
+
+        Raises:
+            TypeError / ValueError: bad reason, trigger, operator or filter.
+        """
+        wanted = _check_labels(labels)
+        targets = [
+            s
+            for s in list(self._sessions.values())
+            if (agent is None or s.agent == agent)
+            and all(s.labels.get(k) == v for k, v in wanted.items())
+        ]
+        return tuple(s.interrupt(reason, trigger=trigger, operator=operator) for s in targets)
+
+    # ------------------------------------------------------------- internals
+
+    def _record(self, event: AuditEvent) -> None:
+        sink = self._sink
+        if sink is None:
+            return
+        try:
+            sink.record(event)
+        except Exception as exc:  # a sink must never raise; if it does, say so and go on
+            print(
+                f"kill_switch: audit sink failed to record {event.kind} {event.event_id}: "
+                f"{exc!r}",
+                file=sys.stderr,
+            )
+
+    async def _flush_audit(self) -> AuditStatus:
+        sink = self._sink
+        if sink is None:
+            return "disabled"
+        timeout = min(1.0, self.policy.stop_timeout)
+        status: AuditStatus = "pending"
+        with anyio.move_on_after(timeout + 0.5, shield=True):
+            try:
+                status = await sink.flush(timeout)
+            except Exception as exc:
+                print(f"kill_switch: audit flush failed: {exc!r}", file=sys.stderr)
+                status = "degraded"
+        return status
+
+    def _spawn(self, fn: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """Run a bounded service coroutine on the loop (loop thread only)."""
+        task = self._loop.create_task(fn(), context=self._context)
+        self._service.add(task)
+        task.add_done_callback(self._service.discard)

@@ -1,0 +1,901 @@
+"""A session: one agent's run, the unit that ``interrupt()`` stops.
+
+Planes of a stop handled here (see DESIGN.md, "One interrupt, four planes"):
+
+* **scopes** — the body (the agent loop) runs in an anyio ``CancelScope``; the tool plane
+  is native asyncio: every task with a tool call in flight is cancelled directly with
+  ``Task.cancel()`` and the cancellation is retracted with ``Task.uncancel()`` when the
+  call turns it into ``Interrupted`` — the protocol ``asyncio.timeout`` uses. Why not one
+  anyio scope per call: entering and leaving a ``CancelScope`` costs ~5.7 µs, five times
+  the guard's whole budget, and an anyio task-group cancel of N parked tasks takes 2-2.7×
+  raw asyncio while this path takes 0.6-0.7× (benchmarks/bench_fanout.py).
+* **threads** — ``_flag`` (a ``threading.Event``) is set synchronously by ``interrupt()``
+  in the caller's thread; ``check()`` and ``sleep()`` read it through the context.
+* **guard** — ``_requests`` is non-empty from the first ``interrupt()`` on, so every later
+  call is blocked, from any thread, before the loop has even run the fan-out.
+
+Invariant: every state transition happens on the loop thread. ``interrupt()`` only
+appends to ``_requests`` (atomic under the GIL: the first element wins, with no lock a
+signal handler could deadlock on), sets the flag and schedules ``_deliver``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import threading
+import time
+import types
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+import anyio
+import attrs
+
+from ._audit import (
+    CANCELLED_BEFORE_START,
+    ESCALATED,
+    INTERRUPT_COMPLETED,
+    INTERRUPT_DELIVERED,
+    INTERRUPT_REPEATED,
+    INTERRUPT_REQUESTED,
+    LATE_RESULT,
+    LEAKED_TASK,
+    SESSION_FINISHED,
+    SESSION_STARTED,
+    TOOL_BLOCKED,
+    AuditEvent,
+    new_id,
+)
+from ._current import _current_session
+from ._decision import ALLOW, Decision, ToolCall
+from ._exceptions import Interrupted, ToolBlocked
+from ._handle import InterruptHandle
+from ._info import SessionInfo, State
+from ._policy import StopPolicy
+from ._report import InterruptRequest, Latency, LeakedTask, Outcome, StopReport
+from ._triggers import bound_operator, bound_reason, check_trigger
+
+if TYPE_CHECKING:
+    from contextvars import Token
+
+    from ._runtime import Runtime
+
+T = TypeVar("T")
+
+ToolPolicy = Callable[[ToolCall], "Decision | bool | None"]
+
+#: Re-delivery of the tool plane's cancellation to calls that swallowed it backs off
+#: from the next loop iteration up to this many seconds between rounds.
+_REDELIVER_MAX_DELAY = 0.05
+
+
+class Plane(Protocol):
+    """A part of a session that an interrupt must stop (threads, processes, ...)."""
+
+    def deliver(self, request: InterruptRequest) -> None:
+        """Start stopping; called once on the loop thread. Must not block or raise."""
+
+    async def settle(self, deadline: float) -> None:
+        """Wait until quiet or until *deadline* (``time.monotonic()``). Never raises."""
+
+    def quiescent(self) -> bool:
+        """Whether nothing of this plane is still running."""
+
+    def report_fields(self) -> dict[str, Any]:
+        """Fields this plane contributes to the ``StopReport``."""
+
+
+def _tool_name(fn: object) -> str:
+    name = getattr(fn, "__name__", None)
+    return name if isinstance(name, str) else repr(fn)
+
+
+def _check_cost(cost: object) -> float:
+    if isinstance(cost, bool) or not isinstance(cost, (int, float)):
+        raise TypeError(f"cost must be a number, not {type(cost).__name__}")
+    if math.isnan(cost) or math.isinf(cost) or cost < 0:
+        raise ValueError(f"cost must be a finite number >= 0, got {cost!r}")
+    return float(cost)
+
+
+def _coro_name(task: asyncio.Task[Any]) -> str:
+    coro = task.get_coro()
+    return getattr(coro, "__qualname__", None) or repr(coro)
+
+
+class Session:
+    """One agent's run: its body, its tool calls, and the single way to stop them.
+
+    Create it with ``runtime.session(...)`` and enter it with ``async with``. The block
+    is the agent loop; leaving it absorbs this session's own interruption (the
+    cancellation, and ``Interrupted`` / terminal ``ToolBlocked`` raised because of it).
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_actions",
+        "_blocked_terminal_audited",
+        "_body_done",
+        "_body_task",
+        "_calls_in_flight",
+        "_cancels",
+        "_children",
+        "_cost",
+        "_ctx_token",
+        "_delivered_mono",
+        "_drained",
+        "_failing",
+        "_finish_started",
+        "_flag",
+        "_handle",
+        "_inflight",
+        "_late_results",
+        "_leaked",
+        "_loop",
+        "_planes",
+        "_quiet",
+        "_quiet_mono",
+        "_redeliver_delay",
+        "_requests",
+        "_runtime",
+        "_scope",
+        "_secondary",
+        "_started_at",
+        "_state",
+        "_stop_timer",
+        "_tasks",
+        "_tool_calls_cancelled",
+        "_tool_errors",
+        "_tool_policy",
+        "_tool_tasks",
+        "agent",
+        "id",
+        "labels",
+        "parent",
+        "policy",
+        "report",
+    )
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        agent: str,
+        *,
+        session_id: str,
+        labels: Mapping[str, str],
+        parent: Session | None,
+        policy: StopPolicy,
+        tool_policy: ToolPolicy | None,
+    ) -> None:
+        self._runtime = runtime
+        self._loop = runtime._loop
+        self.id = session_id
+        self.agent = agent
+        self.labels: Mapping[str, str] = types.MappingProxyType(dict(labels))
+        self.parent = parent
+        self.policy = policy
+        #: The ``StopReport`` of this session's interrupt, once it has one.
+        self.report: StopReport | None = None
+        self._tool_policy = tool_policy
+        self._state: State = "created"
+        self._requests: list[InterruptRequest] = []
+        self._handle = InterruptHandle(new_id(), session_id)
+        self._flag = threading.Event()
+        self._scope = anyio.CancelScope()
+        self._body_task: asyncio.Task[Any] | None = None
+        self._body_done = False
+        self._ctx_token: Token[Session | None] | None = None
+        self._inflight: dict[asyncio.Task[Any], int] = {}
+        self._calls_in_flight = 0
+        self._cancels: dict[asyncio.Task[Any], int] = {}
+        self._tool_tasks: set[asyncio.Task[Any]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._leaked: dict[asyncio.Task[Any], bool] = {}
+        self._children: list[Session] = []
+        self._planes: list[Plane] = []
+        self._actions = 0
+        self._cost = 0.0
+        self._started_at: float | None = None
+        self._delivered_mono: float | None = None
+        self._quiet_mono: float | None = None
+        self._quiet: asyncio.Future[None] | None = None
+        self._drained: asyncio.Future[None] | None = None
+        self._stop_timer: asyncio.TimerHandle | None = None
+        self._redeliver_delay = 0.0
+        self._tool_calls_cancelled = 0
+        self._late_results = 0
+        self._secondary: list[str] = []
+        self._tool_errors: list[BaseException] = []
+        self._failing = False
+        self._finish_started = False
+        self._blocked_terminal_audited = False
+
+    def __repr__(self) -> str:
+        return f"<Session {self.id} agent={self.agent!r} state={self.state}>"
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def state(self) -> State:
+        """``created`` → ``running`` → ``interrupting`` → ``terminated``, or ``finished``
+        / ``failed`` when the block ended by itself."""
+        return self._state
+
+    @property
+    def interrupted(self) -> bool:
+        """Whether ``interrupt()`` has been called (from any thread). Never reset."""
+        return bool(self._requests)
+
+    @property
+    def handle(self) -> InterruptHandle:
+        """The handle every ``interrupt()`` of this session returns."""
+        return self._handle
+
+    def info(self) -> SessionInfo:
+        """A frozen snapshot of this session for inventories, APIs and dashboards."""
+        first = self._requests[0] if self._requests else None
+        return SessionInfo(
+            session_id=self.id,
+            agent=self.agent,
+            labels=dict(self.labels),
+            parent_id=self.parent.id if self.parent is not None else None,
+            state=self._state,
+            started_at=self._started_at,
+            actions=self._actions,
+            cost=self._cost,
+            calls_in_flight=self._calls_in_flight,
+            tool_tasks=len(self._tool_tasks),
+            interrupt_id=self._handle.interrupt_id if first else None,
+            interrupt_trigger=first.trigger if first else None,
+            interrupt_reason=first.reason if first else None,
+        )
+
+    def add_plane(self, plane: Plane) -> None:
+        """Register a part of the session an interrupt must also stop.
+
+        Raises:
+            RuntimeError: the session was already interrupted or has ended.
+        """
+        if self._requests or self._state in ("terminated", "finished", "failed"):
+            raise RuntimeError(f"session {self.id} can no longer take new planes")
+        self._planes.append(plane)
+
+    # -------------------------------------------------------------- the block
+
+    async def __aenter__(self) -> Session:
+        if self._state != "created":
+            raise RuntimeError(f"session {self.id} was already entered")
+        task = asyncio.current_task()
+        if task is None or task.get_loop() is not self._loop:
+            raise RuntimeError("a session must be entered on its runtime's event loop")
+        self._runtime._enter_session(self)
+        if self._requests:
+            # Interrupted before it started: the body never runs.
+            self._deliver()
+            report = await self._handle
+            first = self._requests[0]
+            raise Interrupted(
+                first.reason,
+                session_id=self.id,
+                interrupt_id=self._handle.interrupt_id,
+                trigger=first.trigger,
+                report=report,
+            )
+        self._body_task = task
+        self._started_at = time.time()
+        self._state = "running"
+        self._scope.__enter__()
+        self._ctx_token = _current_session.set(self)
+        self._record(SESSION_STARTED, details={"labels": dict(self.labels)})
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: types.TracebackType | None,
+    ) -> bool:
+        try:
+            if self._scope.__exit__(exc_type, exc, tb):
+                exc = None
+        except BaseException as scope_exc:  # noqa: BLE001  (a new exception replaces exc)
+            exc = scope_exc
+        finally:
+            if self._ctx_token is not None:
+                _current_session.reset(self._ctx_token)
+                self._ctx_token = None
+            self._body_done = True
+            self._body_task = None
+
+        if self._tool_tasks:
+            if exc is not None and not self._requests:
+                self._fail()
+            await self._wait_tool_tasks()
+
+        if self._requests:
+            # Interrupted before the block ended (a request that raced the natural end
+            # and whose delivery is still queued counts: exactly one terminal outcome).
+            self._deliver()
+            await self._finish_stop()
+            self._state = "terminated"
+            self._runtime._leave_session(self)
+            return self._absorb(exc)
+
+        self._state = "failed" if (exc is not None or self._tool_errors) else "finished"
+        self._record(
+            SESSION_FINISHED,
+            details={"state": self._state, "actions": self._actions, "cost": self._cost},
+        )
+        self._runtime._leave_session(self)
+        if self._tool_errors:
+            errors = list(self._tool_errors)
+            if exc is not None:
+                errors.insert(0, exc)
+            raise BaseExceptionGroup(f"errors in tool tasks of session {self.id}", errors)
+        return False
+
+    def _is_own(self, exc: BaseException) -> bool:
+        """Whether *exc* was raised because this session was interrupted."""
+        if isinstance(exc, Interrupted):
+            return exc.session_id == self.id
+        if isinstance(exc, ToolBlocked):
+            return exc.session_id == self.id and exc.decision.code == "terminated"
+        return False
+
+    def _absorb(self, exc: BaseException | None) -> bool:
+        """Decide what leaves the block of an interrupted session."""
+        if exc is None or self._is_own(exc):
+            return True
+        if isinstance(exc, BaseExceptionGroup):
+            _, rest = exc.split(self._is_own)
+            if rest is None:
+                return True
+            if rest is not exc:
+                raise rest
+            return False
+        # An exception raised while handling this session's cancellation (a tool that
+        # turns cancellation into ValueError, say): the stop wins, the error is kept.
+        ctx: BaseException | None = exc.__context__
+        while ctx is not None:
+            if isinstance(ctx, asyncio.CancelledError) or self._is_own(ctx):
+                self._secondary.append(repr(exc))
+                return True
+            ctx = ctx.__context__
+        return False
+
+    # ------------------------------------------------------------- interrupt
+
+    def interrupt(
+        self, reason: str, *, trigger: str, operator: str | None = None
+    ) -> InterruptHandle:
+        """Stop this session: its body, its tool calls, and every plane registered.
+
+        Synchronous, thread-safe and cheap: it records the request and schedules the
+        fan-out on the session's event loop; it never blocks and never waits for the
+        stop. Idempotent: the first call's reason wins, later ones are kept in the
+        report. Await the returned handle (from any loop) for the ``StopReport``.
+
+        Raises:
+            TypeError: *reason* or *operator* is not a string, *trigger* not a string.
+            ValueError: *trigger* is not a known trigger.
+        """
+        req = InterruptRequest(
+            check_trigger(trigger),
+            bound_reason(reason),
+            bound_operator(operator),
+            time.time(),
+            time.monotonic(),
+        )
+        requests = self._requests
+        requests.append(req)
+        if requests[0] is not req:
+            self._record(
+                INTERRUPT_REPEATED,
+                trigger=req.trigger,
+                reason=req.reason,
+                operator=req.operator,
+            )
+            return self._handle
+        self._flag.set()
+        self._record(
+            INTERRUPT_REQUESTED, trigger=req.trigger, reason=req.reason, operator=req.operator
+        )
+        loop = self._loop
+        try:
+            if self._runtime._loop_thread == threading.get_ident():
+                loop.call_soon(self._deliver, context=self._runtime._context)
+            else:
+                loop.call_soon_threadsafe(self._deliver, context=self._runtime._context)
+        except RuntimeError:
+            # The loop is closed: nothing of this session can still run.
+            self._handle._set(self._build_report("after_end", quiescent=True, audit="disabled"))
+        return self._handle
+
+    def _interrupted_exc(self) -> Interrupted:
+        first = self._requests[0]
+        return Interrupted(
+            first.reason,
+            session_id=self.id,
+            interrupt_id=self._handle.interrupt_id,
+            trigger=first.trigger,
+        )
+
+    def _deliver(self) -> None:
+        """Fan the interrupt out. Loop thread only; idempotent."""
+        if self._delivered_mono is not None:
+            return
+        self._delivered_mono = time.monotonic()
+        first = self._requests[0]
+        state = self._state
+        if state == "created":
+            self._state = "terminated"
+            self._runtime._note_terminated(self)
+            self._record(CANCELLED_BEFORE_START, trigger=first.trigger, reason=first.reason)
+            self._runtime._spawn(self._finish_stop)
+            return
+        if state in ("finished", "failed"):
+            self._runtime._spawn(self._finish_stop)
+            return
+
+        self._state = "interrupting"
+        self._runtime._note_terminated(self)
+        self._tool_calls_cancelled = self._calls_in_flight + sum(
+            1 for t in self._tool_tasks if t not in self._inflight
+        )
+        self._scope.cancel()
+        for task in set(self._inflight) | self._tool_tasks:
+            self._cancel_task(task)
+        for plane in self._planes:
+            try:
+                plane.deliver(first)
+            except Exception as exc:  # a plane must not stop the others from stopping
+                self._secondary.append(f"plane {type(plane).__name__}.deliver: {exc!r}")
+        children = [c for c in self._children if not c._requests]
+        for child in children:
+            child.interrupt(
+                f"parent session {self.id} interrupted: {first.reason}",
+                trigger="parent",
+                operator=first.operator,
+            )
+        self._record(
+            INTERRUPT_DELIVERED,
+            trigger=first.trigger,
+            details={
+                "tool_calls": self._tool_calls_cancelled,
+                "children": [c.id for c in children],
+                "seconds": self._delivered_mono - first.requested_mono,
+            },
+        )
+        self._stop_timer = self._loop.call_later(
+            self.policy.stop_timeout, self._on_stop_timeout, context=self._runtime._context
+        )
+        if self._inflight:
+            self._schedule_redeliver()
+        self._check_quiet()
+
+    def _cancel_task(self, task: asyncio.Task[Any]) -> None:
+        if task.done():
+            return
+        self._cancels[task] = self._cancels.get(task, 0) + 1
+        task.cancel(f"kill_switch: session {self.id} interrupted")
+
+    def _schedule_redeliver(self) -> None:
+        delay = self._redeliver_delay
+        self._redeliver_delay = min(_REDELIVER_MAX_DELAY, max(0.001, delay * 2))
+        if delay == 0.0:
+            self._loop.call_soon(self._redeliver, context=self._runtime._context)
+        else:
+            self._loop.call_later(delay, self._redeliver, context=self._runtime._context)
+
+    def _redeliver(self) -> None:
+        """Level-triggered tool plane: a call that swallowed its cancellation and is still
+        running is cancelled again, with back-off, until it leaves."""
+        if not self._inflight or self._handle.done():
+            return
+        for task in list(self._inflight):
+            self._cancel_task(task)
+        self._schedule_redeliver()
+
+    def _on_stop_timeout(self) -> None:
+        self._stop_timer = None
+        if not self._handle.done() and not self._finish_started:
+            self._runtime._spawn(self._finish_stop)
+
+    def _check_quiet(self) -> None:
+        if (
+            self._delivered_mono is not None
+            and self._quiet_mono is None
+            and self._body_done
+            and not self._inflight
+            and not self._tool_tasks
+            and not any(not t.done() for t in self._leaked)
+        ):
+            self._quiet_mono = time.monotonic()
+            if self._quiet is not None and not self._quiet.done():
+                self._quiet.set_result(None)
+
+    def _quiescent(self) -> bool:
+        return self._quiet_mono is not None and all(p.quiescent() for p in self._planes)
+
+    async def _wait_quiet(self, deadline: float) -> None:
+        """Wait (shielded, bounded by *deadline*) until body and tool plane are quiet."""
+        with anyio.move_on_after(max(0.0, deadline - time.monotonic()), shield=True):
+            self._check_quiet()
+            if self._quiet_mono is None and self._body_done:
+                self._sweep_leaks()
+            if self._quiet_mono is None:
+                self._quiet = self._loop.create_future()
+                self._check_quiet()
+                await self._quiet
+            if self._planes:
+                async with anyio.create_task_group() as tg:
+                    for plane in self._planes:
+                        tg.start_soon(plane.settle, deadline)
+
+    def _sweep_leaks(self) -> None:
+        """Cancel tasks created in this session that outlived its structure."""
+        current = asyncio.current_task()
+        for task in self._tasks:
+            if task.done() or task is current or task in self._tool_tasks:
+                continue
+            if task in self._leaked:
+                continue
+            self._leaked[task] = False
+            self._cancel_task(task)
+            task.add_done_callback(self._leak_done)
+            self._record(LEAKED_TASK, details={"task": task.get_name(), "coro": _coro_name(task)})
+
+    def _leak_done(self, task: asyncio.Task[Any]) -> None:
+        self._leaked[task] = True
+        self._check_quiet()
+
+    async def _finish_stop(self) -> None:
+        """Build the report, audit it, resolve the handle. Bounded; runs once."""
+        if self._finish_started:
+            with anyio.move_on_after(self.policy.stop_timeout + 1.0, shield=True):
+                await self._handle
+            return
+        self._finish_started = True
+        first = self._requests[0]
+        assert self._delivered_mono is not None
+        outcome: Outcome
+        if self._state == "terminated" and self._started_at is None:
+            outcome = "before_start"
+        elif self._state in ("finished", "failed"):
+            outcome = "after_end"
+        else:
+            await self._wait_quiet(self._delivered_mono + self.policy.stop_timeout)
+            outcome = "stopped" if self._quiescent() else "unresponsive"
+        if self._stop_timer is not None:
+            self._stop_timer.cancel()
+            self._stop_timer = None
+        quiescent = outcome != "unresponsive"
+        if outcome == "unresponsive":
+            self._record(
+                ESCALATED,
+                trigger=first.trigger,
+                details={
+                    "status": "unresponsive",
+                    "body_exited": self._body_done,
+                    "calls_in_flight": self._calls_in_flight,
+                    "tool_tasks": len(self._tool_tasks),
+                },
+            )
+        if self._late_results:
+            self._record(LATE_RESULT, details={"count": self._late_results})
+        report = self._build_report(outcome, quiescent=quiescent, audit="pending")
+        self._record(
+            INTERRUPT_COMPLETED,
+            trigger=first.trigger,
+            details={
+                "outcome": outcome,
+                "quiescent": quiescent,
+                "tool_calls_cancelled": report.tool_calls_cancelled,
+                "leaked_tasks": len(report.leaked_tasks),
+                "seconds": report.latency.total,
+            },
+        )
+        status = await self._runtime._flush_audit()
+        report = _evolve_audit(report, status)
+        self.report = report
+        self._handle._set(report)
+
+    def _build_report(self, outcome: Outcome, *, quiescent: bool, audit: Any) -> StopReport:
+        first = self._requests[0]
+        now = time.monotonic()
+        delivered = self._delivered_mono
+        extra: dict[str, Any] = {}
+        for plane in self._planes:
+            extra.update(plane.report_fields())
+        return StopReport(
+            session_id=self.id,
+            agent=self.agent,
+            interrupt_id=self._handle.interrupt_id,
+            trigger=first.trigger,
+            reason=first.reason,
+            operator=first.operator,
+            requested_at=first.requested_at,
+            outcome=outcome,
+            quiescent=quiescent,
+            later=tuple(self._requests[1:]),
+            tool_calls_cancelled=self._tool_calls_cancelled,
+            late_results=self._late_results,
+            leaked_tasks=tuple(
+                LeakedTask(t.get_name(), _coro_name(t), done) for t, done in self._leaked.items()
+            ),
+            secondary_errors=tuple(self._secondary),
+            children=tuple(c.id for c in self._children if c._requests),
+            audit=audit,
+            latency=Latency(
+                delivered=None if delivered is None else delivered - first.requested_mono,
+                quiescent=(
+                    None if self._quiet_mono is None else self._quiet_mono - first.requested_mono
+                ),
+                total=now - first.requested_mono,
+            ),
+            **extra,
+        )
+
+    # ----------------------------------------------------------------- guard
+
+    def _terminal_decision(self) -> Decision:
+        first = self._requests[0]
+        return Decision.block(f"session interrupted ({first.trigger}): {first.reason}", "terminated")
+
+    def _admit(
+        self, tool: str, args: tuple[Any, ...], kwargs: dict[str, Any], cost: float
+    ) -> Decision | None:
+        """The guard: ``None`` if the call may go ahead (and is counted), else why not."""
+        if self._requests:
+            return self._terminal_decision()
+        state = self._state
+        if state != "running":
+            if state == "created":
+                return Decision.block("session has not started", "not_started")
+            return Decision.block(f"session has ended ({state})", "finished")
+        if self._tool_policy is not None:
+            call = ToolCall(self.id, self.agent, tool, args, kwargs, cost)
+            try:
+                verdict = self._tool_policy(call)
+            except Exception as exc:  # fail closed: a broken policy blocks, it never allows
+                return Decision.block(f"tool policy raised {exc!r}", "policy_error")
+            if verdict is False:
+                return Decision.block("denied by tool policy", "denied")
+            if isinstance(verdict, Decision) and not verdict.allowed:
+                return verdict
+        self._actions += 1
+        if cost:
+            self._cost += _check_cost(cost)
+        return None
+
+    def _blocked(self, decision: Decision, tool: str) -> ToolBlocked:
+        if decision.code != "terminated" or not self._blocked_terminal_audited:
+            if decision.code == "terminated":
+                self._blocked_terminal_audited = True
+            self._record(TOOL_BLOCKED, reason=decision.reason, details={
+                "tool": tool, "code": decision.code})
+        return ToolBlocked(decision, session_id=self.id, tool=tool)
+
+    def guard(self, tool: str, args: Mapping[str, Any] | None = None) -> Decision:
+        """Check a tool call a framework will run itself; an allowed call counts.
+
+        Never raises: a bad argument or a failing policy blocks. Thread-safe for the
+        terminated check; counting is only exact on the loop thread.
+        """
+        try:
+            kwargs = dict(args) if args is not None else {}
+            if not isinstance(tool, str):
+                return Decision.block(f"tool name must be a str, not {type(tool).__name__}",
+                                      "bad_request")
+            decision = self._admit(tool, (), kwargs, 0.0)
+        except Exception as exc:  # guard() never raises, by contract
+            return Decision.block(f"guard failed: {exc!r}", "guard_error")
+        if decision is None:
+            return ALLOW
+        self._blocked(decision, tool)
+        return decision
+
+    # ------------------------------------------------------------- tool calls
+
+    async def call(
+        self,
+        fn: Callable[..., Awaitable[T]],
+        /,
+        *args: Any,
+        tool: str | None = None,
+        cost: float = 0.0,
+        **kwargs: Any,
+    ) -> T:
+        """Run an async tool under the guard, so that an interrupt cancels it.
+
+        ``tool`` names the tool for the guard and the audit (default: ``fn.__name__``);
+        ``cost`` is added to the session's spend. Works from the body, from tasks inside
+        it, and from tasks outside the session's block (there the interrupt surfaces as
+        ``Interrupted`` instead of a cancellation). A result that arrives after the
+        session was interrupted is dropped and ``Interrupted`` raised instead.
+
+        Raises:
+            ToolBlocked: the guard refused the call (``decision.code == "terminated"``
+                once the session is interrupted).
+            Interrupted: the session was interrupted while the call ran.
+        """
+        name = tool if tool is not None else _tool_name(fn)
+        decision = self._admit(name, args, kwargs, cost)
+        if decision is not None:
+            raise self._blocked(decision, name)
+        task = asyncio.current_task()
+        self._calls_in_flight += 1
+        if task is self._body_task:
+            # Fast path: the body runs inside the session's cancel scope, which the
+            # interrupt cancels; nothing else to track.
+            try:
+                result = await fn(*args, **kwargs)
+            finally:
+                self._calls_in_flight -= 1
+            if self._requests:
+                self._late_results += 1
+                raise self._interrupted_exc()
+            return result
+        if task is None or task.get_loop() is not self._loop:
+            self._calls_in_flight -= 1
+            raise RuntimeError("session.call() must run on its runtime's event loop")
+        inflight = self._inflight
+        inflight[task] = inflight.get(task, 0) + 1
+        try:
+            result = await fn(*args, **kwargs)
+        except BaseException as exc:
+            ours = self._cancels.pop(task, 0) if self._cancels else 0
+            if not ours:
+                raise
+            for _ in range(ours):
+                task.uncancel()
+            if not self._requests or task.cancelling():
+                # Not an interrupt (a failing tool task cancelled its siblings), or an
+                # enclosing scope cancels this task too: that cancellation is not ours
+                # to turn into anything else.
+                raise
+            if not isinstance(exc, asyncio.CancelledError):
+                self._secondary.append(repr(exc))
+            raise self._interrupted_exc() from exc
+        finally:
+            self._calls_in_flight -= 1
+            n = inflight[task] - 1
+            if n:
+                inflight[task] = n
+            else:
+                del inflight[task]
+                if self._delivered_mono is not None:
+                    self._check_quiet()
+        if self._requests:
+            ours = self._cancels.pop(task, 0)
+            for _ in range(ours):
+                task.uncancel()
+            self._late_results += 1
+            raise self._interrupted_exc()
+        return result
+
+    def wrap(
+        self, fn: Callable[..., Awaitable[T]], *, tool: str | None = None
+    ) -> Callable[..., Awaitable[T]]:
+        """Return *fn* as a guarded tool of this session (``session.call`` on each call)."""
+        name = tool if tool is not None else _tool_name(fn)
+
+        async def guarded(*args: Any, **kwargs: Any) -> T:
+            return await self.call(fn, *args, tool=name, **kwargs)
+
+        guarded.__name__ = name
+        guarded.__qualname__ = name
+        guarded.__doc__ = fn.__doc__
+        return guarded
+
+    def start_soon(
+        self,
+        fn: Callable[..., Awaitable[Any]],
+        /,
+        *args: Any,
+        tool: str | None = None,
+        cost: float = 0.0,
+        name: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Start a guarded tool call in the session's tool task group.
+
+        The block does not end before its tool tasks do (structured, like a task group):
+        the first tool task to fail cancels the body and the other tool tasks, and the
+        errors leave the block as an exception group. Results are discarded.
+
+        Raises:
+            ToolBlocked: the session is interrupted.
+            RuntimeError: the session is not running, or this is not its loop's thread.
+        """
+        if self._requests:
+            tool_name = tool if tool is not None else _tool_name(fn)
+            raise self._blocked(self._terminal_decision(), tool_name)
+        if self._state != "running" or self._body_done:
+            raise RuntimeError(f"session {self.id} is not running ({self._state})")
+        if threading.get_ident() != self._runtime._loop_thread:
+            raise RuntimeError("session.start_soon() must be called on the loop thread")
+        task = self._loop.create_task(
+            self._tool_task(fn, args, kwargs, tool, cost),
+            name=name or f"kill_switch tool {tool or _tool_name(fn)}",
+        )
+        self._tool_tasks.add(task)
+        task.add_done_callback(self._tool_task_done)
+
+    async def _tool_task(
+        self,
+        fn: Callable[..., Awaitable[Any]],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        tool: str | None,
+        cost: float,
+    ) -> None:
+        try:
+            await self.call(fn, *args, tool=tool, cost=cost, **kwargs)
+        except asyncio.CancelledError:
+            if self._requests or self._failing:
+                # Absorbed: this task group's own cancellation (the task ends here).
+                self._cancels.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
+                return
+            raise
+        except (Interrupted, ToolBlocked) as exc:
+            if not self._is_own(exc):
+                raise
+
+    def _tool_task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tool_tasks.discard(task)
+        self._cancels.pop(task, None)
+        if not task.cancelled():
+            exc = task.exception()
+            if exc is not None:
+                self._tool_errors.append(exc)
+                self._fail()
+        if not self._tool_tasks and self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+        self._check_quiet()
+
+    def _fail(self) -> None:
+        """A tool task failed (or the body did): cancel the rest, as a task group does."""
+        if self._failing:
+            return
+        self._failing = True
+        if not self._body_done:
+            self._scope.cancel()
+        for t in self._tool_tasks:
+            self._cancel_task(t)
+
+    async def _wait_tool_tasks(self) -> None:
+        """Wait for the tool task group to drain (the block's structured end).
+
+        A checkpoint. Cancelled from outside, it cancels the tool tasks and waits for
+        them (shielded, bounded by the stop timeout) before letting the cancellation on.
+        """
+        if not self._tool_tasks:
+            return
+        self._drained = self._loop.create_future()
+        try:
+            await asyncio.shield(self._drained)
+        except BaseException:
+            for t in self._tool_tasks:
+                self._cancel_task(t)
+            with anyio.move_on_after(self.policy.stop_timeout, shield=True):
+                await self._drained
+            raise
+
+    # ----------------------------------------------------------------- audit
+
+    def _record(self, kind: str, **fields: Any) -> None:
+        self._runtime._record(
+            AuditEvent(
+                kind,
+                self.id,
+                agent=self.agent,
+                interrupt_id=self._handle.interrupt_id if self._requests else None,
+                **fields,
+            )
+        )
+
+
+def _evolve_audit(report: StopReport, status: Any) -> StopReport:
+    return attrs.evolve(report, audit=status)
