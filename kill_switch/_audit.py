@@ -67,9 +67,11 @@ class AuditSink(Protocol):
     Contract:
         ``record`` is synchronous, thread-safe, never blocks on I/O and never raises:
         a stop must not wait for, or fail because of, its own audit trail.
-        ``flush`` waits (bounded by *timeout*) until every event recorded so far is as
-        durable as the sink can make it, and says how durable that is. It must never
-        claim ``"durable"`` for an event that is not.
+        ``flush`` waits until every event recorded so far is as durable as the sink can
+        make it, and says how durable that is. It must never claim ``"durable"`` for an
+        event that is not. The runtime bounds the wait from outside (a shielded
+        ``move_on_after``) and reports ``"pending"`` if it runs out, so ``flush`` must be
+        cancellable at its awaits without losing or duplicating an event.
     """
 
     async def __aenter__(self) -> AuditSink: ...
@@ -78,4 +80,4 @@ class AuditSink(Protocol):
 
     def record(self, event: AuditEvent) -> None: ...
 
-    async def flush(self, timeout: float) -> AuditStatus: ...
+    async def flush(self) -> AuditStatus: ...

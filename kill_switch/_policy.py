@@ -37,9 +37,12 @@ class StopPolicy:
             it is abandoned.
         max_abandoned_threads: abandoned threads still running beyond which new sync
             tool calls are refused.
+        audit_timeout: seconds a stop waits for its audit events to become durable
+            before it reports them ``pending`` (the stop itself never waits longer).
     """
 
     stop_timeout: float = attrs.field(default=10.0, validator=_finite_positive)
     term_grace: float = attrs.field(default=5.0, validator=_finite_positive)
     thread_grace: float = attrs.field(default=2.0, validator=_finite_positive)
     max_abandoned_threads: int = attrs.field(default=16, validator=_positive_int)
+    audit_timeout: float = attrs.field(default=1.0, validator=_finite_positive)

@@ -298,11 +298,10 @@ class Runtime:
         sink = self._sink
         if sink is None:
             return "disabled"
-        timeout = min(1.0, self.policy.stop_timeout)
         status: AuditStatus = "pending"
-        with anyio.move_on_after(timeout + 0.5, shield=True):
+        with anyio.move_on_after(self.policy.audit_timeout, shield=True):
             try:
-                status = await sink.flush(timeout)
+                status = await sink.flush()
             except Exception as exc:
                 print(f"kill_switch: audit flush failed: {exc!r}", file=sys.stderr)
                 status = "degraded"

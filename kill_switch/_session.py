@@ -47,6 +47,7 @@ from ._audit import (
     AuditEvent,
     new_id,
 )
+from . import _processes, _threads
 from ._current import _current_session
 from ._decision import ALLOW, Decision, ToolCall
 from ._exceptions import Interrupted, ToolBlocked
@@ -519,8 +520,10 @@ class Session:
         return self._quiet_mono is not None and all(p.quiescent() for p in self._planes)
 
     async def _wait_quiet(self, deadline: float) -> None:
-        """Wait (shielded, bounded by *deadline*) until body and tool plane are quiet."""
-        with anyio.move_on_after(max(0.0, deadline - time.monotonic()), shield=True):
+        """Wait (shielded, bounded by *deadline*) until body, tool plane and every other
+        plane are quiet; the planes settle concurrently with the body."""
+
+        async def body_and_tools() -> None:
             self._check_quiet()
             if self._quiet_mono is None and self._body_done:
                 self._sweep_leaks()
@@ -528,10 +531,12 @@ class Session:
                 self._quiet = self._loop.create_future()
                 self._check_quiet()
                 await self._quiet
-            if self._planes:
-                async with anyio.create_task_group() as tg:
-                    for plane in self._planes:
-                        tg.start_soon(plane.settle, deadline)
+
+        with anyio.move_on_after(max(0.0, deadline - time.monotonic()), shield=True):
+            async with anyio.create_task_group() as tg:
+                for plane in self._planes:
+                    tg.start_soon(plane.settle, deadline)
+                await body_and_tools()
 
     def _sweep_leaks(self) -> None:
         """Cancel tasks created in this session that outlived its structure."""
@@ -882,6 +887,20 @@ class Session:
             with anyio.move_on_after(self.policy.stop_timeout, shield=True):
                 await self._drained
             raise
+
+    # ------------------------------------------- process plane entry points
+    # (kill_switch._processes implements them; keep this section thin.)
+
+    async def open_process(self, command: Any, **kwargs: Any) -> Any:
+        """Start *command* in a new process group that this session's interrupt stops."""
+        return await _processes.open_process(self, command, **kwargs)
+
+    # -------------------------------------------- thread plane entry points
+    # (kill_switch._threads implements them; keep this section thin.)
+
+    async def run_sync(self, fn: Callable[..., T], /, *args: Any, tool: str | None = None) -> T:
+        """Run the sync tool *fn* in a worker thread bound to this session."""
+        return await _threads.run_sync(self, fn, *args, tool=tool)
 
     # ----------------------------------------------------------------- audit
 

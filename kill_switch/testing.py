@@ -31,7 +31,7 @@ class MemoryAudit:
         with self._lock:
             self._events.append(event)
 
-    async def flush(self, timeout: float) -> AuditStatus:
+    async def flush(self) -> AuditStatus:
         """Nothing to wait for; memory is all there is."""
         return "volatile"
 
