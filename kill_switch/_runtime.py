@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import os
 import sys
 import threading
 from collections.abc import Coroutine, Mapping
@@ -59,12 +60,18 @@ class Runtime:
     def __init__(
         self,
         *,
-        audit: AuditSink | None = None,
+        audit: AuditSink | str | os.PathLike[str] | None = None,
         policy: StopPolicy | None = None,
         track_tasks: bool = True,
     ) -> None:
+        if isinstance(audit, (str, os.PathLike)):
+            from ._sqlite_audit import SqliteAudit  # lazy: aiosqlite only when asked for
+
+            audit = SqliteAudit(audit)
         if audit is not None and not isinstance(audit, AuditSink):
-            raise TypeError(f"audit must be an AuditSink or None, not {type(audit).__name__}")
+            raise TypeError(
+                f"audit must be an AuditSink, a database path or None, not {type(audit).__name__}"
+            )
         if policy is not None and not isinstance(policy, StopPolicy):
             raise TypeError(f"policy must be a StopPolicy, not {type(policy).__name__}")
         self._sink = audit
@@ -103,6 +110,8 @@ class Runtime:
         self._context = ctx
         if self._sink is not None:
             await self._sink.__aenter__()
+            if hasattr(self._sink, "terminated_session_ids"):  # a kill is sticky
+                self._terminated |= await self._sink.terminated_session_ids()
         if self._track_tasks:
             self._install_task_factory()
         return self
