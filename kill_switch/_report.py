@@ -68,6 +68,13 @@ class ProcessReport:
     #: still alive after the ladder (it could not be killed: EPERM, say).
     survived: bool = False
     error: str | None = None
+    #: other pids found in its process group when it was stopped.
+    members: tuple[int, ...] = ()
+    #: how the tree was held: ``cgroup`` (a per-session cgroup v2, ``cgroup.kill``) or
+    #: ``process_group`` (killpg plus a /proc search for escapees).
+    containment: Literal["cgroup", "process_group"] = "process_group"
+    #: started by other means and adopted with ``session.track_pid()``.
+    adopted: bool = False
 
 
 ThreadOutcome = Literal["returned", "raised", "interrupted", "abandoned"]

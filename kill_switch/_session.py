@@ -891,9 +891,82 @@ class Session:
     # ------------------------------------------- process plane entry points
     # (kill_switch._processes implements them; keep this section thin.)
 
-    async def open_process(self, command: Any, **kwargs: Any) -> Any:
-        """Start *command* in a new process group that this session's interrupt stops."""
-        return await _processes.open_process(self, command, **kwargs)
+    async def open_process(
+        self,
+        command: _processes.Command,
+        *,
+        stdin: _processes.StdIO = _processes.PIPE,
+        stdout: _processes.StdIO = _processes.PIPE,
+        stderr: _processes.StdIO = _processes.PIPE,
+        cwd: _processes.PathArg = None,
+        env: Mapping[str, str] | None = None,
+        pass_fds: _processes.Fds = (),
+        user: str | int | None = None,
+        group: str | int | None = None,
+        extra_groups: _processes.GroupList = None,
+        umask: int = -1,
+        escalation: _processes.EscalationPolicy | None = None,
+    ) -> _processes.TrackedProcess:
+        """Start *command* in a new process group that this session's interrupt stops.
+
+        Like ``anyio.open_process`` (a ``str`` runs in the shell). A checkpoint before
+        the process starts, none after: a started process is always tracked.
+
+        Raises:
+            ValueError / TypeError: an empty or malformed command, a bad policy.
+            OSError: the command could not be started (``FileNotFoundError``, ...).
+            Interrupted: the session was interrupted; nothing was started.
+        """
+        return await _processes.open_process(
+            self, command, stdin=stdin, stdout=stdout, stderr=stderr, cwd=cwd, env=env,
+            pass_fds=pass_fds, user=user, group=group, extra_groups=extra_groups,
+            umask=umask, escalation=escalation,
+        )
+
+    async def run_process(
+        self,
+        command: _processes.Command,
+        *,
+        input: bytes | None = None,
+        stdin: _processes.StdIO = None,
+        stdout: _processes.StdIO = _processes.PIPE,
+        stderr: _processes.StdIO = _processes.PIPE,
+        check: bool = True,
+        cwd: _processes.PathArg = None,
+        env: Mapping[str, str] | None = None,
+        pass_fds: _processes.Fds = (),
+        user: str | int | None = None,
+        group: str | int | None = None,
+        extra_groups: _processes.GroupList = None,
+        umask: int = -1,
+        escalation: _processes.EscalationPolicy | None = None,
+    ) -> _processes.CompletedProcess[bytes]:
+        """Run *command* to completion in a tracked process group; collect its output.
+
+        Like ``anyio.run_process``; returns when the process exits even if a grandchild
+        still holds its stdout.
+
+        Raises:
+            subprocess.CalledProcessError: *check* and a nonzero exit status.
+            Interrupted: the session was interrupted before the process started.
+        """
+        return await _processes.run_process(
+            self, command, input=input, stdin=stdin, stdout=stdout, stderr=stderr,
+            check=check, cwd=cwd, env=env, pass_fds=pass_fds, user=user, group=group,
+            extra_groups=extra_groups, umask=umask, escalation=escalation,
+        )
+
+    def track_pid(
+        self, pid: int, *, escalation: _processes.EscalationPolicy | None = None
+    ) -> None:
+        """Adopt *pid*, started by other means, so that this session's interrupt stops it.
+
+        Raises:
+            TypeError / ValueError: not a positive int, or this process itself.
+            ProcessLookupError: no such process.
+            Interrupted: the session was interrupted.
+        """
+        _processes.track_pid(self, pid, escalation=escalation)
 
     # -------------------------------------------- thread plane entry points
     # (kill_switch._threads implements them; keep this section thin.)
