@@ -1,0 +1,595 @@
+"""The process plane: real process trees stopped by a session's interrupt (FAULTS 24-32)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import threading
+from contextlib import asynccontextmanager, suppress
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import psutil  # type: ignore[import-untyped]  # no types-psutil in the dev extra
+import pytest
+
+import kill_switch as ks
+from kill_switch import _cgroup, _processes
+from kill_switch._processes import EscalationPolicy, EscalationWarning
+from kill_switch.testing import MemoryAudit
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Iterator
+
+PY = sys.executable
+# Without a cgroup the plane must still find escapees (the /proc scan).
+NO_CGROUP = EscalationPolicy(cgroup=False)
+
+#: A leader with three grandchildren, each printing its pid once it runs.
+TREE = "for i in 1 2 3; do sleep 1000 & echo $!; done; wait"
+
+#: A leader whose child setsid()s (leaves the group), then prints its pid.
+SETSID = """
+import os, sys, time
+if os.fork() == 0:
+    os.setsid()
+    print(os.getpid(), flush=True)
+    time.sleep(1000)
+    os._exit(0)
+time.sleep(1000)
+"""
+
+
+def cgroup_available() -> bool:
+    try:
+        cg = _cgroup.SessionCgroup.create(f"probe-{os.getpid()}")
+    except _cgroup.CgroupUnavailable:
+        return False
+    cg.remove()
+    return True
+
+
+HAVE_CGROUP = cgroup_available()
+BOTH = pytest.mark.parametrize(
+    "escalation",
+    [
+        pytest.param(EscalationPolicy(), id="cgroup-if-available"),
+        pytest.param(NO_CGROUP, id="process-group"),
+    ],
+)
+
+
+def alive(pid: int) -> bool:
+    """The pid runs (a zombie has stopped running)."""
+    try:
+        status: str = psutil.Process(pid).status()
+    except psutil.NoSuchProcess:
+        return False
+    return status != "zombie"
+
+
+def kill_quietly(pids: list[int]) -> None:
+    for pid in pids:
+        with suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+
+
+async def wait_gone(pids: list[int]) -> None:
+    """Wait until every pid has exited (pidfds: no polling; not only our children)."""
+    for pid in pids:
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            continue
+        try:
+            await anyio.wait_readable(fd)
+        finally:
+            os.close(fd)
+
+
+@pytest.fixture(autouse=True)
+def no_zombies_no_leaks() -> Iterator[None]:
+    """After every test: no <defunct> children, fd count back to baseline, no cgroup."""
+    me = psutil.Process()
+    before = me.num_fds()
+    yield
+    zombies = [c.pid for c in me.children(recursive=True) if c.status() == "zombie"]
+    assert zombies == [], f"zombie children left: {zombies}"
+    assert me.num_fds() == before, "file descriptors leaked"
+    mount = "/sys/fs/cgroup/unified"
+    if os.path.isdir(mount):
+        left = [d for d in os.listdir(mount) if d.startswith(f"kill_switch-{os.getpid()}-")]
+        assert left == [], f"cgroups left: {left}"
+
+
+@asynccontextmanager
+async def running(
+    audit: MemoryAudit | None = None, term_grace: float = 5.0
+) -> AsyncIterator[ks.Runtime]:
+    async with ks.Runtime(audit=audit, policy=ks.StopPolicy(term_grace=term_grace)) as rt:
+        yield rt
+
+
+async def read_lines(proc: _processes.TrackedProcess, n: int) -> list[str]:
+    """Read *n* lines from the process's stdout (synchronising on its state)."""
+    assert proc.stdout is not None
+    buf = b""
+    while buf.count(b"\n") < n:
+        buf += await proc.stdout.receive()
+    return buf.decode().split("\n")[:n]
+
+
+async def stop_with(
+    runtime: ks.Runtime, command: list[str], escalation: EscalationPolicy, lines: int
+) -> tuple[ks.StopReport, list[str], _processes.TrackedProcess]:
+    """Start *command* in a session, read *lines* lines, interrupt, return the report."""
+    holder: dict[str, Any] = {}
+    ready = anyio.Event()
+
+    async def body() -> None:
+        async with runtime.session("tool-runner") as session:
+            proc = await session.open_process(command, escalation=escalation)
+            holder["proc"] = proc
+            holder["lines"] = await read_lines(proc, lines)
+            holder["session"] = session
+            ready.set()
+            await proc.wait()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(body)
+        await ready.wait()
+        report = await holder["session"].interrupt("stop it", trigger="operator")
+    return report, holder["lines"], holder["proc"]
+
+
+# ------------------------------------------------------------------- FAULT 24: trees
+
+
+@BOTH
+async def test_interrupt_kills_leader_and_grandchildren(escalation: EscalationPolicy) -> None:
+    """An interrupt leaves no process of a tool's tree alive and reaps the leader."""
+    async with running() as rt:
+        report, lines, proc = await stop_with(rt, ["sh", "-c", TREE], escalation, 3)
+    grandchildren = [int(x) for x in lines]
+    assert not any(alive(p) for p in [proc.pid, *grandchildren])
+    (rep,) = report.processes
+    assert rep.pid == proc.pid
+    assert rep.pgid == proc.pid
+    assert rep.signals == ("SIGTERM",)
+    assert rep.returncode == -signal.SIGTERM
+    assert set(grandchildren) <= set(rep.members)
+    assert rep.seconds_to_exit is not None
+    assert not rep.survived
+    assert report.outcome == "stopped"
+    assert report.quiescent
+    expected = "cgroup" if escalation.cgroup and HAVE_CGROUP else "process_group"
+    assert rep.containment == expected
+
+
+def test_negative_control_grandchild_survives_plain_kill() -> None:
+    """Without a process group of its own, killing the child leaves the grandchild."""
+    proc = subprocess.Popen(["sh", "-c", "sleep 1000 & echo $!; wait"], stdout=subprocess.PIPE)
+    assert proc.stdout is not None
+    grandchild = int(proc.stdout.readline())
+    try:
+        proc.kill()
+        proc.wait()
+        assert alive(grandchild), "the survivor check cannot fail: it proves nothing"
+    finally:
+        kill_quietly([grandchild])
+        proc.stdout.close()
+
+
+async def test_audit_records_each_step() -> None:
+    """Start, signal and exit of a stopped process are audit events."""
+    audit = MemoryAudit()
+    async with running(audit) as rt:
+        report, _, proc = await stop_with(rt, ["sh", "-c", TREE], EscalationPolicy(), 3)
+    kinds = audit.kinds(report.session_id)
+    assert {"process_started", "process_signal", "process_exited"} <= set(kinds)
+    signals = [e.details for e in audit.events if e.kind == "process_signal"]
+    assert signals[0]["signal"] == "SIGTERM"
+    assert signals[0]["pgid"] == proc.pid
+
+
+# ------------------------------------------------------ FAULT 25: ignores SIGTERM
+
+
+@pytest.mark.slow
+@BOTH
+async def test_sigterm_ignoring_child_is_sigkilled_after_grace(
+    escalation: EscalationPolicy,
+) -> None:
+    """A child that ignores SIGTERM gets SIGKILL after term_grace, with a warning."""
+    audit = MemoryAudit()
+    cmd = ["sh", "-c", "trap '' TERM; echo ready; while :; do sleep 1; done"]
+    async with running(audit, term_grace=0.2) as rt:
+        with pytest.warns(EscalationWarning, match="SIGKILL"):
+            report, _, proc = await stop_with(rt, cmd, escalation, 1)
+    (rep,) = report.processes
+    assert rep.signals == ("SIGTERM", "SIGKILL")
+    assert rep.returncode == -signal.SIGKILL
+    assert rep.seconds_to_exit is not None
+    assert rep.seconds_to_exit >= 0.2
+    assert not alive(proc.pid)
+    kills = [
+        e for e in audit.events if e.kind == "process_signal" and e.details["signal"] == "SIGKILL"
+    ]
+    assert kills, "the SIGKILL escalation is not audited"
+
+
+# ------------------------------------------------------------ FAULT 26: escapees
+
+
+@BOTH
+async def test_setsid_grandchild_is_found_and_killed(escalation: EscalationPolicy) -> None:
+    """A grandchild that setsid()s out of the group is killed and reported escaped."""
+    audit = MemoryAudit()
+    async with running(audit) as rt:
+        report, lines, _proc = await stop_with(rt, [PY, "-c", SETSID], escalation, 1)
+    escapee = int(lines[0])
+    assert not alive(escapee)
+    escaped = [p for p in report.processes if p.escaped]
+    assert [p.pid for p in escaped] == [escapee]
+    assert escaped[0].pgid == escapee
+    assert "process_escaped" in audit.kinds(report.session_id)
+
+
+@BOTH
+async def test_double_forked_orphan_is_found_and_killed(escalation: EscalationPolicy) -> None:
+    """A double-forked, setsid()ed orphan (parent: init) is still found and killed."""
+    script = """
+import os, time
+mid = os.fork()
+if mid == 0:
+    if os.fork() == 0:
+        os.setsid()
+        while os.getppid() == mid:  # wait until orphaned
+            time.sleep(0.001)
+        print(os.getpid(), flush=True)
+        time.sleep(1000)
+    os._exit(0)
+os.waitpid(mid, 0)
+time.sleep(1000)
+"""
+    async with running() as rt:
+        report, lines, _ = await stop_with(rt, [PY, "-c", script], escalation, 1)
+    orphan = int(lines[0])
+    assert not alive(orphan)
+    assert orphan in [p.pid for p in report.processes if p.escaped]
+
+
+# ------------------------------------------------------- FAULTS 27-28: pipes
+
+
+@pytest.mark.slow
+async def test_run_process_returns_when_grandchild_holds_stdout() -> None:
+    """run_process returns at the child's exit although a grandchild keeps stdout open."""
+    async with running() as rt:
+        async with rt.session("tool") as session:
+            with anyio.fail_after(10):
+                result = await session.run_process(
+                    ["sh", "-c", "sleep 1000 & echo $!; exit 0"], check=True
+                )
+            holder = int(result.stdout.split()[0])
+            assert alive(holder)
+            # The holder outlived its leader; the session's interrupt still finds it.
+            session.interrupt("done", trigger="supervisor")
+            await anyio.sleep_forever()
+        assert not alive(holder)
+        assert session.report is not None
+        assert holder in [p.pid for p in session.report.processes]
+
+
+async def test_wait_returns_on_child_exit_and_aclose_does_not_hang() -> None:
+    """wait() returns at exit, not at EOF; aclose() closes pipes a grandchild holds."""
+    async with running() as rt, rt.session("tool") as session:
+        proc = await session.open_process(["sh", "-c", "sleep 1000 & echo $!; exit 7"])
+        holder = int((await read_lines(proc, 1))[0])
+        with anyio.fail_after(10):
+            assert await proc.wait() == 7
+            await proc.aclose()
+        assert alive(holder)
+        session.interrupt("cleanup", trigger="supervisor")
+        await anyio.sleep_forever()
+    assert not alive(holder)
+
+
+async def test_child_blocked_on_full_pipe_closes() -> None:
+    """Closing a process whose child is blocked writing into a full pipe completes."""
+    script = "import sys; print('go', flush=True); sys.stdout.write('x' * 10**7)"
+    async with running() as rt, rt.session("tool") as session:
+        proc = await session.open_process([PY, "-c", script], stderr=subprocess.DEVNULL)
+        await read_lines(proc, 1)
+        with anyio.fail_after(10):
+            await proc.aclose()  # our end closes: the writer gets EPIPE and exits
+        assert proc.returncode not in (None, 0)
+
+
+async def test_interrupt_while_child_blocked_on_full_pipe() -> None:
+    """An interrupt stops a child blocked writing into a pipe nobody reads."""
+    script = "import sys; print('go', flush=True); sys.stdout.write('x' * 10**7)"
+    async with running() as rt:
+        report, _, proc = await stop_with(rt, [PY, "-c", script], EscalationPolicy(), 1)
+    assert not alive(proc.pid)
+    assert report.processes[0].returncode == -signal.SIGTERM
+
+
+# -------------------------------------------------------- FAULT 29: ESRCH / EPERM
+
+
+async def test_killpg_esrch_is_reported_and_pids_still_signalled(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """killpg raising ESRCH marks the group empty; live pids still get the signal."""
+    audit = MemoryAudit()
+    calls: list[tuple[int, int]] = []
+
+    def killpg(pgid: int, sig: int) -> None:
+        calls.append((pgid, sig))
+        raise ProcessLookupError(errno.ESRCH, "No such process")
+
+    monkeypatch.setattr(os, "killpg", killpg)
+    async with running(audit) as rt:
+        report, lines, proc = await stop_with(rt, ["sh", "-c", TREE], NO_CGROUP, 3)
+    assert len(calls) == 1, "a group known to be empty was signalled again"
+    results = [e.details["result"] for e in audit.events if e.kind == "process_signal"]
+    assert results[0] == "esrch"
+    assert not any(alive(p) for p in [proc.pid, *map(int, lines)])
+    assert report.quiescent
+
+
+@pytest.mark.slow
+async def test_eperm_everywhere_reports_survivor_without_crashing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """When every signal fails with EPERM the process is reported survived, no crash."""
+
+    def refuse(*_args: object) -> None:
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    policy = EscalationPolicy(grace=0, kill_timeout=0.2, cgroup=False)
+    with monkeypatch.context() as m:
+        m.setattr(os, "killpg", refuse)
+        m.setattr(os, "kill", refuse)
+        m.setattr(signal, "pidfd_send_signal", refuse)
+        async with running() as rt:
+            with pytest.warns(EscalationWarning):
+                report, _, proc = await stop_with(
+                    rt, ["sh", "-c", "echo ready; exec sleep 1000"], policy, 1
+                )
+    try:
+        (rep,) = report.processes
+        assert rep.survived
+        assert rep.returncode is None
+        assert rep.error is not None
+        assert "eperm" in rep.error
+        assert report.outcome == "unresponsive"
+        assert not report.quiescent
+        assert alive(proc.pid)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        os.waitpid(proc.pid, 0)  # noqa: ASYNC222  (SIGKILLed just above: returns at once)
+        proc._group.popen.returncode = -9  # type: ignore[union-attr]
+        proc._group.close()
+
+
+async def test_own_process_group_is_never_signalled(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tracked pid in our own process group is signalled alone, never via killpg."""
+    real_killpg = os.killpg
+    groups: list[int] = []
+
+    def spy(pgid: int, sig: int) -> None:
+        groups.append(pgid)
+        real_killpg(pgid, sig)
+
+    monkeypatch.setattr(os, "killpg", spy)
+    # Started by other means, in the test's own process group, on purpose.
+    child = subprocess.Popen(["sleep", "1000"])  # noqa: ASYNC220
+    try:
+        async with running() as rt:
+            async with rt.session("tool") as session:
+                session.track_pid(child.pid, escalation=NO_CGROUP)
+                session.interrupt("stop", trigger="operator")
+                await anyio.sleep_forever()
+            report = session.report
+            assert report is not None
+            assert child.wait(timeout=10) == -signal.SIGTERM
+    finally:
+        kill_quietly([child.pid])
+        child.wait()
+    assert os.getpgrp() not in groups
+    (rep,) = report.processes
+    assert rep.pgid is None
+    assert rep.adopted
+    assert rep.returncode == -signal.SIGTERM
+
+
+# ------------------------------------------------------ FAULTS 30-31: bomb, zombies
+
+
+@pytest.mark.slow
+async def test_bounded_fork_bomb_is_stopped() -> None:
+    """Fifty children started in a burst all die with the interrupt."""
+    bomb = "for i in $(seq 50); do sleep 1000 & echo $!; done; wait"
+    async with running() as rt:
+        report, lines, proc = await stop_with(rt, ["sh", "-c", bomb], EscalationPolicy(), 50)
+    pids = [proc.pid, *map(int, lines)]
+    assert not any(alive(p) for p in pids)
+    assert report.quiescent
+
+
+async def test_natural_exit_is_reaped_and_untracked() -> None:
+    """A process that exits by itself is reaped and leaves the plane."""
+    async with running() as rt, rt.session("tool") as session:
+        result = await session.run_process(
+            ["sh", "-c", "echo out; echo err >&2; exit 3"], check=False
+        )
+        assert (result.returncode, result.stdout, result.stderr) == (3, b"out\n", b"err\n")
+        with pytest.raises(subprocess.CalledProcessError):
+            await session.run_process(["false"])
+        plane = next(p for p in session._planes if isinstance(p, _processes.ProcessPlane))
+        assert plane._groups == {}
+
+
+async def test_run_process_feeds_input() -> None:
+    """run_process passes *input* to the child's stdin."""
+    async with running() as rt, rt.session("tool") as session:
+        result = await session.run_process(["cat"], input=b"hello")
+    assert result.stdout == b"hello"
+
+
+async def test_track_pid_adopts_and_stops_a_foreign_group() -> None:
+    """A process started by other means is adopted, stopped, and left to its parent."""
+    # Started by other means (what track_pid is for), on purpose.
+    child = subprocess.Popen(["sleep", "1000"], start_new_session=True)  # noqa: ASYNC220
+    try:
+        async with running() as rt:
+            async with rt.session("tool") as session:
+                session.track_pid(child.pid)
+                session.interrupt("stop", trigger="operator")
+                await anyio.sleep_forever()
+            report = session.report
+            assert report is not None
+        # Its Popen still owns its status: we did not steal it.
+        assert child.wait(timeout=10) == -signal.SIGTERM
+    finally:
+        kill_quietly([child.pid])
+        child.wait()
+    (rep,) = report.processes
+    assert rep.adopted
+    assert rep.pgid == child.pid
+    assert rep.returncode == -signal.SIGTERM
+
+
+async def test_cancelled_aclose_kills_the_whole_group() -> None:
+    """A cancellation that is not the interrupt takes the whole group down in aclose."""
+    async with running() as rt, rt.session("tool") as session:
+        with anyio.CancelScope() as scope:
+            async with await session.open_process(["sh", "-c", TREE]) as proc:
+                pids = [proc.pid, *map(int, await read_lines(proc, 3))]
+                scope.cancel()
+                await proc.wait()
+        assert proc.returncode == -signal.SIGKILL
+        # the grandchildren got the group's SIGKILL too
+        with anyio.fail_after(10):
+            await wait_gone(pids)
+
+
+# ------------------------------------------------------ FAULT 32: spawn vs interrupt
+
+
+async def test_open_process_after_interrupt_starts_nothing() -> None:
+    """Once interrupted (even before delivery), open_process starts no process."""
+    before = set(psutil.Process().children(recursive=True))
+    async with running() as rt, rt.session("tool") as session:
+        session.interrupt("stop", trigger="operator")
+        with pytest.raises(ks.Interrupted):
+            await session.open_process(["sleep", "1000"])
+        assert set(psutil.Process().children(recursive=True)) == before
+        with pytest.raises(ks.Interrupted):
+            session.track_pid(os.getppid())
+
+
+async def test_open_process_in_cancelled_scope_starts_nothing() -> None:
+    """A cancelled caller gets the cancellation before any process is started."""
+    before = set(psutil.Process().children(recursive=True))
+    async with running() as rt, rt.session("tool") as session:
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            await session.open_process(["sleep", "1000"])
+        assert scope.cancelled_caught
+        assert set(psutil.Process().children(recursive=True)) == before
+
+
+@pytest.mark.slow
+async def test_interrupt_from_thread_while_spawning_leaves_no_orphan() -> None:
+    """An interrupt from another thread racing a spawn loop leaves no process behind."""
+    started: list[int] = []
+    async with running() as rt:
+        session = rt.session("spawner")
+        go = threading.Event()
+
+        def interrupter() -> None:
+            go.wait()
+            session.interrupt("race", trigger="supervisor")
+
+        t = threading.Thread(target=interrupter)
+        t.start()
+        try:
+            async with session:
+                for i in range(200):
+                    proc = await session.open_process(["sleep", "1000"], stdout=None)
+                    started.append(proc.pid)
+                    if i == 5:
+                        go.set()
+        finally:
+            go.set()
+            t.join()
+        report = session.report
+    assert report is not None
+    assert report.quiescent
+    assert started
+    assert not any(alive(p) for p in started)
+    assert {p.pid for p in report.processes} >= set(started)
+
+
+# ------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("command", [[], "", "   ", ()])
+async def test_empty_command_is_rejected(command: Any) -> None:
+    """An empty command is a ValueError, and nothing is started."""
+    async with running() as rt, rt.session("tool") as session:
+        with pytest.raises(ValueError, match="empty"):
+            await session.open_process(command)
+
+
+async def test_nonexistent_executable_is_a_clear_error() -> None:
+    """A missing executable raises FileNotFoundError and tracks nothing."""
+    audit = MemoryAudit()
+    async with running(audit) as rt, rt.session("tool") as session:
+        with pytest.raises(FileNotFoundError):
+            await session.open_process(["/nonexistent/kill-switch-no-such-tool"])
+    assert "process_started" not in audit.kinds()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"grace": -1.0}, ValueError),
+        ({"grace": float("nan")}, ValueError),
+        ({"grace": float("inf")}, ValueError),
+        ({"grace": "5"}, TypeError),
+        ({"grace": True}, TypeError),
+        ({"kill_timeout": 0}, ValueError),
+        ({"kill_timeout": float("nan")}, ValueError),
+        ({"cgroup": "yes"}, TypeError),
+    ],
+)
+def test_invalid_escalation_policy_is_rejected(kwargs: dict[str, Any], error: type) -> None:
+    """Negative, NaN, infinite or mistyped policy values raise at construction."""
+    with pytest.raises(error):
+        EscalationPolicy(**kwargs)
+
+
+@pytest.mark.parametrize("grace", [-1.0, float("nan"), 0])
+def test_invalid_term_grace_is_rejected(grace: float) -> None:
+    """StopPolicy.term_grace must be a finite number > 0."""
+    with pytest.raises(ValueError, match="term_grace"):
+        ks.StopPolicy(term_grace=grace)
+
+
+async def test_bad_escalation_and_pid_arguments() -> None:
+    """A non-policy escalation and a bad pid are type/value errors."""
+    async with running() as rt, rt.session("tool") as session:
+        with pytest.raises(TypeError, match="EscalationPolicy"):
+            await session.open_process(["true"], escalation=5.0)  # type: ignore[arg-type]
+        with pytest.raises(TypeError):
+            session.track_pid("12")  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="cannot track"):
+            session.track_pid(os.getpid())
+        with pytest.raises(ProcessLookupError):
+            session.track_pid(2**22 + 12345)
