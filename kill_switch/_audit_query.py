@@ -285,12 +285,13 @@ def _bad(count: int, head: str | None, seq: int, problem: str, **kw: Any) -> Ver
 def _verify(
     conn: sqlite3.Connection, anchor_path: str | None, anchored: tuple[int, str] | None
 ) -> VerifyResult:
-    names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='trigger'")}
-    missing = tuple(t for t in TRIGGERS if t not in names)
+    schema = {(r[0], r[1]) for r in conn.execute("SELECT type, name FROM sqlite_master")}
+    has_table = ("table", "events") in schema
+    missing = tuple(t for t in TRIGGERS if ("trigger", t) not in schema)
     version = conn.execute("PRAGMA user_version").fetchone()[0]
     expected, prev, head = 1, GENESIS, None
     try:
-        for row in conn.execute(_SELECT + " ORDER BY seq"):
+        for row in conn.execute(_SELECT + " ORDER BY seq") if has_table else ():
             seq, values, stored_prev, stored_hash = row[0], row[1:-2], row[-2], row[-1]
             if seq != expected:
                 what = "missing" if seq > expected else "out of sequence"
@@ -331,9 +332,13 @@ def _verify(
                     anchor="mismatch",
                     anchored_count=anchored_count,
                 )
-            at = conn.execute(
-                "SELECT row_hash FROM events WHERE seq = ?", (anchored_count,)
-            ).fetchone()
+            at = (
+                conn.execute(
+                    "SELECT row_hash FROM events WHERE seq = ?", (anchored_count,)
+                ).fetchone()
+                if has_table
+                else None
+            )
             if anchored_count > 0 and (at is None or at[0] != anchored_head):
                 return _bad(
                     count,
@@ -346,6 +351,8 @@ def _verify(
                 )
             anchor_state = "match" if anchored_count == count else "behind"
     problems = []
+    if not has_table:
+        problems.append("no events table")
     if missing:
         problems.append(f"protective triggers dropped: {', '.join(missing)}")
     if check != ["ok"]:

@@ -363,7 +363,7 @@ class _Store:
             for e in events
         )
         try:
-            fd = os.open(self.spool_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            fd = os.open(self.spool_path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
         except OSError as exc:
             _stderr(f"kill_switch: audit spool {self.spool_path} unavailable: {exc!r}")
             return False
@@ -881,6 +881,11 @@ class SqliteAudit:
                 closed = True
             except Exception as exc:  # noqa: BLE001  (a broken connection may fail to close)
                 _stderr(f"kill_switch: closing audit database failed: {exc!r}")
+            # After a failed connect aiosqlite stops its thread without waiting for it; the
+            # thread then posts to this loop, which must still be open (aiosqlite#241).
+            thread = getattr(db, "_thread", None)
+            if thread is not None and thread.is_alive():
+                await anyio.to_thread.run_sync(thread.join, self._close_timeout)
         if closed:
             self._store.close_anchor()
         else:

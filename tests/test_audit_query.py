@@ -1,0 +1,119 @@
+"""Reading the audit log: queries, the cascade tree, JSONL export and the CLI."""
+
+from __future__ import annotations
+
+import io
+import json
+import sqlite3
+from typing import TYPE_CHECKING
+
+import anyio
+import pytest
+
+import kill_switch as ks
+from kill_switch._audit import AuditEvent
+from kill_switch._audit_cli import main as cli
+from kill_switch._audit_query import AuditLog, open_readonly
+from kill_switch._sqlite_audit import SqliteAudit
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from kill_switch._report import StopReport
+
+
+async def parent_and_child(db: Path) -> StopReport:
+    """A parent session with a child, interrupted by an operator; returns the report."""
+    async with ks.Runtime(audit=str(db)) as runtime:
+        async with (
+            runtime.session("lead", session_id="p") as parent,
+            runtime.session("helper", session_id="c", parent=parent),
+        ):
+            handle = parent.interrupt("pivot", trigger="operator", operator="ops")
+            await anyio.sleep_forever()
+        return await handle
+
+
+async def test_cascade_tree_reaches_the_child_session(tmp_path: Path) -> None:
+    """by interrupt: the request, its steps, and the child's stop (trigger parent) below."""
+    db = tmp_path / "a.db"
+    report = await parent_and_child(db)
+    with AuditLog(db) as log:
+        tree = log.cascade(report.interrupt_id)
+    assert tree is not None
+    assert tree.record.kind == "interrupt_requested"
+    assert tree.record.session_id == "p"
+    nodes = list(tree.walk())
+    assert {r.kind for _, r in nodes if r.session_id == "p"} >= {
+        "interrupt_delivered",
+        "interrupt_completed",
+    }
+    child = [(d, r) for d, r in nodes if r.session_id == "c"]
+    assert child
+    assert child[0][1].kind == "interrupt_requested"
+    assert child[0][1].trigger == "parent"
+    assert child[0][0] >= 2
+
+
+async def test_queries_by_session_trigger_and_time(tmp_path: Path) -> None:
+    """Filters combine; time ranges use wall time; results come in seq order."""
+    db = tmp_path / "a.db"
+    async with SqliteAudit(db) as audit:
+        for i, (session, trigger) in enumerate(
+            [("s1", "operator"), ("s2", "budget"), ("s1", "budget"), ("s2", "operator")]
+        ):
+            audit.record(AuditEvent("k", session, trigger=trigger, wall_time=100.0 + i))
+        assert await audit.flush() == "durable"
+    with AuditLog(db) as log:
+        assert [r.seq for r in log.events(session_id="s1")] == [1, 3]
+        assert [r.seq for r in log.events(trigger="budget")] == [2, 3]
+        assert [r.seq for r in log.events(session_id="s2", trigger="operator")] == [4]
+        assert [r.seq for r in log.events(since=101.0, until=103.0)] == [2, 3]
+        assert [r.seq for r in log.events(limit=2)] == [1, 2]
+        out = io.StringIO()
+        assert log.export_jsonl(out, session_id="s1") == 2
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [d["seq"] for d in lines] == [1, 3]
+    assert lines[0]["trigger"] == "operator"
+
+
+async def test_reader_is_read_only(tmp_path: Path) -> None:
+    """The query connection cannot write, and a missing file is not created."""
+    db = tmp_path / "a.db"
+    async with SqliteAudit(db) as audit:
+        audit.record(AuditEvent("k", "s"))
+        assert await audit.flush() == "durable"
+        conn = open_readonly(db)  # while the writer is live
+        try:
+            with pytest.raises(sqlite3.OperationalError):
+                conn.execute("CREATE TABLE x (y)")
+        finally:
+            conn.close()
+    with pytest.raises(sqlite3.OperationalError):
+        open_readonly(tmp_path / "missing.db")
+    assert not (tmp_path / "missing.db").exists()
+
+
+async def test_cli_lists_exports_and_verifies(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`kill-switch audit` text and --json; `audit verify` exit codes; env default path."""
+    db = tmp_path / "a.db"
+    report = await parent_and_child(db)
+    assert cli(["audit", "--db", str(db), "--session", "p"]) == 0
+    text = capsys.readouterr().out
+    assert "interrupt_requested" in text
+    assert 'reason="pivot"' in text
+    assert "session=c" not in text
+    monkeypatch.setenv("KILL_SWITCH_AUDIT_DB", str(db))
+    assert cli(["audit", "--json", "--interrupt", report.interrupt_id]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert lines
+    assert {d["interrupt_id"] for d in lines} == {report.interrupt_id}
+    assert cli(["audit", "--interrupt", report.interrupt_id]) == 0
+    assert "session=c" in capsys.readouterr().out  # the tree includes the child's stop
+    assert cli(["audit", "verify"]) == 0
+    assert "intact" in capsys.readouterr().out
+    assert cli(["audit", "verify", "--db", str(tmp_path / "none.db")]) == 2
+    (tmp_path / "junk.db").write_bytes(b"junk" * 1000)
+    assert cli(["audit", "verify", "--db", str(tmp_path / "junk.db")]) == 2
