@@ -1,0 +1,301 @@
+"""Benchmark the durable audit log against the raw primitives, measured in the same run.
+
+    python benchmarks/bench_audit.py [--json out.json] [--quick] [--loop asyncio|uvloop]
+
+Cases (every figure is a ratio to its baseline from this run, variants interleaved):
+
+1. durable single event: ``record()`` → ``await flush() == "durable"`` vs raw ``sqlite3``
+   BEGIN IMMEDIATE + INSERT + COMMIT with the same pragmas (WAL, synchronous=FULL) into the
+   same table (target <= 1.3x). Also shown: the same raw insert into a one-index table,
+   and aiosqlite doing it as three awaited statements (the stack's own floor).
+2. burst: N events recorded back to back, then one flush: durable events/s with group
+   commit (target >= 50 000/s).
+3. interrupt fan-out: a session with N parked tool tasks is interrupted and the handle
+   awaited, with SqliteAudit vs MemoryAudit as the runtime's sink (target <= 1.05x).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import inspect
+import json
+import os
+import platform
+import shutil
+import sqlite3
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a source tree
+
+import aiosqlite
+import anyio
+
+import kill_switch as ks
+from kill_switch._audit import AuditEvent
+from kill_switch._audit_chain import COLUMN_SQL, COLUMNS, MIGRATIONS
+from kill_switch._sqlite_audit import SqliteAudit
+from kill_switch.testing import MemoryAudit
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable, Iterator
+
+INSERT = (
+    f"INSERT INTO events ({COLUMN_SQL}, prev_hash, row_hash) "
+    f"VALUES ({', '.join('?' * (len(COLUMNS) + 2))})"
+)
+
+
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+def pct(values: list[float], q: float) -> float:
+    data = sorted(values)
+    return data[min(len(data) - 1, round((len(data) - 1) * q / 100))]
+
+
+def raw_connection(path: Path, schema: bool) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA recursive_triggers=ON")
+    conn.execute("PRAGMA busy_timeout=500")
+    if schema:
+        for statement in MIGRATIONS[1]:
+            conn.execute(statement)
+    else:
+        conn.execute("CREATE TABLE events (seq INTEGER PRIMARY KEY, event_id TEXT UNIQUE, x TEXT)")
+    return conn
+
+
+def raw_row() -> tuple[Any, ...]:
+    e = AuditEvent("tool_blocked", "s", agent="bench", reason="r")
+    return (e.event_id, e.wall_time, e.mono_time, "s", "bench", None, None, e.kind, None, "r",
+            None, "{}", "0" * 64, "1" * 64)  # fmt: skip
+
+
+# ----------------------------------------------------------------- 1. single
+
+
+async def single(tmp: Path, reps: int) -> dict[str, list[float]]:
+    raw_same = raw_connection(tmp / "raw_same.db", schema=True)
+    raw_min = raw_connection(tmp / "raw_min.db", schema=False)
+    floor = await aiosqlite.connect(tmp / "aio.db", isolation_level=None)
+    await floor.execute("PRAGMA journal_mode=WAL")
+    await floor.execute("PRAGMA synchronous=FULL")
+    for statement in MIGRATIONS[1]:
+        await floor.execute(statement)
+    out: dict[str, list[float]] = {"sqliteaudit": [], "raw_same": [], "raw_min": [], "aio3": []}
+    async with SqliteAudit(tmp / "audit.db") as audit:
+
+        async def ours() -> float:
+            event = AuditEvent("tool_blocked", "s", agent="bench", reason="r")
+            t0 = time.perf_counter_ns()
+            audit.record(event)
+            status = await audit.flush()
+            t1 = time.perf_counter_ns()
+            assert status == "durable", status
+            return t1 - t0
+
+        def same() -> float:
+            row = raw_row()
+            t0 = time.perf_counter_ns()
+            raw_same.execute("BEGIN IMMEDIATE")
+            raw_same.execute(INSERT, row)
+            raw_same.execute("COMMIT")
+            return time.perf_counter_ns() - t0
+
+        def minimal() -> float:
+            row = (raw_row()[0], "r")
+            t0 = time.perf_counter_ns()
+            raw_min.execute("BEGIN IMMEDIATE")
+            raw_min.execute("INSERT INTO events (event_id, x) VALUES (?, ?)", row)
+            raw_min.execute("COMMIT")
+            return time.perf_counter_ns() - t0
+
+        async def aio3() -> float:
+            row = raw_row()
+            t0 = time.perf_counter_ns()
+            await floor.execute("BEGIN IMMEDIATE")
+            await floor.execute(INSERT, row)
+            await floor.execute("COMMIT")
+            return time.perf_counter_ns() - t0
+
+        variants: dict[str, Callable[[], float | Awaitable[float]]] = {
+            "sqliteaudit": ours,
+            "raw_same": same,
+            "raw_min": minimal,
+            "aio3": aio3,
+        }
+        names = list(variants)
+        for rep in range(reps + 20):  # 20 warm-up rounds are thrown away
+            order = names[rep % len(names) :] + names[: rep % len(names)]
+            with gc_paused():
+                for name in order:
+                    result = variants[name]()
+                    value = await result if inspect.isawaitable(result) else result
+                    if rep >= 20:
+                        out[name].append(value)
+    await floor.close()
+    raw_same.close()
+    raw_min.close()
+    return out
+
+
+# ------------------------------------------------------------------ 2. burst
+
+
+async def burst(tmp: Path, n: int, reps: int) -> list[float]:
+    rates = []
+    for rep in range(reps):
+        events = [AuditEvent("tool_blocked", "s", reason=f"{i}") for i in range(n)]
+        async with SqliteAudit(tmp / f"burst{rep}.db") as audit:
+            audit.record(AuditEvent("warm", "s"))
+            assert await audit.flush() == "durable"
+            with gc_paused():
+                t0 = time.perf_counter_ns()
+                for event in events:
+                    audit.record(event)
+                status = await audit.flush()
+                elapsed = time.perf_counter_ns() - t0
+            assert status == "durable", status
+        rates.append(n / (elapsed / 1e9))
+    return rates
+
+
+# ----------------------------------------------------------------- 3. fan-out
+
+
+async def fanout_once(sink: Any, n: int) -> tuple[float, float]:
+    """(interrupt → quiescent, interrupt → ``await handle`` resolved) in nanoseconds."""
+
+    async def park() -> None:
+        await anyio.sleep_forever()
+
+    async with ks.Runtime(audit=sink) as runtime:
+        async with runtime.session("bench") as session:
+            for _ in range(n):
+                session.start_soon(park)
+            await anyio.wait_all_tasks_blocked()
+            t0 = time.perf_counter_ns()
+            handle = session.interrupt("bench", trigger="supervisor")
+            await anyio.sleep_forever()
+        report = await handle
+        elapsed = time.perf_counter_ns() - t0
+    assert report.quiescent
+    assert report.latency.quiescent is not None
+    return report.latency.quiescent * 1e9, elapsed
+
+
+async def fanout(tmp: Path, n: int, reps: int) -> dict[str, list[float]]:
+    out: dict[str, list[float]] = {"memory": [], "sqlite": [], "memory_h": [], "sqlite_h": []}
+    for rep in range(reps + 2):
+        order = ["memory", "sqlite"] if rep % 2 == 0 else ["sqlite", "memory"]
+        for name in order:
+            sink: Any = MemoryAudit() if name == "memory" else SqliteAudit(tmp / f"fan{rep}.db")
+            with gc_paused():
+                quiet, handled = await fanout_once(sink, n)
+            if rep >= 2:
+                out[name].append(quiet)
+                out[f"{name}_h"].append(handled)
+    return out
+
+
+# ------------------------------------------------------------------- report
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    parser.add_argument("--quick", action="store_true", help="a smoke run (seconds)")
+    parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
+    args = parser.parse_args()
+    reps = 40 if args.quick else 400
+    burst_n, burst_reps = (10_000, 2) if args.quick else (50_000, 5)
+    fan_n, fan_reps = (200, 6) if args.quick else (1000, 30)
+    tmp = Path(tempfile.mkdtemp(prefix="bench_audit_", dir=os.environ.get("BENCH_TMP")))
+
+    async def run() -> tuple[dict[str, list[float]], list[float], dict[str, list[float]]]:
+        return (
+            await single(tmp, reps),
+            await burst(tmp, burst_n, burst_reps),
+            await fanout(tmp, fan_n, fan_reps),
+        )
+
+    try:
+        if args.loop == "uvloop":
+            import uvloop
+
+            one, rates, fan = uvloop.run(run())
+        else:
+            one, rates, fan = asyncio.run(run())
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    rows: list[dict[str, Any]] = []
+    base = pct(one["raw_same"], 50)
+    for name, label in (
+        ("raw_same", "raw sqlite3 BEGIN IMMEDIATE+INSERT+COMMIT, same table"),
+        ("raw_min", "raw sqlite3, one-index table"),
+        ("aio3", "aiosqlite, 3 awaited statements"),
+        ("sqliteaudit", "SqliteAudit record() -> flush() durable"),
+    ):
+        p50, p99 = pct(one[name], 50), pct(one[name], 99)
+        row = {"case": "durable single event", "variant": label, "p50_us": p50 / 1e3,
+               "p99_us": p99 / 1e3, "ratio_p50": p50 / base, "samples": len(one[name])}  # fmt: skip
+        if name == "sqliteaudit":
+            row |= {"target": "<= 1.3x raw (same table)", "met": p50 / base <= 1.3}
+        rows.append(row)
+    rate = statistics.median(rates)
+    rows.append({"case": f"burst of {burst_n}", "variant": "SqliteAudit group commit",
+                 "events_per_s": rate, "samples": len(rates), "target": ">= 50000/s",
+                 "met": rate >= 50_000})  # fmt: skip
+    for suffix, what in (("", "interrupt -> quiescent"), ("_h", "interrupt -> await handle")):
+        mem = pct(fan["memory" + suffix], 50)
+        for name, label in (("memory", "MemoryAudit"), ("sqlite", "SqliteAudit")):
+            values = fan[name + suffix]
+            row = {"case": f"fan-out {fan_n} tasks: {what}", "variant": label,
+                   "p50_us": pct(values, 50) / 1e3, "p99_us": pct(values, 99) / 1e3,
+                   "ratio_p50": pct(values, 50) / mem, "samples": len(values)}  # fmt: skip
+            if name == "sqlite" and not suffix:
+                ratio = pct(values, 50) / mem
+                row |= {"target": "<= 1.05x MemoryAudit", "met": ratio <= 1.05}
+            rows.append(row)
+
+    print(f"bench_audit ({args.loop}, python {platform.python_version()}, "
+          f"sqlite {sqlite3.sqlite_version}, {os.cpu_count()} cpus)")  # fmt: skip
+    print(f"{'case':<44} {'variant':<55} {'p50':>10} {'p99':>10} {'ratio':>7}  target")
+    for row in rows:
+        if "events_per_s" in row:
+            cells = f"{row['events_per_s']:>10.0f} {'ev/s':>10} {'':>7}"
+        else:
+            cells = (f"{row['p50_us']:>8.1f}us {row['p99_us']:>8.1f}us "
+                     f"{row['ratio_p50']:>6.2f}x")  # fmt: skip
+        target = f"{row['target']} {'met' if row['met'] else 'NOT met'}" if "target" in row else ""
+        print(f"{row['case']:<44} {row['variant']:<55} {cells}  {target}")
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps(
+                {"benchmark": "audit", "loop": args.loop, "quick": args.quick, "rows": rows},
+                indent=2,
+            )
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
