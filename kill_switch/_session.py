@@ -145,6 +145,7 @@ class Session:
         "_started_at",
         "_state",
         "_stop_timer",
+        "_swept",
         "_tasks",
         "_tool_calls_cancelled",
         "_tool_errors",
@@ -186,6 +187,7 @@ class Session:
         self._scope = anyio.CancelScope()
         self._body_task: asyncio.Task[Any] | None = None
         self._body_done = False
+        self._swept = False
         self._ctx_token: Token[Session | None] | None = None
         self._inflight: dict[asyncio.Task[Any], int] = {}
         self._calls_in_flight = 0
@@ -309,8 +311,8 @@ class Session:
             self._body_done = True
             self._body_task = None
 
-        if self._tool_tasks:
-            if exc is not None and not self._requests:
+        if self._tool_tasks and not self._requests:
+            if exc is not None:
                 self._fail()
             await self._wait_tool_tasks()
 
@@ -441,6 +443,8 @@ class Session:
 
         self._state = "interrupting"
         self._runtime._note_terminated(self)
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
         self._tool_calls_cancelled = self._calls_in_flight + sum(
             1 for t in self._tool_tasks if t not in self._inflight
         )
@@ -507,7 +511,7 @@ class Session:
         if (
             self._delivered_mono is not None
             and self._quiet_mono is None
-            and self._body_done
+            and self._swept
             and not self._inflight
             and not self._tool_tasks
             and not any(not t.done() for t in self._leaked)
@@ -524,9 +528,9 @@ class Session:
         plane are quiet; the planes settle concurrently with the body."""
 
         async def body_and_tools() -> None:
-            self._check_quiet()
-            if self._quiet_mono is None and self._body_done:
+            if self._body_done:
                 self._sweep_leaks()
+            self._check_quiet()
             if self._quiet_mono is None:
                 self._quiet = self._loop.create_future()
                 self._check_quiet()
@@ -539,7 +543,11 @@ class Session:
                 await body_and_tools()
 
     def _sweep_leaks(self) -> None:
-        """Cancel tasks created in this session that outlived its structure."""
+        """Cancel tasks created in this session that outlived its structure.
+
+        Runs once the body has exited; quiescence is not declared before it ran.
+        """
+        self._swept = True
         current = asyncio.current_task()
         for task in self._tasks:
             if task.done() or task is current or task in self._tool_tasks:
@@ -590,17 +598,20 @@ class Session:
         if self._late_results:
             self._record(LATE_RESULT, details={"count": self._late_results})
         report = self._build_report(outcome, quiescent=quiescent, audit="pending")
-        self._record(
-            INTERRUPT_COMPLETED,
-            trigger=first.trigger,
-            details={
-                "outcome": outcome,
-                "quiescent": quiescent,
-                "tool_calls_cancelled": report.tool_calls_cancelled,
-                "leaked_tasks": len(report.leaked_tasks),
-                "seconds": report.latency.total,
-            },
-        )
+        # An unresponsive session is never said to have completed: its last word in
+        # the audit is ``escalated``.
+        if quiescent:
+            self._record(
+                INTERRUPT_COMPLETED,
+                trigger=first.trigger,
+                details={
+                    "outcome": outcome,
+                    "quiescent": quiescent,
+                    "tool_calls_cancelled": report.tool_calls_cancelled,
+                    "leaked_tasks": len(report.leaked_tasks),
+                    "seconds": report.latency.total,
+                },
+            )
         status = await self._runtime._flush_audit()
         report = _evolve_audit(report, status)
         self.report = report
@@ -646,7 +657,9 @@ class Session:
 
     def _terminal_decision(self) -> Decision:
         first = self._requests[0]
-        return Decision.block(f"session interrupted ({first.trigger}): {first.reason}", "terminated")
+        return Decision.block(
+            f"session interrupted ({first.trigger}): {first.reason}", "terminated"
+        )
 
     def _admit(
         self, tool: str, args: tuple[Any, ...], kwargs: dict[str, Any], cost: float
@@ -678,8 +691,9 @@ class Session:
         if decision.code != "terminated" or not self._blocked_terminal_audited:
             if decision.code == "terminated":
                 self._blocked_terminal_audited = True
-            self._record(TOOL_BLOCKED, reason=decision.reason, details={
-                "tool": tool, "code": decision.code})
+            self._record(
+                TOOL_BLOCKED, reason=decision.reason, details={"tool": tool, "code": decision.code}
+            )
         return ToolBlocked(decision, session_id=self.id, tool=tool)
 
     def guard(self, tool: str, args: Mapping[str, Any] | None = None) -> Decision:
@@ -691,8 +705,9 @@ class Session:
         try:
             kwargs = dict(args) if args is not None else {}
             if not isinstance(tool, str):
-                return Decision.block(f"tool name must be a str, not {type(tool).__name__}",
-                                      "bad_request")
+                return Decision.block(
+                    f"tool name must be a str, not {type(tool).__name__}", "bad_request"
+                )
             decision = self._admit(tool, (), kwargs, 0.0)
         except Exception as exc:  # guard() never raises, by contract
             return Decision.block(f"guard failed: {exc!r}", "guard_error")
@@ -878,6 +893,9 @@ class Session:
         """
         if not self._tool_tasks:
             return
+        # Resolved when the tool tasks drain, or by _deliver: once interrupted, the
+        # wait is the stop's, bounded by the stop timeout (an unresponsive tool task
+        # must not make the block unkillable).
         self._drained = self._loop.create_future()
         try:
             await asyncio.shield(self._drained)
