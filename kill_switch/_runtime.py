@@ -80,6 +80,7 @@ class Runtime:
         self._sessions: dict[str, Session] = {}
         self._terminated: set[str] = set()
         self._service: set[asyncio.Task[Any]] = set()
+        self._listeners: tuple[Callable[[AuditEvent], None], ...] = ()
         self._entered = False
         self._closed = False
         self._loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set on entry
@@ -290,18 +291,37 @@ class Runtime:
 
     # ------------------------------------------------------------- internals
 
+    def add_listener(self, listener: Callable[[AuditEvent], None]) -> Callable[[], None]:
+        """Call *listener* with every audit event this runtime records; return a remover.
+
+        For live views (the control plane's event stream). The listener is called
+        synchronously in whatever thread recorded the event — often the loop thread,
+        sometimes an interrupter's — so it must be cheap, thread-safe and must not
+        raise (an exception is reported on stderr and the listener is kept).
+        """
+        self._listeners = (*self._listeners, listener)
+
+        def remove() -> None:
+            self._listeners = tuple(x for x in self._listeners if x is not listener)
+
+        return remove
+
     def _record(self, event: AuditEvent) -> None:
         sink = self._sink
-        if sink is None:
-            return
-        try:
-            sink.record(event)
-        except Exception as exc:  # a sink must never raise; if it does, say so and go on
-            print(
-                f"kill_switch: audit sink failed to record {event.kind} {event.event_id}: "
-                f"{exc!r}",
-                file=sys.stderr,
-            )
+        if sink is not None:
+            try:
+                sink.record(event)
+            except Exception as exc:  # a sink must never raise; if it does, say so, go on
+                print(
+                    f"kill_switch: audit sink failed to record {event.kind} "
+                    f"{event.event_id}: {exc!r}",
+                    file=sys.stderr,
+                )
+        for listener in self._listeners:
+            try:
+                listener(event)
+            except Exception as exc:  # a live view must never break the audit path
+                print(f"kill_switch: event listener {listener!r} failed: {exc!r}", file=sys.stderr)
 
     async def _flush_audit(self) -> AuditStatus:
         sink = self._sink
