@@ -4,10 +4,16 @@ One ``interrupt()`` stops everything an agent session is doing, proves it stoppe
 says who stopped it and why.
 """
 
+import contextlib
 from importlib.metadata import PackageNotFoundError, version
 
 from ._audit import AuditEvent as AuditEvent
 from ._audit import AuditSink as AuditSink
+from ._audit_query import AuditLog as AuditLog
+from ._audit_query import AuditRecord as AuditRecord
+from ._audit_query import CascadeNode as CascadeNode
+from ._audit_query import VerifyResult as VerifyResult
+from ._audit_query import verify as verify_audit
 from ._current import check as check
 from ._current import current_session as current_session
 from ._current import sleep as sleep
@@ -21,12 +27,19 @@ from ._exceptions import ToolBlocked as ToolBlocked
 from ._handle import InterruptHandle as InterruptHandle
 from ._info import SessionInfo as SessionInfo
 from ._policy import StopPolicy as StopPolicy
+from ._processes import EscalationPolicy as EscalationPolicy
+from ._processes import EscalationWarning as EscalationWarning
+from ._processes import TrackedProcess as TrackedProcess
 from ._report import InterruptRequest as InterruptRequest
 from ._report import Latency as Latency
 from ._report import LeakedTask as LeakedTask
+from ._report import ProcessReport as ProcessReport
 from ._report import StopReport as StopReport
+from ._report import ThreadReport as ThreadReport
 from ._runtime import Runtime as Runtime
 from ._session import Session as Session
+from ._sqlite_audit import AuditStatistics as AuditStatistics
+from ._sqlite_audit import SqliteAudit as SqliteAudit
 from ._triggers import TRIGGERS as TRIGGERS
 from ._triggers import Trigger as Trigger
 
@@ -38,8 +51,14 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 __all__ = [
     "TRIGGERS",
     "AuditEvent",
+    "AuditLog",
+    "AuditRecord",
     "AuditSink",
+    "AuditStatistics",
+    "CascadeNode",
     "Decision",
+    "EscalationPolicy",
+    "EscalationWarning",
     "InterruptHandle",
     "InterruptRequest",
     "Interrupted",
@@ -47,26 +66,30 @@ __all__ = [
     "Latency",
     "LeakedTask",
     "LimitExceeded",
+    "ProcessReport",
     "Runtime",
     "Session",
     "SessionInfo",
     "SessionRefused",
+    "SqliteAudit",
     "StopPolicy",
     "StopReport",
+    "ThreadReport",
     "ToolBlocked",
     "ToolCall",
+    "TrackedProcess",
     "Trigger",
+    "VerifyResult",
     "check",
     "current_session",
     "sleep",
+    "verify_audit",
 ]
 
 # Public objects say they live where users import them from (as httpx and trio do).
 for _name in __all__:
     _obj = globals()[_name]
     if isinstance(_obj, type) or callable(_obj):
-        try:
+        with contextlib.suppress(AttributeError, TypeError):
             _obj.__module__ = __name__
-        except (AttributeError, TypeError):
-            pass
 del _name, _obj

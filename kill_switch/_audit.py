@@ -10,11 +10,12 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Mapping
-from typing import Any, Final, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Final, Protocol, runtime_checkable
 
 import attrs
 
-from ._report import AuditStatus
+if TYPE_CHECKING:
+    from ._report import AuditStatus
 
 # Event kinds written by the runtime. Sinks must accept any kind string: planes add their
 # own (process signals, thread abandonment, cleanup outcomes).

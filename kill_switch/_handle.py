@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Generator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from ._report import StopReport
+if TYPE_CHECKING:
+    from collections.abc import Generator
+
+    from ._report import StopReport
 
 
 def _resolve(fut: asyncio.Future[StopReport], report: StopReport) -> None:
@@ -32,8 +34,8 @@ class InterruptHandle:
     _done: threading.Event = attrs.field(factory=threading.Event, alias="_done")
     _lock: threading.Lock = attrs.field(factory=threading.Lock, alias="_lock")
     _report: StopReport | None = attrs.field(default=None, alias="_report")
-    _waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[StopReport]]] = (
-        attrs.field(factory=list, alias="_waiters")
+    _waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[StopReport]]] = attrs.field(
+        factory=list, alias="_waiters"
     )
 
     def done(self) -> bool:

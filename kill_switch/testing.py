@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import threading
+from typing import TYPE_CHECKING
 
-from ._audit import AuditEvent
-from ._report import AuditStatus
+if TYPE_CHECKING:
+    from ._audit import AuditEvent
+    from ._report import AuditStatus
 
 __all__ = ["MemoryAudit"]
 
@@ -43,6 +45,4 @@ class MemoryAudit:
 
     def kinds(self, session_id: str | None = None) -> list[str]:
         """The kinds of the events recorded so far (of one session, if given)."""
-        return [
-            e.kind for e in self.events if session_id is None or e.session_id == session_id
-        ]
+        return [e.kind for e in self.events if session_id is None or e.session_id == session_id]

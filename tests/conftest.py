@@ -23,9 +23,7 @@ def _factories() -> dict[str, LoopFactory]:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line(
-        "markers", "both_loops: run this async test on asyncio and on uvloop"
-    )
+    config.addinivalue_line("markers", "both_loops: run this async test on asyncio and on uvloop")
 
 
 def pytest_asyncio_loop_factories(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -10,6 +11,7 @@ import threading
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 import kill_switch as ks
@@ -20,6 +22,11 @@ pytestmark = pytest.mark.both_loops
 
 async def park() -> None:
     await anyio.sleep_forever()
+
+
+async def echo(value: Any) -> Any:
+    await anyio.lowlevel.checkpoint()
+    return value
 
 
 def kinds_for(audit: MemoryAudit, interrupt_id: str) -> list[str]:
@@ -89,7 +96,7 @@ async def test_body_call_interrupted_on_next_checkpoint() -> None:
 async def test_unrelated_exception_propagates() -> None:
     """Only the session's own interruption is absorbed; other errors leave the block."""
     async with ks.Runtime() as runtime:
-        with pytest.raises(KeyError):
+        with pytest.raises(KeyError):  # noqa: PT012  (the whole block is what raises)
             async with runtime.session("a") as session:
                 session.interrupt("x", trigger="operator")
                 raise KeyError("not ours")
@@ -110,7 +117,7 @@ async def test_normal_finish() -> None:
     """A session that is never interrupted finishes with no report."""
     async with ks.Runtime() as runtime:
         async with runtime.session("a") as session:
-            assert await session.call(asyncio.sleep, 0, 42) == 42
+            assert await session.call(echo, 42) == 42
         assert session.state == "finished"
         assert session.report is None
         assert session.info().actions == 1
@@ -258,9 +265,7 @@ async def test_scope_still_cancellable_after_foreign_interrupt() -> None:
     scope was cancelled on the loop, so the cancellation actually landed."""
     async with ks.Runtime() as runtime:
         async with runtime.session("a") as session:
-            await anyio.to_thread.run_sync(
-                lambda: session.interrupt("foreign", trigger="operator")
-            )
+            await anyio.to_thread.run_sync(lambda: session.interrupt("foreign", trigger="operator"))
             await park()
         assert session._scope.cancel_called
         assert session._scope.cancelled_caught
@@ -339,7 +344,8 @@ async def test_tool_swallowing_once_is_cancelled_again() -> None:
             tg.start_soon(interrupt_when_parked, session)
             await session.call(stubborn)
     assert swallowed == 1
-    assert session.report is not None and session.report.quiescent
+    assert session.report is not None
+    assert session.report.quiescent
 
 
 async def test_tool_swallowing_in_tool_task_is_cancelled_again() -> None:
@@ -361,7 +367,8 @@ async def test_tool_swallowing_in_tool_task_is_cancelled_again() -> None:
             session.interrupt("x", trigger="operator")
             await park()
     assert swallowed == 1
-    assert session.report is not None and session.report.quiescent
+    assert session.report is not None
+    assert session.report.quiescent
 
 
 async def test_endless_swallower_reported_unresponsive(audit: MemoryAudit) -> None:
@@ -437,10 +444,8 @@ async def test_tool_returning_after_swallowing_is_not_delivered_outside() -> Non
     outcome: list[object] = []
 
     async def swallow_and_return() -> str:
-        try:
+        with contextlib.suppress(asyncio.CancelledError):
             await anyio.sleep_forever()
-        except asyncio.CancelledError:
-            pass
         return "late"
 
     async with ks.Runtime() as runtime, anyio.create_task_group() as tg:
@@ -463,7 +468,8 @@ async def test_tool_returning_after_swallowing_is_not_delivered_outside() -> Non
             await park()
     assert isinstance(outcome[0], ks.Interrupted)
     assert outcome[1] == 0
-    assert session.report is not None and session.report.late_results == 1
+    assert session.report is not None
+    assert session.report.late_results == 1
 
 
 async def test_uncancel_by_tool_does_not_lose_the_kill() -> None:
@@ -494,7 +500,8 @@ async def test_uncancel_by_tool_does_not_lose_the_kill() -> None:
         with pytest.raises(TimeoutError):
             async with asyncio.timeout(0.01):
                 await anyio.sleep_forever()
-    assert session.report is not None and session.report.quiescent
+    assert session.report is not None
+    assert session.report.quiescent
 
 
 async def test_call_from_outside_task_raises_interrupted_and_task_goes_on() -> None:
@@ -518,7 +525,8 @@ async def test_call_from_outside_task_raises_interrupted_and_task_goes_on() -> N
             session.interrupt("x", trigger="operator")
             await park()
     assert after == ["alive"]
-    assert session.report is not None and session.report.tool_calls_cancelled == 1
+    assert session.report is not None
+    assert session.report.tool_calls_cancelled == 1
 
 
 async def test_leaked_raw_task_is_reported_and_cancelled() -> None:
@@ -632,7 +640,7 @@ async def test_block_waits_for_tool_tasks() -> None:
     done: list[int] = []
 
     async def work(n: int) -> None:
-        await anyio.sleep(0)
+        await anyio.lowlevel.checkpoint()
         done.append(n)
 
     async with ks.Runtime() as runtime:
@@ -669,7 +677,8 @@ async def test_child_of_interrupted_parent_never_starts() -> None:
                 async with child:
                     pass  # pragma: no cover
             await park()
-    assert child.report is not None and child.report.outcome == "before_start"
+    assert child.report is not None
+    assert child.report.outcome == "before_start"
 
 
 async def test_sessions_are_independent() -> None:
@@ -689,7 +698,7 @@ async def test_sessions_are_independent() -> None:
             await victim_started.wait()
             await anyio.wait_all_tasks_blocked()
             await victim.interrupt("x", trigger="operator")
-            other_result.append(await bystander.call(asyncio.sleep, 0, 7))
+            other_result.append(await bystander.call(echo, 7))
         assert bystander.state == "finished"
         assert other_result == [7]
         assert victim.state == "terminated"

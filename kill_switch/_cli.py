@@ -1,0 +1,71 @@
+"""The ``kill-switch`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import TYPE_CHECKING
+
+from . import _audit_cli
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+
+def _add_demo(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    demo = subparsers.add_parser(
+        "demo",
+        help="run a small fleet of scripted agents and stop them every way there is",
+        description=(
+            "Run scripted agents (no LLM) that call async tools in parallel, run a "
+            "process tree and a blocking sync tool; stop them on an SLA deadline, from "
+            "another thread as an operator would, and by parent cascade; print each "
+            "StopReport and check that nothing was left running."
+        ),
+    )
+    demo.add_argument(
+        "--db",
+        default=None,
+        help="audit database (default: $KILL_SWITCH_AUDIT_DB or kill-switch-audit.db)",
+    )
+    demo.add_argument("--no-audit", action="store_true", help="run without a durable audit log")
+    demo.set_defaults(func=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from ._demo import run
+
+    return run(db=args.db, audit=not args.no_audit)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``kill-switch`` command."""
+    parser = argparse.ArgumentParser(
+        prog="kill-switch",
+        description="The kill switch for async AI agents.",
+    )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_demo(subparsers)
+    _audit_cli.register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``kill-switch`` command; return its exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func = getattr(args, "func", None)
+    if func is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return int(func(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
