@@ -1,0 +1,83 @@
+"""Triggers, reasons, policies and decisions: validated at construction."""
+
+from __future__ import annotations
+
+import math
+
+import anyio
+import pytest
+
+import kill_switch as ks
+from kill_switch._triggers import MAX_REASON, bound_reason, check_trigger
+
+
+@pytest.mark.parametrize("trigger", sorted(ks.TRIGGERS))
+def test_known_triggers_accepted(trigger: str) -> None:
+    """Every documented trigger is accepted."""
+    assert check_trigger(trigger) == trigger
+
+
+def test_trigger_set_is_the_documented_one() -> None:
+    """The trigger vocabulary is exactly the one the design names."""
+    assert {
+        "operator", "supervisor", "budget", "deadline",
+        "sentinel", "parent", "shutdown", "watchdog",
+    } == ks.TRIGGERS  # fmt: skip
+
+
+@pytest.mark.parametrize(("trigger", "error"), [("Operator", ValueError), (None, TypeError)])
+def test_bad_trigger_rejected(trigger: object, error: type[Exception]) -> None:
+    """Unknown or non-string triggers raise a clear error."""
+    with pytest.raises(error):
+        check_trigger(trigger)
+
+
+def test_long_reason_is_cut_not_refused() -> None:
+    """A 10 MB reason is bounded; the kill is never refused for its explanation."""
+    reason = bound_reason("x" * 10_000_000)
+    assert len(reason) < MAX_REASON + 50
+    assert reason.endswith("characters cut]")
+
+
+async def test_bad_interrupt_arguments_raise_before_anything_happens() -> None:
+    """A bad trigger or reason type is an immediate error; the session is untouched."""
+    async with ks.Runtime() as runtime:
+        async with runtime.session("a") as session:
+            with pytest.raises(ValueError, match="unknown trigger"):
+                session.interrupt("x", trigger="nope")
+            with pytest.raises(TypeError, match="reason"):
+                session.interrupt(b"bytes", trigger="operator")  # type: ignore[arg-type]
+            assert not session.interrupted
+            await anyio.lowlevel.checkpoint()
+        assert session.state == "finished"
+
+
+@pytest.mark.parametrize("field", ["stop_timeout", "term_grace", "thread_grace", "audit_timeout"])
+@pytest.mark.parametrize("value", [0, -1.0, math.nan, math.inf])
+def test_policy_rejects_non_positive_or_non_finite(field: str, value: float) -> None:
+    """Grace periods must be finite and positive."""
+    with pytest.raises(ValueError, match=field):
+        ks.StopPolicy(**{field: value})  # type: ignore[arg-type]  # float fields only
+
+
+@pytest.mark.parametrize("value", ["1", True, None])
+def test_policy_rejects_wrong_types(value: object) -> None:
+    """Grace periods must be numbers (bool is not a number of seconds)."""
+    with pytest.raises(TypeError):
+        ks.StopPolicy(stop_timeout=value)  # type: ignore[arg-type]
+
+
+def test_policy_cap_must_be_positive_int() -> None:
+    """The abandoned-thread cap is a positive int."""
+    with pytest.raises(ValueError, match="max_abandoned_threads"):
+        ks.StopPolicy(max_abandoned_threads=0)
+    with pytest.raises(TypeError):
+        ks.StopPolicy(max_abandoned_threads=1.5)  # type: ignore[arg-type]
+
+
+def test_decision_action_validated() -> None:
+    """A Decision is allow or block, nothing else."""
+    assert ks.Decision("allow").allowed
+    assert not ks.Decision.block("no", "denied").allowed
+    with pytest.raises(ValueError, match="action"):
+        ks.Decision("maybe")  # type: ignore[arg-type]
