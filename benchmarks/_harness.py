@@ -1,0 +1,438 @@
+"""Shared helpers for the benchmark scripts: timing, interleaving, tables, JSON.
+
+Conventions every ``benchmarks/bench_*.py`` follows, so that ``run_all`` can drive it:
+
+* **Standalone.** It runs as ``python -m benchmarks.bench_x`` and as
+  ``python benchmarks/bench_x.py`` (``run_all`` uses the latter with the repository root
+  on ``PYTHONPATH``). Options from :func:`make_parser`: ``--json PATH`` writes the
+  results, ``--quick`` is a smoke run (fewer repetitions, smaller N, a few seconds),
+  ``--loops asyncio,uvloop`` picks the event loops (both by default).
+* **Ratios, not absolute times.** The machine is shared and noisy: every figure is
+  stated as a ratio to the matching raw primitive measured *in the same run*.
+* **Interleaved.** Variants of one case run ABC, BCA, CAB, ... (:func:`interleave`),
+  never one block after the other, after warm-up rounds that are thrown away; many
+  repetitions; p50 and p99 reported (:func:`summarize`).
+* **Timed window.** ``time.perf_counter_ns``; set-up and tear-down stay outside it;
+  the garbage collector runs just before it and is paused inside it
+  (:func:`gc_paused`), as ``timeit`` does.
+* **Results** are :class:`Row` objects. :func:`print_table` prints them and
+  :func:`write_json` writes ``{"benchmark", "quick", "environment", "rows": [...]}``;
+  each row carries ``p50_ns``/``p99_ns``, the baseline it is compared to, the ratios,
+  and the target (text) with ``met`` (``true``/``false``/``null`` when untargeted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+
+T = TypeVar("T")
+
+now_ns = time.perf_counter_ns
+LOOPS = ("asyncio", "uvloop")
+
+
+# ------------------------------------------------------------------- statistics
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The *q*-th percentile (0-100) of *values*, linearly interpolated (NumPy's default)."""
+    if not values:
+        return math.nan
+    data = sorted(values)
+    pos = (len(data) - 1) * q / 100.0
+    lo = math.floor(pos)
+    hi = math.ceil(pos)
+    if lo == hi:
+        return float(data[lo])
+    return data[lo] + (data[hi] - data[lo]) * (pos - lo)
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Summary of one variant's samples (nanoseconds, or whatever unit they are in)."""
+
+    samples: int
+    p50: float
+    p99: float
+    mean: float
+    minimum: float
+
+
+def summarize(values: Sequence[float]) -> Stats:
+    """p50, p99, mean and minimum of *values*."""
+    if not values:
+        return Stats(0, math.nan, math.nan, math.nan, math.nan)
+    return Stats(
+        samples=len(values),
+        p50=percentile(values, 50),
+        p99=percentile(values, 99),
+        mean=sum(values) / len(values),
+        minimum=float(min(values)),
+    )
+
+
+# ------------------------------------------------------------------- timing
+
+
+@contextmanager
+def gc_paused(*, collect: bool = True) -> Iterator[None]:
+    """Collect garbage, then keep the collector off for the timed window.
+
+    Pass ``collect=False`` for windows of a few microseconds: a full collection just
+    before them evicts the caches and would be measured instead.
+    """
+    if collect:
+        gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+async def until(predicate: Callable[[], bool]) -> None:
+    """Let the loop run until *predicate* holds (a state counter, read between steps)."""
+    while not predicate():  # noqa: ASYNC110  (counters of parked tasks have no event)
+        await asyncio.sleep(0)
+
+
+def rotations(names: Sequence[str], reps: int) -> Iterator[list[str]]:
+    """*reps* orders of *names*, each rotated by one from the last (ABC, BCA, CAB, ...)."""
+    k = len(names)
+    for i in range(reps):
+        s = i % k if k else 0
+        yield [*names[s:], *names[:s]]
+
+
+async def interleave(
+    variants: Mapping[str, Callable[[], Awaitable[float]]],
+    *,
+    reps: int,
+    warmup: int = 2,
+) -> dict[str, list[float]]:
+    """Run each variant *warmup* + *reps* times, interleaved; keep the last *reps* samples.
+
+    Each variant is a coroutine function that does its own set-up, times its own window
+    and returns one sample (ns).
+    """
+    out: dict[str, list[float]] = {name: [] for name in variants}
+    names = list(variants)
+    for i, order in enumerate(rotations(names, warmup + reps)):
+        for name in order:
+            sample = await variants[name]()
+            if i >= warmup:
+                out[name].append(sample)
+    return out
+
+
+def interleave_sync(
+    variants: Mapping[str, Callable[[], float]],
+    *,
+    reps: int,
+    warmup: int = 2,
+) -> dict[str, list[float]]:
+    """:func:`interleave` for plain functions."""
+    out: dict[str, list[float]] = {name: [] for name in variants}
+    names = list(variants)
+    for i, order in enumerate(rotations(names, warmup + reps)):
+        for name in order:
+            sample = variants[name]()
+            if i >= warmup:
+                out[name].append(sample)
+    return out
+
+
+# ------------------------------------------------------------------- event loops
+
+
+def loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
+    """The event loop factory called *name* (``asyncio`` or ``uvloop``).
+
+    Raises:
+        ValueError: unknown name.
+        ImportError: uvloop is not installed.
+    """
+    if name == "asyncio":
+        return asyncio.new_event_loop
+    if name == "uvloop":
+        import uvloop
+
+        return uvloop.new_event_loop
+    raise ValueError(f"unknown event loop {name!r}; choose from {', '.join(LOOPS)}")
+
+
+def run_on(loop: str, main: Callable[..., Awaitable[T]], *args: Any) -> T:
+    """Run ``main(*args)`` to completion on a fresh event loop of kind *loop*."""
+
+    async def runner() -> T:
+        return await main(*args)
+
+    with asyncio.Runner(loop_factory=loop_factory(loop)) as r:
+        return r.run(runner())
+
+
+# ------------------------------------------------------------------- results
+
+
+@dataclass
+class Row:
+    """One line of results: a variant of a case, on one event loop."""
+
+    benchmark: str
+    case: str
+    variant: str
+    loop: str
+    n: int | None
+    p50_ns: float
+    p99_ns: float
+    samples: int
+    unit: str = "ns"
+    baseline: str | None = None
+    ratio_p50: float | None = None
+    ratio_p99: float | None = None
+    target: str | None = None
+    met: bool | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def make_row(
+    benchmark: str,
+    case: str,
+    variant: str,
+    loop: str,
+    n: int | None,
+    stats: Stats,
+    *,
+    baseline: tuple[str, Stats] | None = None,
+    unit: str = "ns",
+    **extra: Any,
+) -> Row:
+    """A :class:`Row` from *stats*, with ratios to *baseline* (name, stats) if given."""
+    row = Row(benchmark, case, variant, loop, n, stats.p50, stats.p99, stats.samples, unit)
+    if baseline is not None:
+        name, base = baseline
+        row.baseline = name
+        row.ratio_p50 = stats.p50 / base.p50 if base.p50 else math.nan
+        row.ratio_p99 = stats.p99 / base.p99 if base.p99 else math.nan
+    row.extra = dict(extra)
+    return row
+
+
+def fmt_value(value: float | None, unit: str = "ns") -> str:
+    """A human-readable value: ns scaled to µs/ms/s, bytes to KiB/MiB, else as is."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if unit == "ns":
+        v = float(value)
+        if abs(v) < 1_000:
+            return f"{v:.0f} ns"
+        if abs(v) < 1_000_000:
+            return f"{v / 1e3:.2f} µs"
+        if abs(v) < 1_000_000_000:
+            return f"{v / 1e6:.2f} ms"
+        return f"{v / 1e9:.2f} s"
+    if unit == "B":
+        v = float(value)
+        if abs(v) < 1024:
+            return f"{v:.0f} B"
+        if abs(v) < 1024 * 1024:
+            return f"{v / 1024:.2f} KiB"
+        return f"{v / 1024 / 1024:.2f} MiB"
+    return f"{value:.4g} {unit}"
+
+
+def fmt_ratio(value: float | None) -> str:
+    """A ratio as ``1.23x`` (or ``-``)."""
+    if value is None or math.isnan(value):
+        return "-"
+    return f"{value:.2f}x"
+
+
+def _met(met: bool | None) -> str:
+    return {True: "met", False: "MISSED", None: ""}[met]
+
+
+def table(rows: Sequence[Row]) -> str:
+    """*rows* as an aligned text table."""
+    head = [
+        "bench",
+        "case",
+        "loop",
+        "N",
+        "variant",
+        "p50",
+        "p99",
+        "n",
+        "vs",
+        "xp50",
+        "xp99",
+        "target",
+        "",
+    ]
+    lines = [head]
+    for r in rows:
+        lines.append(
+            [
+                r.benchmark,
+                r.case,
+                r.loop,
+                "" if r.n is None else str(r.n),
+                r.variant,
+                fmt_value(r.p50_ns, r.unit),
+                fmt_value(r.p99_ns, r.unit),
+                str(r.samples),
+                r.baseline or "",
+                fmt_ratio(r.ratio_p50),
+                fmt_ratio(r.ratio_p99),
+                r.target or "",
+                _met(r.met),
+            ]
+        )
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    right = {3, 5, 6, 7, 9, 10}
+    out = []
+    for j, line in enumerate(lines):
+        cells = [
+            c.rjust(w) if i in right else c.ljust(w)
+            for i, (c, w) in enumerate(zip(line, widths, strict=True))
+        ]
+        out.append("  ".join(cells).rstrip())
+        if j == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def print_table(rows: Sequence[Row], title: str | None = None) -> None:
+    """Print *rows* (with an optional title) to stdout."""
+    if title:
+        print(f"\n== {title}")
+    print(table(rows), flush=True)
+
+
+def rows_from_json(data: Mapping[str, Any]) -> list[Row]:
+    """The rows of a results file written by :func:`write_json`."""
+    known = set(Row.__dataclass_fields__)
+    return [Row(**{k: v for k, v in r.items() if k in known}) for r in data.get("rows", [])]
+
+
+# ------------------------------------------------------------------- environment
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment() -> dict[str, Any]:
+    """Python, anyio, uvloop, kill_switch versions, CPU, load, date: the block every
+    result file carries."""
+    try:
+        load: list[float] | None = list(os.getloadavg())
+    except OSError:
+        load = None
+    return {
+        "python": sys.version.split()[0],
+        "implementation": platform.python_implementation(),
+        "anyio": _version("anyio"),
+        "uvloop": _version("uvloop"),
+        "kill_switch": _version("kill-switch"),
+        "platform": platform.platform(),
+        "cpu": _cpu_model(),
+        "cpus": os.cpu_count(),
+        "loadavg": load,
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+
+
+def environment_line(env: Mapping[str, Any]) -> str:
+    """:func:`environment` in one line."""
+    return (
+        f"Python {env['python']}, anyio {env['anyio']}, uvloop {env['uvloop']}, "
+        f"{env['cpus']}x {env['cpu']}, load {env['loadavg']}, {env['date']}"
+    )
+
+
+def write_json(
+    path: str | os.PathLike[str],
+    benchmark: str,
+    rows: Sequence[Row],
+    *,
+    quick: bool,
+    **extra: Any,
+) -> None:
+    """Write *rows* with the environment block to *path* (creating its folder)."""
+    data = {
+        "benchmark": benchmark,
+        "quick": quick,
+        "environment": environment(),
+        "rows": [asdict(r) for r in rows],
+        **extra,
+    }
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(data, indent=2, allow_nan=True) + "\n", encoding="utf-8")
+
+
+# ------------------------------------------------------------------- command line
+
+
+def make_parser(description: str | None) -> argparse.ArgumentParser:
+    """The common options: ``--json PATH``, ``--quick``, ``--loops``."""
+    parser = argparse.ArgumentParser(description=(description or "").strip().splitlines()[0])
+    parser.add_argument("--json", metavar="PATH", help="write the results as JSON to PATH")
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke run: fewer repetitions, smaller N"
+    )
+    parser.add_argument(
+        "--loops",
+        default=",".join(LOOPS),
+        help="comma-separated event loops to run on (default: %(default)s)",
+    )
+    return parser
+
+
+def parse_loops(spec: str) -> list[str]:
+    """``"asyncio,uvloop"`` → the loops that can run here (uvloop skipped if missing)."""
+    loops = []
+    for name in (s.strip() for s in spec.split(",")):
+        if not name:
+            continue
+        try:
+            loop_factory(name)
+        except ImportError:
+            print(f"note: {name} is not installed; skipping it", file=sys.stderr)
+            continue
+        loops.append(name)
+    return loops

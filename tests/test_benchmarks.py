@@ -1,0 +1,80 @@
+"""Smoke tests of the benchmark scripts: each runs with ``--quick`` and writes its JSON.
+
+No timing assertions: timing claims belong to the benchmarks' own output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS = ["bench_fanout", "bench_interrupt", "bench_guard", "bench_scale"]
+ROW_KEYS = {
+    "benchmark",
+    "case",
+    "variant",
+    "loop",
+    "n",
+    "p50_ns",
+    "p99_ns",
+    "samples",
+    "unit",
+    "baseline",
+    "ratio_p50",
+    "ratio_p99",
+    "target",
+    "met",
+    "extra",
+}
+
+pytestmark = pytest.mark.slow
+
+
+def _run(args: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+@pytest.mark.timeout(360)
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_quick_run_writes_json(name: str, tmp_path: Path) -> None:
+    """A ``--quick`` run exits 0 and writes results with the harness's keys."""
+    out = tmp_path / f"{name}.json"
+    proc = _run([str(ROOT / "benchmarks" / f"{name}.py"), "--quick", "--json", str(out)], 300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data: dict[str, Any] = json.loads(out.read_text(encoding="utf-8"))
+    assert data["benchmark"] == name.removeprefix("bench_")
+    assert data["quick"] is True
+    assert {"python", "anyio", "uvloop", "cpu", "date"} <= set(data["environment"])
+    assert data["rows"]
+    for row in data["rows"]:
+        assert set(row) >= ROW_KEYS, set(row) ^ ROW_KEYS
+    assert {row["loop"] for row in data["rows"]} == {"asyncio", "uvloop"}
+
+
+@pytest.mark.timeout(360)
+def test_run_all_as_module_runs_a_named_script(tmp_path: Path) -> None:
+    """``python -m benchmarks.run_all --quick --only guard`` runs it and prints the table."""
+    proc = _run(
+        ["-m", "benchmarks.run_all", "--quick", "--only", "guard", "--results", str(tmp_path)],
+        300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "combined results" in proc.stdout
+    assert json.loads((tmp_path / "bench_guard.json").read_text(encoding="utf-8"))["rows"]
