@@ -149,8 +149,9 @@ class Runtime:
             ctx = kwargs.get("context")
             session = ctx.get(_current_session) if ctx is not None else _current_session.get()
             if session is not None and not self._closed:
+                # A WeakSet, not a set plus a done callback: the callback cost ~1.5 us
+                # per task on every interrupt's way out (benchmarks/bench_fanout.py).
                 session._tasks.add(task)
-                task.add_done_callback(session._tasks.discard)
             return task
 
         self._prev_factory = prev

@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import asyncio
 import math
+import sys
 import threading
 import time
 import types
+import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -50,9 +52,11 @@ from ._audit import (
 from . import _processes, _threads
 from ._current import _current_session
 from ._decision import ALLOW, Decision, ToolCall
-from ._exceptions import Interrupted, ToolBlocked
+from ._exceptions import Interrupted, LimitExceeded, ToolBlocked
 from ._handle import InterruptHandle
 from ._info import SessionInfo, State
+from ._limits import LIMIT_EXCEEDED, LIMIT_WARNING, Ledger, LedgerPlane, Limits, LimitWarning
+from ._limits import _CostCell, _current_cost
 from ._policy import StopPolicy
 from ._report import InterruptRequest, Latency, LeakedTask, Outcome, StopReport
 from ._triggers import bound_operator, bound_reason, check_trigger
@@ -61,10 +65,15 @@ if TYPE_CHECKING:
     from contextvars import Token
 
     from ._runtime import Runtime
+    from ._sentinel import Sentinel, Watch
 
 T = TypeVar("T")
 
 ToolPolicy = Callable[[ToolCall], "Decision | bool | None"]
+
+#: Blocks raised because this session was (or, by that very block, is being) interrupted:
+#: leaving the block absorbs them.
+_OWN_BLOCK_CODES = frozenset({"terminated", "budget", "deadline"})
 
 #: Re-delivery of the tool plane's cancellation to calls that swallowed it backs off
 #: from the next loop iteration up to this many seconds between rounds.
@@ -85,6 +94,22 @@ class Plane(Protocol):
 
     def report_fields(self) -> dict[str, Any]:
         """Fields this plane contributes to the ``StopReport``."""
+
+
+if sys.version_info >= (3, 12):
+
+    def _current_task(loop: asyncio.AbstractEventLoop) -> asyncio.Task[Any] | None:
+        return asyncio.current_task(loop)
+
+else:
+    # On 3.11 asyncio.current_task() is a Python function costing ~0.45 us, a third of
+    # the guard's budget; the dict it reads is the one C tasks (and uvloop's) update.
+    _current_tasks: dict[asyncio.AbstractEventLoop, asyncio.Task[Any]] = (
+        asyncio.tasks._current_tasks  # type: ignore[attr-defined]  # private on 3.11
+    )
+
+    def _current_task(loop: asyncio.AbstractEventLoop) -> asyncio.Task[Any] | None:
+        return _current_tasks.get(loop)
 
 
 def _tool_name(fn: object) -> str:
@@ -133,7 +158,9 @@ class Session:
         "_inflight",
         "_late_results",
         "_leaked",
+        "_ledger",
         "_loop",
+        "_meter",
         "_planes",
         "_quiet",
         "_quiet_mono",
@@ -151,6 +178,7 @@ class Session:
         "_tool_errors",
         "_tool_policy",
         "_tool_tasks",
+        "_watch",
         "agent",
         "id",
         "labels",
@@ -169,6 +197,10 @@ class Session:
         parent: Session | None,
         policy: StopPolicy,
         tool_policy: ToolPolicy | None,
+        limits: Limits | None = None,
+        sentinel: Sentinel | None = None,
+        on_limit_warning: Callable[[LimitWarning], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._runtime = runtime
         self._loop = runtime._loop
@@ -193,7 +225,7 @@ class Session:
         self._calls_in_flight = 0
         self._cancels: dict[asyncio.Task[Any], int] = {}
         self._tool_tasks: set[asyncio.Task[Any]] = set()
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
         self._leaked: dict[asyncio.Task[Any], bool] = {}
         self._children: list[Session] = []
         self._planes: list[Plane] = []
@@ -213,6 +245,22 @@ class Session:
         self._failing = False
         self._finish_started = False
         self._blocked_terminal_audited = False
+        # Limits and sentinel (issue 5): None unless configured, so that an unlimited,
+        # unwatched session pays one attribute test per call and nothing more.
+        parent_ledger = parent._ledger if parent is not None else None
+        self._ledger: Ledger | None = None
+        if limits is not None or parent_ledger is not None:
+            self._ledger = Ledger(
+                self,
+                limits if limits is not None else Limits(warn_at=None),
+                parent_ledger,
+                clock=clock,
+                on_warning=on_limit_warning,
+            )
+        self._watch: Watch | None = sentinel.watch(self) if sentinel is not None else None
+        self._meter = self._ledger is not None or (
+            self._watch is not None and self._watch.wants_outcome
+        )
 
     def __repr__(self) -> str:
         return f"<Session {self.id} agent={self.agent!r} state={self.state}>"
@@ -291,6 +339,8 @@ class Session:
         self._scope.__enter__()
         self._ctx_token = _current_session.set(self)
         self._record(SESSION_STARTED, details={"labels": dict(self.labels)})
+        if self._ledger is not None:
+            self._start_limits()
         return self
 
     async def __aexit__(
@@ -343,7 +393,7 @@ class Session:
         if isinstance(exc, Interrupted):
             return exc.session_id == self.id
         if isinstance(exc, ToolBlocked):
-            return exc.session_id == self.id and exc.decision.code == "terminated"
+            return exc.session_id == self.id and exc.decision.code in _OWN_BLOCK_CODES
         return False
 
     def _absorb(self, exc: BaseException | None) -> bool:
@@ -537,6 +587,9 @@ class Session:
                 await self._quiet
 
         with anyio.move_on_after(max(0.0, deadline - time.monotonic()), shield=True):
+            if not self._planes:
+                await body_and_tools()
+                return
             async with anyio.create_task_group() as tg:
                 for plane in self._planes:
                     tg.start_soon(plane.settle, deadline)
@@ -549,7 +602,7 @@ class Session:
         """
         self._swept = True
         current = asyncio.current_task()
-        for task in self._tasks:
+        for task in list(self._tasks):
             if task.done() or task is current or task in self._tool_tasks:
                 continue
             if task in self._leaked:
@@ -744,7 +797,7 @@ class Session:
         decision = self._admit(name, args, kwargs, cost)
         if decision is not None:
             raise self._blocked(decision, name)
-        task = asyncio.current_task()
+        task = _current_task(self._loop)
         self._calls_in_flight += 1
         if task is self._body_task:
             # Fast path: the body runs inside the session's cancel scope, which the
