@@ -8,6 +8,7 @@ import contextvars
 import os
 import sys
 import threading
+import time
 from collections.abc import Coroutine, Mapping
 from typing import Any, Callable
 
@@ -18,8 +19,10 @@ from ._current import _current_session
 from ._exceptions import SessionRefused
 from ._handle import InterruptHandle
 from ._info import SessionInfo
+from ._limits import Limits, LimitWarning
 from ._policy import StopPolicy
 from ._report import AuditStatus
+from ._sentinel import Sentinel
 from ._session import Session, ToolPolicy
 from ._triggers import bound_text
 
@@ -174,11 +177,22 @@ class Runtime:
         parent: Session | None = None,
         policy: StopPolicy | None = None,
         tool_policy: ToolPolicy | None = None,
+        limits: Limits | None = None,
+        sentinel: Sentinel | None = None,
+        on_limit_warning: Callable[[LimitWarning], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> Session:
         """Create a session for *agent*; enter it with ``async with``.
 
+        ``limits`` bound its actions, cost and duration (a child also spends from every
+        ancestor's limits); ``tool_policy`` (a callable over ``ToolCall``, or
+        ``ToolRules``) allows or denies each call; ``sentinel`` watches its stream of
+        calls; ``on_limit_warning`` is called when a soft threshold is crossed;
+        ``clock`` is the monotonic clock the limits read (tests inject one).
+
         Raises:
-            TypeError / ValueError: a bad agent name, label, id, parent or policy.
+            TypeError / ValueError: a bad agent name, label, id, parent, policy, limits
+                or sentinel.
             SessionRefused: *session_id* was terminated earlier (a kill is sticky) or is
                 already running.
             RuntimeError: the runtime is not running.
@@ -199,6 +213,12 @@ class Runtime:
             raise ValueError("parent must be a session of this runtime")
         if policy is not None and not isinstance(policy, StopPolicy):
             raise TypeError(f"policy must be a StopPolicy, not {type(policy).__name__}")
+        if limits is not None and not isinstance(limits, Limits):
+            raise TypeError(f"limits must be a Limits, not {type(limits).__name__}")
+        if sentinel is not None and not isinstance(sentinel, Sentinel):
+            raise TypeError(f"sentinel must be a Sentinel, not {type(sentinel).__name__}")
+        if tool_policy is not None and not callable(tool_policy):
+            raise TypeError("tool_policy must be callable")
         self._refuse_if_taken(session_id, agent)
         session = Session(
             self,
@@ -208,6 +228,10 @@ class Runtime:
             parent=parent,
             policy=policy if policy is not None else self.policy,
             tool_policy=tool_policy,
+            limits=limits,
+            sentinel=sentinel,
+            on_limit_warning=on_limit_warning,
+            clock=clock,
         )
         if parent is not None:
             parent._children.append(session)

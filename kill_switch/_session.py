@@ -55,8 +55,16 @@ from ._decision import ALLOW, Decision, ToolCall
 from ._exceptions import Interrupted, LimitExceeded, ToolBlocked
 from ._handle import InterruptHandle
 from ._info import SessionInfo, State
-from ._limits import LIMIT_EXCEEDED, LIMIT_WARNING, Ledger, LedgerPlane, Limits, LimitWarning
-from ._limits import _CostCell, _current_cost
+from ._limits import (
+    LIMIT_EXCEEDED,
+    LIMIT_WARNING,
+    Ledger,
+    LedgerPlane,
+    Limits,
+    LimitWarning,
+    _CostCell,
+    _current_cost,
+)
 from ._policy import StopPolicy
 from ._report import InterruptRequest, Latency, LeakedTask, Outcome, StopReport
 from ._triggers import bound_operator, bound_reason, check_trigger
@@ -730,24 +738,194 @@ class Session:
             try:
                 verdict = self._tool_policy(call)
             except Exception as exc:  # fail closed: a broken policy blocks, it never allows
-                return Decision.block(f"tool policy raised {exc!r}", "policy_error")
+                verdict = Decision.block(f"tool policy raised {exc!r}", "policy_error")
             if verdict is False:
-                return Decision.block("denied by tool policy", "denied")
+                verdict = Decision.block("denied by tool policy", "denied")
             if isinstance(verdict, Decision) and not verdict.allowed:
+                if self._watch is not None:
+                    self._watch.on_denied(tool)
                 return verdict
+        if cost:
+            cost = _check_cost(cost)
+        # Order of the automatic checks (the determinism rule when several fire on one
+        # call): deadline, then budget (actions, cost; this session first, then each
+        # ancestor), then the sentinel. The first to interrupt gives the primary reason.
+        ledger = self._ledger
+        if ledger is not None and ledger.reserve(cost) is not None:
+            return self._over_limit(ledger, tool, args, kwargs, cost)
+        watch = self._watch
+        if watch is not None:
+            watch.on_call(tool, args, kwargs, cost)
+            if self._requests:
+                if ledger is not None:
+                    ledger.unreserve(cost)
+                return self._terminal_decision()
         self._actions += 1
         if cost:
-            self._cost += _check_cost(cost)
+            self._cost += cost
         return None
 
     def _blocked(self, decision: Decision, tool: str) -> ToolBlocked:
-        if decision.code != "terminated" or not self._blocked_terminal_audited:
-            if decision.code == "terminated":
+        code = decision.code
+        if code != "terminated" or not self._blocked_terminal_audited:
+            if code == "terminated":
                 self._blocked_terminal_audited = True
-            self._record(
-                TOOL_BLOCKED, reason=decision.reason, details={"tool": tool, "code": decision.code}
-            )
+            self._record(TOOL_BLOCKED, reason=decision.reason, details={"tool": tool, "code": code})
+        if code == "budget" or code == "deadline":
+            return LimitExceeded(decision, session_id=self.id, tool=tool)
         return ToolBlocked(decision, session_id=self.id, tool=tool)
+
+    def _over_limit(
+        self,
+        ledger: Ledger,
+        tool: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        cost: float,
+    ) -> Decision:
+        """A hard limit refused the call: interrupt for every limit crossed, in the
+        fixed order (the first is the primary reason), and block the call."""
+        refusals = ledger.refusals(cost)
+        for code, reason, owner in refusals:
+            self._interrupt_for_limit(code, reason, owner, tool)
+        if self._watch is not None:
+            # The attempt is part of the stream the sentinel watches (a later reason).
+            self._watch.on_call(tool, args, kwargs, cost)
+        code, reason, _ = refusals[0]
+        return Decision.block(reason, code)
+
+    def _interrupt_for_limit(self, code: str, reason: str, owner: Ledger, tool: str) -> None:
+        trigger = "deadline" if code == "deadline" else "budget"
+        self._record(
+            LIMIT_EXCEEDED,
+            trigger=trigger,
+            reason=reason,
+            details={"tool": tool, "owner": owner.session.id, **owner.statistics()},
+        )
+        if owner.session is not self:
+            # A limit of an ancestor: nothing under it may go on either.
+            if code == "deadline":
+                owner.fire_deadline()
+            else:
+                owner.session.interrupt(reason, trigger=trigger)
+        elif code == "deadline":
+            owner.fire_deadline()
+            return
+        self.interrupt(reason, trigger=trigger)
+
+    def _start_limits(self) -> None:
+        assert self._ledger is not None
+        self._ledger.start(self._loop)
+        if self._ledger._timers:
+            self.add_plane(LedgerPlane(self._ledger))
+
+    def _settle_cost(self, estimate: float, actual: float) -> None:
+        ledger = self._ledger
+        assert ledger is not None
+        if actual != estimate:
+            self._cost += actual - estimate
+        over = ledger.settle(estimate, actual)
+        if over is not None:
+            self._interrupt_for_limit(*over, "")
+
+    def _limit_warning(
+        self, warning: LimitWarning, callback: Callable[[LimitWarning], None] | None
+    ) -> None:
+        self._record(
+            LIMIT_WARNING,
+            reason=f"{warning.limit} at {warning.used:g} of {warning.maximum:g}",
+            details=attrs.asdict(warning),
+        )
+        if callback is not None:
+            try:
+                callback(warning)
+            except Exception as exc:  # a warning must not break the guard; keep the error
+                self._secondary.append(f"on_limit_warning: {exc!r}")
+
+    def charge(self, amount: float) -> None:
+        """Add *amount* of actual cost not covered by a call's estimate.
+
+        For spend the guard did not see (a model call made outside ``session.call``).
+        Counts against this session's and every ancestor's ``max_cost``; spend that
+        crosses a limit interrupts the session (trigger ``budget``). Not a checkpoint.
+
+        Raises:
+            TypeError / ValueError: *amount* is not a finite number >= 0.
+        """
+        amount = _check_cost(amount)
+        self._cost += amount
+        if self._ledger is not None:
+            over = self._ledger.charge(amount)
+            if over is not None:
+                self._interrupt_for_limit(*over, "")
+
+    def move_deadline(self, seconds: float | None) -> None:
+        """Set this session's deadline *seconds* from now (``None``: no deadline).
+
+        A deadline already past interrupts the session at once (trigger ``deadline``).
+        Loop thread only; the session must be running.
+
+        Raises:
+            RuntimeError: the session is not running, or this is not its loop's thread.
+            TypeError / ValueError: *seconds* is not a number >= 0.
+        """
+        if self._state != "running" or self._requests:
+            raise RuntimeError(f"session {self.id} is not running ({self._state})")
+        if threading.get_ident() != self._runtime._loop_thread:
+            raise RuntimeError("move_deadline() must be called on the loop thread")
+        if self._ledger is None:
+            self._ledger = Ledger(self, Limits(warn_at=None), None, clock=time.monotonic)
+            self._meter = True
+        had_plane = bool(self._ledger._timers)
+        self._ledger.move_deadline(self._loop, seconds)
+        if self._ledger._timers and not had_plane:
+            self.add_plane(LedgerPlane(self._ledger))
+
+    def budget(self) -> dict[str, Any] | None:
+        """A JSON-ready snapshot of this session's ledger (``None``: no limits)."""
+        return None if self._ledger is None else self._ledger.statistics()
+
+    @property
+    def alerts(self) -> tuple[Any, ...]:
+        """The sentinel alerts audited for this session so far (``Alert`` snapshots)."""
+        return () if self._watch is None else tuple(self._watch.alerts)
+
+    async def _metered(
+        self,
+        fn: Callable[..., Awaitable[T]],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        tool: str,
+        cost: float,
+    ) -> T:
+        """Run one admitted call with its timeout, cost reconciliation and outcome."""
+        ledger = self._ledger
+        cell = token = None
+        timeout = None
+        if ledger is not None:
+            cell = _CostCell()
+            token = _current_cost.set(cell)
+            timeout = ledger.timeouts.get(tool, ledger.default_timeout)
+        error: BaseException | None = None
+        try:
+            if timeout is None:
+                return await fn(*args, **kwargs)
+            # asyncio.timeout, not anyio.fail_after: entering a CancelScope costs ~5.7 µs
+            # per call; asyncio.timeout uses the same cancel/uncancel protocol as the
+            # tool plane and cancels this call only.
+            async with asyncio.timeout(timeout):
+                return await fn(*args, **kwargs)
+        except Exception as exc:
+            error = exc
+            raise
+        finally:
+            if token is not None:
+                _current_cost.reset(token)
+            if cell is not None:
+                self._settle_cost(cost, cost if cell.actual is None else cell.actual)
+            watch = self._watch
+            if watch is not None and watch.wants_outcome:
+                watch.on_outcome(tool, error)
 
     def guard(self, tool: str, args: Mapping[str, Any] | None = None) -> Decision:
         """Check a tool call a framework will run itself; an allowed call counts.
@@ -803,7 +981,10 @@ class Session:
             # Fast path: the body runs inside the session's cancel scope, which the
             # interrupt cancels; nothing else to track.
             try:
-                result = await fn(*args, **kwargs)
+                if self._meter:
+                    result = await self._metered(fn, args, kwargs, name, cost)
+                else:
+                    result = await fn(*args, **kwargs)
             finally:
                 self._calls_in_flight -= 1
             if self._requests:
@@ -812,11 +993,16 @@ class Session:
             return result
         if task is None or task.get_loop() is not self._loop:
             self._calls_in_flight -= 1
+            if self._ledger is not None:
+                self._ledger.unreserve(cost)
             raise RuntimeError("session.call() must run on its runtime's event loop")
         inflight = self._inflight
         inflight[task] = inflight.get(task, 0) + 1
         try:
-            result = await fn(*args, **kwargs)
+            if self._meter:
+                result = await self._metered(fn, args, kwargs, name, cost)
+            else:
+                result = await fn(*args, **kwargs)
         except BaseException as exc:
             ours = self._cancels.pop(task, 0) if self._cancels else 0
             if not ours:
