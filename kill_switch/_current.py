@@ -8,12 +8,19 @@ session's context into tasks and into worker threads started by ``anyio.to_threa
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 import math
 from contextvars import ContextVar
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ParamSpec, TypeVar
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from ._session import Session
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 _current_session: ContextVar[Session | None] = ContextVar(
     "kill_switch_current_session", default=None
@@ -68,3 +75,21 @@ def sleep(seconds: float) -> None:
         return
     if session._flag.wait(None if math.isinf(seconds) else seconds):
         raise session._interrupted_exc()
+
+
+def bind(fn: Callable[P, R]) -> Callable[P, R]:
+    """Return *fn* bound to the caller's context, so the current session follows it.
+
+    Hand the result to a thread pool or a ``threading.Thread`` started inside a sync
+    tool: there ``check()`` and ``sleep()`` answer for the session that was current when
+    ``bind`` was called. Each call runs in a fresh copy of that context, so the bound
+    callable may run in several threads at once. Without it, a plain thread starts with
+    an empty context (CPython 3.11-3.13) and ``check()`` there does nothing.
+    """
+    ctx = contextvars.copy_context()
+
+    def bound(*args: P.args, **kwargs: P.kwargs) -> R:
+        return ctx.copy().run(fn, *args, **kwargs)
+
+    functools.update_wrapper(bound, fn)
+    return bound
