@@ -82,12 +82,20 @@ ThreadOutcome = Literal["returned", "raised", "interrupted", "abandoned"]
 
 @attrs.frozen
 class ThreadReport:
-    """What the thread plane saw of one sync tool's worker thread."""
+    """What the thread plane saw of one sync tool's worker thread.
 
+    ``outcome``: ``returned`` (it returned a value, which was dropped), ``raised`` (an
+    error other than this session's ``Interrupted``), ``interrupted`` (it raised this
+    session's ``Interrupted``, from ``ks.check()`` / ``ks.sleep()``), ``abandoned`` (not
+    back within the grace: the session stopped waiting for it; it may still run, and its
+    result and any commit point guarded by ``ks.check()`` are refused).
+    """
+
+    #: the thread's name (``kill_switch <agent>/<tool> [<session id prefix>]``).
     name: str
     ident: int | None
     outcome: ThreadOutcome
-    #: seconds from the interrupt's delivery to the thread returning (``None``: abandoned).
+    #: seconds from ``interrupt()`` to the thread returning (``None``: abandoned).
     seconds: float | None
     tool: str = ""
 

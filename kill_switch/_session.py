@@ -1228,9 +1228,27 @@ class Session:
     # -------------------------------------------- thread plane entry points
     # (kill_switch._threads implements them; keep this section thin.)
 
-    async def run_sync(self, fn: Callable[..., T], /, *args: Any, tool: str | None = None) -> T:
-        """Run the sync tool *fn* in a worker thread bound to this session."""
-        return await _threads.run_sync(self, fn, *args, tool=tool)
+    async def run_sync(
+        self, fn: Callable[..., T], /, *args: Any, tool: str | None = None, cost: float = 0.0
+    ) -> T:
+        """Run the sync tool *fn* in a worker thread bound to this session.
+
+        A guarded tool call (``tool`` and ``cost`` as for ``call``): inside the thread
+        ``ks.check()`` / ``ks.sleep()`` answer for this session. On interrupt the
+        awaiting side waits, shielded and bounded, up to ``policy.thread_grace`` for the
+        thread to return; past it the thread is abandoned (named in the report, its
+        result dropped) and the awaiting side goes on. Keyword arguments: use
+        ``functools.partial``.
+
+        Raises:
+            ToolBlocked: the guard refused the call; ``decision.code`` is
+                ``"terminated"`` once interrupted, ``"thread_cap"`` while the runtime has
+                ``policy.max_abandoned_threads`` abandoned threads still running.
+            Interrupted: the session was interrupted while the thread ran (from a task
+                outside the session's body; the body itself sees its cancellation).
+            TypeError: *fn* is not callable, or is a coroutine function.
+        """
+        return await _threads.run_sync(self, fn, *args, tool=tool, cost=cost)
 
     # ----------------------------------------------------------------- audit
 
