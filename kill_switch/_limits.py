@@ -151,9 +151,7 @@ class Limits:
     max_cost: float | None = attrs.field(default=None, converter=_max_cost)
     max_duration: float | None = attrs.field(default=None, converter=_max_duration)
     tool_timeout: float | None = attrs.field(default=None, converter=_tool_timeout)
-    tool_timeouts: Mapping[str, float] = attrs.field(
-        factory=dict, converter=_timeouts, hash=False
-    )
+    tool_timeouts: Mapping[str, float] = attrs.field(factory=dict, converter=_timeouts, hash=False)
     warn_at: float | None = attrs.field(default=0.8, converter=_warn_at)
 
     def timeout_for(self, tool: str) -> float | None:
@@ -387,9 +385,7 @@ class Ledger:
         self._timers.clear()
         if seconds is None:
             self.deadline = None
-            self._has_deadline = any(
-                led.deadline is not None for led in self._chain[1:]
-            )
+            self._has_deadline = any(led.deadline is not None for led in self._chain[1:])
             return
         seconds = _number("seconds", seconds)
         self.deadline = self._clock() + seconds
@@ -402,7 +398,10 @@ class Ledger:
             return False
         self._deadline_fired = True
         session = self.session
-        if session._requests or session._state not in ("running", "created"):
+        # A session already stopping still records its deadline (as a later reason) if
+        # it comes before the stop's fan-out cancels this timer: several triggers in
+        # the same instant are all kept. An ended session has nothing left to stop.
+        if session._state in ("finished", "failed", "terminated") or session._handle.done():
             return False
         limit = self.limits.max_duration
         session.interrupt(
