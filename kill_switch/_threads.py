@@ -180,6 +180,8 @@ class ThreadPlane:
     async def settle(self, deadline: float) -> None:
         """Wait for the interrupted threads up to min(deadline, delivery + grace), then
         abandon the rest. A checkpoint; never raises but re-raises cancellation."""
+        if not self._pending():
+            return
         now = time.monotonic()
         grace_end = (self._delivered or now) + self._session.policy.thread_grace
         until = min(deadline, grace_end)
@@ -227,7 +229,7 @@ class ThreadPlane:
             error: BaseException | None = None
             try:
                 result = ctx.run(fn, *args)
-            except Exception as exc:  # noqa: BLE001  (handed to the awaiting side)
+            except Exception as exc:  # handed to the awaiting side
                 error = exc
             except BaseException as exc:
                 # SystemExit / KeyboardInterrupt end this thread as they end any thread;
@@ -550,7 +552,7 @@ async def _callback(
 ) -> None:
     try:
         done.set_result(await fn(*args))
-    except Exception as exc:  # noqa: BLE001  (handed to the waiting thread)
+    except Exception as exc:  # handed to the waiting thread
         done.set_exception(exc)
     finally:
         if not done.done():
