@@ -1,0 +1,68 @@
+"""The operator's control plane: inventory and kill over HTTP, a live dashboard.
+
+Install with the ``server`` extra (``pip install 'kill-switch[server]'``: Starlette and
+uvicorn). Mount it in the agent's process, where the sessions are::
+
+    import kill_switch as ks
+    from kill_switch import control
+
+    async with ks.Runtime(audit="audit.db") as runtime:
+        async with control.serve(runtime, tokens="tokens.txt") as server:
+            print(server.url)            # http://127.0.0.1:PORT — the dashboard is at /
+            ...                          # run agent sessions
+
+The server runs on its own thread and event loop, so it answers and kills even while
+the agent's loop is blocked (the interrupt is recorded at once, blocks every later tool
+call and thread commit point; the loop-side fan-out runs when the loop next turns).
+
+Roles and endpoints (every refusal of an authenticated caller is audited as
+``control_denied`` with the token id, never the token):
+
+====================================  ======  ========  =====  =====
+endpoint                              none    viewer    oper.  admin
+====================================  ======  ========  =====  =====
+GET /, GET /healthz                   200     200       200    200
+GET /metrics, /api/sessions[/{id}],   401     200       200    200
+/api/audit[/verify], /api/events
+POST /api/sessions/{id}/kill,         401     403       200    200
+POST /api/kill
+GET /api/tokens, POST …/revoke        401     403       403    200
+/api/[sessions/{id}/]resume, config,  401     403       403    403
+budgets, limits, tools, prompt, …
+====================================  ======  ========  =====  =====
+
+There is no endpoint to resume, instruct, re-prompt or reconfigure an agent: terminated
+is terminal. Tokens are configured as ``id:role:sha256hex`` lines
+(``kill-switch token create --role operator``). No cookie is ever set or read: the
+dashboard sends the token in the ``Authorization`` header (kept in sessionStorage), so a
+cross-site page cannot make a browser kill anything; state-changing requests that a
+browser marks cross-site are refused as well.
+"""
+
+from ._app import ControlApp as ControlApp
+from ._app import create_app as create_app
+from ._auth import ROLES as ROLES
+from ._auth import FailureLimiter as FailureLimiter
+from ._auth import Principal as Principal
+from ._auth import Role as Role
+from ._auth import TokenEntry as TokenEntry
+from ._auth import TokenStore as TokenStore
+from ._auth import hash_token as hash_token
+from ._auth import new_token as new_token
+from ._server import ControlServer as ControlServer
+from ._server import serve as serve
+
+__all__ = [
+    "ROLES",
+    "ControlApp",
+    "ControlServer",
+    "FailureLimiter",
+    "Principal",
+    "Role",
+    "TokenEntry",
+    "TokenStore",
+    "create_app",
+    "hash_token",
+    "new_token",
+    "serve",
+]

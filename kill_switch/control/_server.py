@@ -1,0 +1,221 @@
+"""The control plane's server: uvicorn on its own thread and its own event loop.
+
+Why a thread: an operator's kill must be answered while the agent's event loop is stuck
+(a blocking call in a coroutine, a CPU-bound tool). The control loop only needs the
+runtime's thread-safe surface — ``sessions()``, ``get()``, ``interrupt()`` and awaiting
+an ``InterruptHandle`` from any loop — so it never waits on the agent's loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import threading
+from typing import TYPE_CHECKING
+
+import anyio
+
+from ._app import ControlApp, create_app
+from ._auth import FailureLimiter, TokenEntry, TokenStore
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Sequence
+
+    import uvicorn
+
+    from kill_switch._runtime import Runtime
+
+#: Seconds ``start`` waits for the server to listen, and ``stop`` for it to finish.
+START_TIMEOUT = 10.0
+STOP_TIMEOUT = 5.0
+
+
+def _tokens(
+    tokens: TokenStore | Sequence[TokenEntry] | str | os.PathLike[str] | None,
+) -> TokenStore:
+    if isinstance(tokens, TokenStore):
+        return tokens
+    if tokens is None:
+        return TokenStore.from_environment()
+    if isinstance(tokens, (str, os.PathLike)):
+        return TokenStore(path=tokens, env=os.environ.get("KILL_SWITCH_TOKENS"))
+    return TokenStore(list(tokens))
+
+
+class ControlServer:
+    """The control plane of *runtime*, served from a thread of its own.
+
+    ``start()`` returns once the socket listens (``url`` is then valid); ``stop()``
+    returns once the thread has ended, bounded by ``STOP_TIMEOUT`` (then it forces the
+    exit and joins again). Also a context manager.
+
+    Args:
+        runtime: the entered runtime whose sessions it shows and stops.
+        host: interface to bind; ``127.0.0.1`` by default. Bind to another interface
+            only behind something that terminates TLS.
+        port: TCP port; 0 picks a free one.
+        tokens: a ``TokenStore``, token entries, a token file path, or ``None`` for
+            ``$KILL_SWITCH_TOKENS``.
+        audit_path: the SQLite audit file for ``/api/audit`` (default: the runtime's,
+            if it writes one).
+
+    Raises:
+        ValueError: no token is configured (an open kill switch is refused).
+    """
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        tokens: TokenStore | Sequence[TokenEntry] | str | os.PathLike[str] | None = None,
+        audit_path: str | None = None,
+        limiter: FailureLimiter | None = None,
+        kill_timeout: float | None = None,
+    ) -> None:
+        store = _tokens(tokens)
+        if not store.entries():
+            raise ValueError(
+                "no control-plane token configured: create one with "
+                "`kill-switch token create --role operator` and pass its hash line "
+                "(tokens=..., a token file, or $KILL_SWITCH_TOKENS)"
+            )
+        self.tokens = store
+        self.app, self.state = create_app(
+            runtime, store, audit_path=audit_path, limiter=limiter, kill_timeout=kill_timeout
+        )
+        self._host = host
+        self._port = port
+        self._sock: socket.socket | None = None
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+        self._error: Exception | None = None
+        self.url = ""
+
+    @property
+    def control(self) -> ControlApp:
+        """The application's state (for tests and embedding)."""
+        return self.state
+
+    def start(self) -> ControlServer:
+        """Bind, start the server thread and wait until it serves.
+
+        Raises:
+            OSError: the address cannot be bound.
+            RuntimeError: the server did not start within ``START_TIMEOUT``.
+        """
+        import uvicorn
+
+        if self._thread is not None:
+            raise RuntimeError("a ControlServer can be started once")
+        family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
+        # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on sockets whose proto says
+        # TCP; with proto 0 every response waits ~40 ms for a delayed ACK (Nagle).
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((self._host, self._port))
+            sock.listen(512)
+        except BaseException:
+            sock.close()
+            raise
+        self._sock = sock
+        host, port = sock.getsockname()[:2]
+        self.url = (
+            f"http://[{host}]:{port}" if family == socket.AF_INET6 else f"http://{host}:{port}"
+        )
+        config = uvicorn.Config(
+            self.app,
+            lifespan="on",
+            log_config=None,
+            access_log=False,
+            timeout_graceful_shutdown=1,
+            h11_max_incomplete_event_size=16 * 1024,
+            loop="asyncio",
+            http="h11",
+        )
+        server = uvicorn.Server(config)
+        self._server = server
+        ready = threading.Event()
+
+        async def main() -> None:
+            serving = asyncio.ensure_future(server.serve(sockets=[sock]))
+            while not server.started and not serving.done():  # noqa: ASYNC110  (uvicorn sets a plain flag)
+                await asyncio.sleep(0.005)
+            ready.set()
+            await serving
+
+        def run() -> None:
+            try:
+                asyncio.run(main())
+            except Exception as exc:  # reported by start(); the thread ends
+                self._error = exc
+            finally:
+                ready.set()
+
+        self._thread = threading.Thread(target=run, name="kill_switch control plane", daemon=True)
+        self._thread.start()
+        if not ready.wait(START_TIMEOUT) or not server.started:
+            self.stop()
+            raise RuntimeError(f"control plane did not start: {self._error!r}")
+        return self
+
+    def stop(self) -> None:
+        """Stop serving and join the thread (bounded; idempotent)."""
+        thread, server = self._thread, self._server
+        if thread is None or server is None:
+            return
+        server.should_exit = True
+        thread.join(STOP_TIMEOUT)
+        if thread.is_alive():
+            server.force_exit = True
+            thread.join(STOP_TIMEOUT)
+        if self._sock is not None:
+            self._sock.close()
+        if thread.is_alive():
+            raise RuntimeError("the control plane's thread did not stop")
+
+    def __enter__(self) -> ControlServer:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+@contextlib.asynccontextmanager
+async def serve(
+    runtime: Runtime,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    tokens: TokenStore | Sequence[TokenEntry] | str | os.PathLike[str] | None = None,
+    audit_path: str | None = None,
+    limiter: FailureLimiter | None = None,
+    kill_timeout: float | None = None,
+) -> AsyncIterator[ControlServer]:
+    """Serve *runtime*'s control plane while the block runs; yields the server (``.url``).
+
+    Start-up and shut-down run in a worker thread (the agent's loop is not blocked);
+    shut-down is shielded and bounded by twice ``STOP_TIMEOUT``.
+
+    Raises:
+        ValueError: no token configured. OSError: the address cannot be bound.
+    """
+    server = ControlServer(
+        runtime,
+        host=host,
+        port=port,
+        tokens=tokens,
+        audit_path=audit_path,
+        limiter=limiter,
+        kill_timeout=kill_timeout,
+    )
+    await anyio.to_thread.run_sync(server.start)
+    try:
+        yield server
+    finally:
+        with anyio.move_on_after(2 * STOP_TIMEOUT + 1, shield=True):
+            await anyio.to_thread.run_sync(server.stop)
