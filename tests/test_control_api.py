@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import os
 import socket
+import subprocess
 import threading
 import time
 from contextlib import asynccontextmanager
@@ -797,3 +800,93 @@ def test_cli_token_create_prints_a_token_and_its_hash_line() -> None:
     assert principal is not None
     assert principal.role == "operator"
     assert data["token"] not in data["line"]
+
+
+# ------------------------------------------------------------------ a runtime on a thread
+
+
+def slow_query() -> None:
+    """A sync tool that waits, interruptibly, in its worker thread."""
+    ks.sleep(60)
+
+
+async def run_busy_agent(
+    runtime: ks.Runtime,
+    *,
+    task_status: anyio.abc.TaskStatus[ks.Session] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """A session with parked tool calls, a process and a sync tool in a worker thread."""
+    async with runtime.session("builder", labels={"tenant": "acme"}) as session:
+        for _ in range(3):
+            session.start_soon(park, tool="park")
+        # DEVNULL: closing a tracked process's pipes from the stop's loop callback raises
+        # anyio's NoEventLoopError at the time of writing (reported to the runtime).
+        null = subprocess.DEVNULL
+        await session.open_process(["sleep", "60"], stdin=null, stdout=null, stderr=null)
+        session.start_soon(session.run_sync, slow_query, tool="slow_query")
+        task_status.started(session)
+        await anyio.sleep_forever()
+
+
+class BackgroundControl:
+    """A runtime with agents and its control plane, run on a thread of its own, for
+    tests that must stay synchronous (Hypothesis, Playwright's sync API)."""
+
+    def __init__(
+        self,
+        tmp_path: Path,
+        agents: list[tuple[str, dict[str, str]]],
+        *,
+        busy: bool = False,
+    ) -> None:
+        self._db = str(tmp_path / "audit.db")
+        self._agents = agents
+        self._busy = busy
+        self._ready = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: anyio.Event | None = None
+        self._error: Exception | None = None
+        self._thread = threading.Thread(target=self._run, name="test runtime")
+        self.url = ""
+        self.sessions: list[ks.Session] = []
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self._main())
+        except Exception as exc:  # re-raised in the test's thread by __exit__
+            self._error = exc
+        finally:
+            self._ready.set()
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = anyio.Event()
+        async with (
+            ks.Runtime(audit=self._db) as runtime,
+            control.serve(runtime, tokens=ENTRIES) as server,
+            anyio.create_task_group() as tg,
+        ):
+            self.url = server.url
+            for agent, labels in self._agents:
+                self.sessions.append(await tg.start(run_agent, runtime, agent, labels, 2))
+            if self._busy:
+                self.sessions.append(await tg.start(run_busy_agent, runtime))
+            self._ready.set()
+            await self._stop.wait()
+            runtime.interrupt_all("test over", trigger="shutdown")
+
+    def __enter__(self) -> BackgroundControl:
+        self._thread.start()
+        if not self._ready.wait(60) or self._error is not None or not self.url:
+            self.__exit__()
+            raise RuntimeError(f"background runtime did not start: {self._error!r}")
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._loop is not None and self._stop is not None:
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(60)
+        assert not self._thread.is_alive(), "the background runtime did not stop"
+        if self._error is not None:
+            raise self._error

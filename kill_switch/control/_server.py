@@ -93,6 +93,7 @@ class ControlServer:
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
         self._error: Exception | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.url = ""
 
     @property
@@ -142,6 +143,7 @@ class ControlServer:
         ready = threading.Event()
 
         async def main() -> None:
+            self._loop = asyncio.get_running_loop()
             serving = asyncio.ensure_future(server.serve(sockets=[sock]))
             while not server.started and not serving.done():  # noqa: ASYNC110  (uvicorn sets a plain flag)
                 await asyncio.sleep(0.005)
@@ -168,6 +170,11 @@ class ControlServer:
         thread, server = self._thread, self._server
         if thread is None or server is None:
             return
+        if self._loop is not None:
+            # End the event streams first: uvicorn waits for open connections before it
+            # runs the application's shutdown, and a stream never ends by itself.
+            with contextlib.suppress(RuntimeError):  # the loop is already closed
+                self._loop.call_soon_threadsafe(self.state.broker.close)
         server.should_exit = True
         thread.join(STOP_TIMEOUT)
         if thread.is_alive():
