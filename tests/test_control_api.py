@@ -384,9 +384,7 @@ async def test_malformed_credentials_are_refused_never_with_a_5xx(tmp_path: Path
         for headers in BAD_AUTH:
             head = request_head("GET", "/api/sessions", headers)
             status = await anyio.to_thread.run_sync(raw_request, url, head)
-            assert status in (0, 400, 401, 431), (headers[:1], status)
-            if headers and len(headers[0][1]) < 600 and b"\x00" not in headers[0][1]:
-                assert status in (400, 401)
+            assert status in (400, 401), (headers[:1], status)
         ok = request_head(
             "GET", "/api/sessions", [(b"authorization", b"bearer " + TOKENS["viewer"][0].encode())]
         )

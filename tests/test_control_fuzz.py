@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 FUZZ = settings(
     max_examples=200,
     deadline=None,
+    database=None,  # no .hypothesis/ directory in the repository
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 

@@ -55,6 +55,8 @@ log = logging.getLogger("kill_switch.control")
 
 #: Largest request body read, in bytes; longer ones are refused (413) while reading.
 MAX_BODY: Final = 16 * 1024
+#: Seconds a request body may take to arrive (a slow body holds a connection, not a kill).
+BODY_TIMEOUT: Final = 10.0
 #: Seconds a session's detail waits for the agent's loop to answer.
 DETAIL_TIMEOUT: Final = 0.25
 #: Audit rows per page, at most.
@@ -125,10 +127,13 @@ async def read_json(request: Request) -> dict[str, Any]:
         if int(length) > MAX_BODY:
             raise Refused(413, f"body larger than {MAX_BODY} bytes")
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_BODY:
-            raise Refused(413, f"body larger than {MAX_BODY} bytes")
+    with anyio.move_on_after(BODY_TIMEOUT) as scope:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_BODY:
+                raise Refused(413, f"body larger than {MAX_BODY} bytes")
+    if scope.cancelled_caught:
+        raise Refused(408, f"body not received within {BODY_TIMEOUT:g} s")
     if not body:
         return {}
     try:
