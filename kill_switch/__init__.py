@@ -9,6 +9,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from ._audit import AuditEvent as AuditEvent
 from ._audit import AuditSink as AuditSink
+from ._cleanup import Transaction as Transaction
 from ._audit_query import AuditLog as AuditLog
 from ._audit_query import AuditRecord as AuditRecord
 from ._audit_query import CascadeNode as CascadeNode
@@ -36,12 +37,18 @@ from ._report import LeakedTask as LeakedTask
 from ._report import ProcessReport as ProcessReport
 from ._report import StopReport as StopReport
 from ._report import ThreadReport as ThreadReport
+from ._report import CleanupReport as CleanupReport
 from ._runtime import Runtime as Runtime
 from ._session import Session as Session
+from ._shutdown import GracefulShutdown as GracefulShutdown
+from ._shutdown import graceful_shutdown as graceful_shutdown
 from ._sqlite_audit import AuditStatistics as AuditStatistics
 from ._sqlite_audit import SqliteAudit as SqliteAudit
 from ._triggers import TRIGGERS as TRIGGERS
 from ._triggers import Trigger as Trigger
+from ._watchdog import EXIT_FORCED as EXIT_FORCED
+from ._watchdog import EXIT_FORCED_C_LEVEL as EXIT_FORCED_C_LEVEL
+from ._watchdog import Watchdog as Watchdog
 
 try:
     __version__ = version("kill-switch")
@@ -49,6 +56,8 @@ except PackageNotFoundError:  # running from a source tree that was never instal
     __version__ = "0+unknown"
 
 __all__ = [
+    "EXIT_FORCED",
+    "EXIT_FORCED_C_LEVEL",
     "TRIGGERS",
     "AuditEvent",
     "AuditLog",
@@ -56,9 +65,11 @@ __all__ = [
     "AuditSink",
     "AuditStatistics",
     "CascadeNode",
+    "CleanupReport",
     "Decision",
     "EscalationPolicy",
     "EscalationWarning",
+    "GracefulShutdown",
     "InterruptHandle",
     "InterruptRequest",
     "Interrupted",
@@ -78,10 +89,13 @@ __all__ = [
     "ToolBlocked",
     "ToolCall",
     "TrackedProcess",
+    "Transaction",
     "Trigger",
     "VerifyResult",
+    "Watchdog",
     "check",
     "current_session",
+    "graceful_shutdown",
     "sleep",
     "verify_audit",
 ]

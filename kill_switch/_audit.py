@@ -31,6 +31,8 @@ ESCALATED: Final = "escalated"
 LATE_RESULT: Final = "late_result"
 LEAKED_TASK: Final = "leaked_task"
 TOOL_BLOCKED: Final = "tool_blocked"
+OUT_OF_BAND: Final = "out_of_band"
+FORCED_EXIT: Final = "forced_exit"
 
 
 def new_id() -> str:

@@ -39,6 +39,10 @@ class StopPolicy:
             tool calls are refused.
         audit_timeout: seconds a stop waits for its audit events to become durable
             before it reports them ``pending`` (the stop itself never waits longer).
+        cleanup_timeout: seconds each cleanup hook or rollback may run (shielded)
+            before it is left behind and reported ``timed_out``.
+        out_of_band_after: seconds the event loop has to pick an interrupt up before
+            the out-of-band path stops the session's process groups from another thread.
     """
 
     stop_timeout: float = attrs.field(default=10.0, validator=_finite_positive)
@@ -46,3 +50,5 @@ class StopPolicy:
     thread_grace: float = attrs.field(default=2.0, validator=_finite_positive)
     max_abandoned_threads: int = attrs.field(default=16, validator=_positive_int)
     audit_timeout: float = attrs.field(default=1.0, validator=_finite_positive)
+    cleanup_timeout: float = attrs.field(default=5.0, validator=_finite_positive)
+    out_of_band_after: float = attrs.field(default=0.05, validator=_finite_positive)

@@ -698,6 +698,56 @@ class ProcessPlane:
         """``{"processes": ...}``: one ``ProcessReport`` per process of the stop."""
         return {"processes": tuple(g.report() for g in self._stopping)}
 
+    # -- out of band
+
+    def force(self, path: str) -> None:
+        """SIGKILL every tracked group now, from any thread (the loop may be stuck).
+
+        For the out-of-band path and the watchdog: no grace (a wedged loop cannot run
+        the ladder's timers), no reaping (the loop reaps when it wakes; until then each
+        leader's zombie pins its group id, so no group id can have been reused). The
+        session cgroup, where there is one, is killed as a whole.
+        """
+        cg = self._cgroup
+        if cg is not None:
+            try:
+                cg.kill()
+                result = "sent"
+            except OSError as exc:
+                result = _result(exc)
+            self._record(
+                PROCESS_SIGNAL,
+                {
+                    "target": "cgroup",
+                    "path": cg.path,
+                    "signal": "SIGKILL",
+                    "result": result,
+                    "via": path,
+                },
+            )
+        own = os.getpgrp()
+        for group in list(self._groups.values()):
+            pgid = group.pgid
+            if pgid is None or pgid <= 1 or pgid == own or group.group_empty or group.reaped:
+                continue
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+                result = "sent"
+            except OSError as exc:
+                result = _result(exc)
+            group.signals.append("SIGKILL")
+            self._record(
+                PROCESS_SIGNAL,
+                {
+                    "pid": group.pid,
+                    "pgid": pgid,
+                    "signal": "SIGKILL",
+                    "target": "group",
+                    "result": result,
+                    "via": path,
+                },
+            )
+
     # -- discovery
 
     def _discover(self, groups: list[_Group]) -> list[_Group]:
@@ -954,6 +1004,25 @@ _DEFAULT_POLICY = EscalationPolicy()
 # ------------------------------------------------------------------------- the pipes
 
 
+def _notify_closing(fd: int) -> None:
+    """``anyio.notify_closing`` that also works from a bare loop callback.
+
+    Pipes are closed from pidfd callbacks, where no task runs. With sniffio installed
+    anyio asks it for the backend, and sniffio looks for a current task: it finds none
+    and anyio raises. The runtime is asyncio-only, so tell sniffio that for this call.
+    """
+    try:
+        anyio.notify_closing(fd)
+    except anyio.NoEventLoopError:
+        import sniffio  # present: it is the detection that just failed
+
+        token = sniffio.current_async_library_cvar.set("asyncio")
+        try:
+            anyio.notify_closing(fd)
+        finally:
+            sniffio.current_async_library_cvar.reset(token)
+
+
 class _ReceiveStream(anyio.abc.ByteReceiveStream):
     """A pipe from the child, read without blocking; closing it never waits for EOF."""
 
@@ -994,7 +1063,7 @@ class _ReceiveStream(anyio.abc.ByteReceiveStream):
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            anyio.notify_closing(self._fd)
+            _notify_closing(self._fd)
             self._file.close()
 
     async def aclose(self) -> None:
@@ -1029,7 +1098,7 @@ class _SendStream(anyio.abc.ByteSendStream):
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            anyio.notify_closing(self._fd)
+            _notify_closing(self._fd)
             with contextlib.suppress(OSError):  # EPIPE flushing nothing: already closed
                 self._file.close()
 

@@ -101,6 +101,17 @@ class ThreadReport:
 
 
 @attrs.frozen
+class CleanupReport:
+    """One cleanup hook or rollback compensation, run once when the session stopped."""
+
+    name: str
+    kind: Literal["cleanup", "rollback"]
+    outcome: Literal["ran", "failed", "timed_out"]
+    seconds: float
+    error: str | None = None
+
+
+@attrs.frozen
 class StopReport:
     """What one interrupt did to one session, and whether everything really stopped."""
 
@@ -131,6 +142,11 @@ class StopReport:
     processes: tuple[ProcessReport, ...] = ()
     #: the thread plane: every sync tool thread running when the interrupt came.
     threads: tuple[ThreadReport, ...] = ()
+    #: cleanup hooks and rollbacks, in the order they ran.
+    cleanup: tuple[CleanupReport, ...] = ()
+    #: the loop did not pick the interrupt up in time, and the out-of-band path stopped
+    #: what it could from another thread (process groups).
+    out_of_band: bool = False
 
     def summary(self) -> str:
         """A few readable lines describing the stop."""

@@ -19,6 +19,7 @@ from ._current import _current_session
 from ._exceptions import SessionRefused
 from ._handle import InterruptHandle
 from ._info import SessionInfo
+from ._out_of_band import LoopMonitor
 from ._limits import Limits, LimitWarning
 from ._policy import StopPolicy
 from ._report import AuditStatus
@@ -84,6 +85,7 @@ class Runtime:
         self._terminated: set[str] = set()
         self._service: set[asyncio.Task[Any]] = set()
         self._listeners: tuple[Callable[[AuditEvent], None], ...] = ()
+        self._monitor: LoopMonitor | None = None
         self._entered = False
         self._closed = False
         self._loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set on entry
@@ -118,6 +120,7 @@ class Runtime:
                 self._terminated |= await self._sink.terminated_session_ids()
         if self._track_tasks:
             self._install_task_factory()
+        self._monitor = LoopMonitor()
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -134,6 +137,8 @@ class Runtime:
         finally:
             self._closed = True
             self._uninstall_task_factory()
+            if self._monitor is not None:
+                self._monitor.close()
             if self._sink is not None:
                 with anyio.move_on_after(self.policy.stop_timeout, shield=True):
                     await self._sink.__aexit__(*exc_info)

@@ -35,6 +35,7 @@ import anyio
 import attrs
 
 from ._audit import (
+    OUT_OF_BAND,
     CANCELLED_BEFORE_START,
     ESCALATED,
     INTERRUPT_COMPLETED,
@@ -50,6 +51,7 @@ from ._audit import (
     new_id,
 )
 from . import _processes, _threads
+from ._cleanup import Hook, Transaction, _hook_name, check_hook, run_hooks
 from ._current import _current_session
 from ._decision import ALLOW, Decision, ToolCall
 from ._exceptions import Interrupted, LimitExceeded, ToolBlocked
@@ -66,7 +68,14 @@ from ._limits import (
     _current_cost,
 )
 from ._policy import StopPolicy
-from ._report import InterruptRequest, Latency, LeakedTask, Outcome, StopReport
+from ._report import (
+    CleanupReport,
+    InterruptRequest,
+    Latency,
+    LeakedTask,
+    Outcome,
+    StopReport,
+)
 from ._triggers import bound_operator, bound_reason, check_trigger
 
 if TYPE_CHECKING:
@@ -155,6 +164,8 @@ class Session:
         "_calls_in_flight",
         "_cancels",
         "_children",
+        "_cleanup_hooks",
+        "_cleanup_reports",
         "_cost",
         "_ctx_token",
         "_delivered_mono",
@@ -168,6 +179,7 @@ class Session:
         "_leaked",
         "_ledger",
         "_loop",
+        "_oob_mono",
         "_meter",
         "_planes",
         "_quiet",
@@ -237,6 +249,9 @@ class Session:
         self._leaked: dict[asyncio.Task[Any], bool] = {}
         self._children: list[Session] = []
         self._planes: list[Plane] = []
+        self._cleanup_hooks: list[tuple[str, Hook]] = []
+        self._cleanup_reports: list[CleanupReport] = []
+        self._oob_mono: float | None = None
         self._actions = 0
         self._cost = 0.0
         self._started_at: float | None = None
@@ -378,11 +393,17 @@ class Session:
             # Interrupted before the block ended (a request that raced the natural end
             # and whose delivery is still queued counts: exactly one terminal outcome).
             self._deliver()
-            await self._finish_stop()
+            await self._finish_stop(cleanup=True)
+            if self._cleanup_hooks:  # the stop was finished without them (unresponsive)
+                self._cleanup_reports.extend(
+                    await run_hooks(self, self._cleanup_hooks, "cleanup")
+                )
             self._state = "terminated"
             self._runtime._leave_session(self)
             return self._absorb(exc)
 
+        if self._cleanup_hooks:
+            self._cleanup_reports.extend(await run_hooks(self, self._cleanup_hooks, "cleanup"))
         self._state = "failed" if (exc is not None or self._tool_errors) else "finished"
         self._record(
             SESSION_FINISHED,
@@ -462,6 +483,9 @@ class Session:
         self._record(
             INTERRUPT_REQUESTED, trigger=req.trigger, reason=req.reason, operator=req.operator
         )
+        monitor = self._runtime._monitor
+        if monitor is not None:
+            monitor.watch(self, req.requested_mono)
         loop = self._loop
         try:
             if self._runtime._loop_thread == threading.get_ident():
@@ -624,8 +648,12 @@ class Session:
         self._leaked[task] = True
         self._check_quiet()
 
-    async def _finish_stop(self) -> None:
-        """Build the report, audit it, resolve the handle. Bounded; runs once."""
+    async def _finish_stop(self, *, cleanup: bool = False) -> None:
+        """Build the report, audit it, resolve the handle. Bounded; runs once.
+
+        With *cleanup*, the session's cleanup hooks run (shielded, each bounded) once
+        everything is quiet and before the report is built, so it holds their outcomes.
+        """
         if self._finish_started:
             with anyio.move_on_after(self.policy.stop_timeout + 1.0, shield=True):
                 await self._handle
@@ -641,6 +669,10 @@ class Session:
         else:
             await self._wait_quiet(self._delivered_mono + self.policy.stop_timeout)
             outcome = "stopped" if self._quiescent() else "unresponsive"
+            if cleanup and self._cleanup_hooks:
+                self._cleanup_reports.extend(
+                    await run_hooks(self, self._cleanup_hooks, "cleanup")
+                )
         if self._stop_timer is not None:
             self._stop_timer.cancel()
             self._stop_timer = None
@@ -703,6 +735,8 @@ class Session:
             ),
             secondary_errors=tuple(self._secondary),
             children=tuple(c.id for c in self._children if c._requests),
+            cleanup=tuple(self._cleanup_reports),
+            out_of_band=self._oob_mono is not None,
             audit=audit,
             latency=Latency(
                 delivered=None if delivered is None else delivered - first.requested_mono,
@@ -1145,6 +1179,67 @@ class Session:
                 await self._drained
             raise
 
+    # ------------------------------------------------ cleanup and rollback
+
+    def on_cleanup(self, fn: Hook, *, name: str | None = None) -> None:
+        """Run *fn* when the session ends, however it ends (last registered, first run).
+
+        Shielded and bounded by ``policy.cleanup_timeout`` each; outcomes go to the
+        ``StopReport`` and the audit. Sync hooks run in a worker thread.
+
+        Raises:
+            TypeError: *fn* is not callable.
+            RuntimeError: the session has ended.
+        """
+        check_hook(fn)
+        if self._state in ("terminated", "finished", "failed"):
+            raise RuntimeError(f"session {self.id} has ended ({self._state})")
+        self._cleanup_hooks.append((_hook_name(fn, name), fn))
+
+    def transaction(self) -> Transaction:
+        """Compensations for half-done work, rolled back if the session stops (see
+        ``Transaction``)."""
+        return Transaction(self)
+
+    def check(self) -> None:
+        """Raise ``Interrupted`` if this session was interrupted. Any thread; a fence
+        for commit points (nothing commits after the kill).
+
+        Raises:
+            Interrupted: the session was interrupted.
+        """
+        if self._requests:
+            raise self._interrupted_exc()
+
+    # -------------------------------------------------------- out of band
+
+    def _go_out_of_band(self) -> None:
+        """The loop did not deliver the interrupt in time (the monitor's thread)."""
+        if self._oob_mono is not None or self._delivered_mono is not None:
+            return
+        self._oob_mono = time.monotonic()
+        first = self._requests[0]
+        self._record(
+            OUT_OF_BAND,
+            trigger=first.trigger,
+            details={
+                "seconds_since_request": self._oob_mono - first.requested_mono,
+                "planes": [type(p).__name__ for p in self._planes],
+            },
+        )
+        self._force_planes("out_of_band")
+
+    def _force_planes(self, path: str) -> None:
+        """Stop, from any thread, every plane that can be stopped without the loop."""
+        for plane in list(self._planes):
+            force = getattr(plane, "force", None)
+            if force is None:
+                continue
+            try:
+                force(path)
+            except Exception as exc:  # one plane's failure must not spare the others
+                self._secondary.append(f"plane {type(plane).__name__}.force: {exc!r}")
+
     # ------------------------------------------- process plane entry points
     # (kill_switch._processes implements them; keep this section thin.)
 
@@ -1253,7 +1348,10 @@ class Session:
     # ----------------------------------------------------------------- audit
 
     def _record(self, kind: str, **fields: Any) -> None:
-        self._runtime._record(
+        runtime = self._runtime
+        if runtime._sink is None and not runtime._listeners:
+            return  # nobody to tell: building the event would be the interrupt's cost
+        runtime._record(
             AuditEvent(
                 kind,
                 self.id,

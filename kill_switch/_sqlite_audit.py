@@ -598,6 +598,20 @@ class SqliteAudit:
 
     # ------------------------------------------------------------ the contract
 
+    def record_now(self, event: AuditEvent) -> bool:
+        """Make *event* durable now, synchronously, without the event loop.
+
+        For the watchdog's last word while the loop may be stuck: the event is appended
+        to the fsynced spool (replayed into the database, in order and without
+        duplicates, by the next writer). Returns whether the spool write succeeded;
+        never raises.
+        """
+        try:
+            return self._store.spool([event])
+        except Exception as exc:  # the last word must never raise
+            _stderr(f"kill_switch: could not spool {event.kind} {event.event_id}: {exc!r}")
+            return False
+
     def record(self, event: AuditEvent) -> None:
         """Queue *event* for the writer. Thread-safe; never blocks on I/O; never raises."""
         try:
