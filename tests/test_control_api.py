@@ -817,9 +817,7 @@ async def run_busy_agent(
     async with runtime.session("builder", labels={"tenant": "acme"}) as session:
         for _ in range(3):
             session.start_soon(park, tool="park")
-        # DEVNULL: closing a tracked process's pipes from the stop's loop callback raises
-        # anyio's NoEventLoopError at the time of writing (reported to the runtime).
-        null = subprocess.DEVNULL
+        null = subprocess.DEVNULL  # nobody reads its output
         await session.open_process(["sleep", "60"], stdin=null, stdout=null, stderr=null)
         session.start_soon(session.run_sync, slow_query, tool="slow_query")
         task_status.started(session)

@@ -29,6 +29,19 @@ ARGS = [
 SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "dashboard.png"
 
 
+def _screenshot_targets() -> list[Path]:
+    """Where the screenshot goes besides the test's tmp_path: ``docs/dashboard.png``
+    when ``KILL_SWITCH_UPDATE_DOCS=1`` (so a test run leaves the tree clean), and
+    ``$KILL_SWITCH_ARTIFACTS/dashboard.png`` for CI artefacts."""
+    out = []
+    if os.environ.get("KILL_SWITCH_UPDATE_DOCS") == "1":
+        out.append(SCREENSHOT)
+    artifacts = os.environ.get("KILL_SWITCH_ARTIFACTS")
+    if artifacts:
+        out.append(Path(artifacts) / "dashboard.png")
+    return out
+
+
 def _unavailable(why: str) -> None:
     # CI installs chromium and playwright: there a missing browser is a failure.
     if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
@@ -97,8 +110,11 @@ def test_dashboard_shows_sessions_kills_one_and_shows_its_audit(
         page.wait_for_selector("#verify.ok:has-text('intact')")
         for s in plane.sessions[:2]:
             assert page.get_attribute(f'tr[data-session="{s.id}"]', "data-state") == "running"
-        SCREENSHOT.parent.mkdir(exist_ok=True)
-        page.screenshot(path=str(SCREENSHOT), full_page=True)
+        shot = page.screenshot(path=str(tmp_path / "dashboard.png"), full_page=True)
+        assert shot.startswith(b"\x89PNG")
+        for target in _screenshot_targets():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(shot)
 
         page.click("#kill-all")
         page.fill("#kill-reason", "incident 42")

@@ -456,11 +456,10 @@ class ControlApp:
             out["live_error"] = (
                 f"the agent's event loop did not answer within {DETAIL_TIMEOUT} s (blocked?)"
             )
-        limits = getattr(session, "limits", None)
         out["budget"] = {
             "actions": info.actions,
             "cost": info.cost,
-            "limits": jsonable(limits) if limits is not None else None,
+            "ledger": detail.get("budget") if detail is not None else None,
         }
         return _json(out)
 

@@ -149,8 +149,9 @@ def _plane_rows(session: Session) -> dict[str, Any]:
         if callable(snap):
             other.append(jsonable(snap()))
             continue
+        kind = type(plane).__name__
         groups = getattr(plane, "_groups", None)
-        if isinstance(groups, dict):
+        if kind == "ProcessPlane" and isinstance(groups, dict):
             for g in list(groups.values()):
                 processes.append(
                     {
@@ -163,7 +164,7 @@ def _plane_rows(session: Session) -> dict[str, Any]:
                 )
             continue
         running = getattr(plane, "_running", None)
-        if isinstance(running, set):
+        if kind == "ThreadPlane" and isinstance(running, set):
             for w in list(running):
                 threads.append(
                     {"name": w.name, "ident": w.ident, "tool": w.tool, "exited": bool(w.exited)}
@@ -177,7 +178,16 @@ def _plane_rows(session: Session) -> dict[str, Any]:
                 "coro": getattr(coro, "__qualname__", None) or type(coro).__name__,
             }
         )
-    return {"tool_calls": calls, "processes": processes, "threads": threads, "planes": other}
+    budget = getattr(session, "budget", None)  # the ledger's snapshot, where sessions have one
+    alerts = getattr(session, "alerts", ())
+    return {
+        "tool_calls": calls,
+        "processes": processes,
+        "threads": threads,
+        "planes": other,
+        "budget": jsonable(budget()) if callable(budget) else None,
+        "alerts": jsonable(alerts),
+    }
 
 
 async def live_detail(session: Session, wait: float) -> dict[str, Any] | None:

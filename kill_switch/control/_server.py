@@ -220,8 +220,10 @@ async def serve(
         limiter=limiter,
         kill_timeout=kill_timeout,
     )
-    await anyio.to_thread.run_sync(server.start)
     try:
+        # Inside the try: a cancellation that arrives while the thread starts the server
+        # (the wait is not abandoned) still stops it.
+        await anyio.to_thread.run_sync(server.start)
         yield server
     finally:
         with anyio.move_on_after(2 * STOP_TIMEOUT + 1, shield=True):
