@@ -164,6 +164,21 @@ class StopReport:
             f"late results dropped: {self.late_results}, "
             f"leaked tasks: {len(self.leaked_tasks)}"
         )
+        if self.processes:
+            reaped = sum(1 for p in self.processes if p.returncode is not None)
+            killed = sum(1 for p in self.processes if "SIGKILL" in p.signals)
+            lines.append(
+                f"  processes: {len(self.processes)} stopped, {reaped} reaped, "
+                f"{killed} needed SIGKILL, {sum(p.escaped for p in self.processes)} escaped"
+            )
+        if self.threads:
+            outcomes = ", ".join(f"{t.name}: {t.outcome}" for t in self.threads)
+            lines.append(f"  threads: {outcomes}")
+        if self.cleanup:
+            done = ", ".join(f"{c.kind} {c.name}: {c.outcome}" for c in self.cleanup)
+            lines.append(f"  cleanup: {done}")
+        if self.out_of_band:
+            lines.append("  the event loop did not answer: stopped out of band")
         if self.children:
             lines.append(f"  children interrupted: {', '.join(self.children)}")
         for err in self.secondary_errors:
