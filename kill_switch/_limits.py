@@ -243,16 +243,11 @@ class ToolRules:
 # ------------------------------------------------------------------ report_cost
 
 
-class _CostCell:
-    """The actual cost of one metered call, as the tool reported it."""
-
-    __slots__ = ("actual",)
-
-    def __init__(self) -> None:
-        self.actual: float | None = None
-
-
-_current_cost: ContextVar[_CostCell | None] = ContextVar("kill_switch_call_cost", default=None)
+#: The actual cost of the metered call running in this context, as the tool reported it
+#: (a one-element list: cheaper to make per call than an object).
+_current_cost: ContextVar[list[float | None] | None] = ContextVar(
+    "kill_switch_call_cost", default=None
+)
 
 
 def report_cost(actual: float) -> bool:
@@ -273,7 +268,7 @@ def report_cost(actual: float) -> bool:
     cell = _current_cost.get()
     if cell is None:
         return False
-    cell.actual = float(value)
+    cell[0] = float(value)
     return True
 
 
@@ -293,10 +288,13 @@ class Ledger:
 
     __slots__ = (
         "__weakref__",
+        "_a_mark",
+        "_c_mark",
         "_chain",
         "_clock",
         "_deadline_fired",
         "_has_deadline",
+        "_single",
         "_timers",
         "_warn_actions",
         "_warn_cost",
@@ -310,6 +308,7 @@ class Ledger:
         "reserved",
         "session",
         "spent",
+        "timed",
         "timeouts",
     )
 
@@ -341,7 +340,10 @@ class Ledger:
         )
         self._warn_cost = math.inf if w is None or limits.max_cost is None else w * limits.max_cost
         self._chain: tuple[Ledger, ...] = (self, *(parent._chain if parent else ()))
+        self._single = parent is None
         self._has_deadline = False
+        self._a_mark = self._c_mark = math.inf
+        self._update_marks()
         # The tightest timeout along the tree wins.
         timeouts: dict[str, float] = {}
         default: float | None = None
@@ -353,6 +355,8 @@ class Ledger:
                 timeouts[tool] = min(t, timeouts.get(tool, t))
         self.timeouts = timeouts
         self.default_timeout = default
+        #: whether any call of this session has a timeout (the hot path tests only this).
+        self.timed = bool(timeouts) or default is not None
 
     # ---------------------------------------------------------------- timers
 
@@ -421,6 +425,19 @@ class Ledger:
         Returns the first refusal in the fixed order: deadlines, then per level from
         this session up, ``max_actions`` then ``max_cost``.
         """
+        if self._single:
+            # Fast path of a root ledger: one test per limit; anything near a limit or
+            # a soft threshold (the marks) takes the exact path below.
+            if self._has_deadline and self._clock() >= self.deadline:  # type: ignore[operator]
+                return self.refusals(cost)[0]
+            a = self.actions + 1
+            if a <= self._a_mark and self.spent + self.reserved + cost < self._c_mark:
+                self.actions = a
+                self.reserved += cost
+                return None
+        return self._reserve_exact(cost)
+
+    def _reserve_exact(self, cost: float) -> Refusal | None:
         chain = self._chain
         if self._has_deadline:
             now = self._clock()
@@ -488,6 +505,11 @@ class Ledger:
     def settle(self, estimate: float, actual: float) -> Refusal | None:
         """Release a reservation of *estimate* and spend *actual*; return the refusal of
         the first level now over its ``max_cost`` (the tool overran its estimate)."""
+        if self._single and actual == estimate:
+            # Spend + reserved is unchanged: no limit or threshold can be crossed.
+            self.reserved -= estimate
+            self.spent += actual
+            return None
         over: Refusal | None = None
         for led in self._chain:
             led.reserved = max(0.0, led.reserved - estimate)
@@ -512,9 +534,24 @@ class Ledger:
         if limit in self._warned:
             return
         self._warned.add(limit)
+        self._update_marks()
         maximum = getattr(self.limits, limit)
         warning = LimitWarning(session.id, self.session.id, limit, float(used), float(maximum))
         session._limit_warning(warning, self.on_warning)
+
+    def _update_marks(self) -> None:
+        """Recompute the fast path's marks: a new action count above ``_a_mark`` or a
+        committed cost at or above ``_c_mark`` needs the exact path (a limit, or a soft
+        threshold not yet warned of)."""
+        lim = self.limits
+        a_mark = math.inf if lim.max_actions is None else float(lim.max_actions)
+        if "max_actions" not in self._warned and self._warn_actions != math.inf:
+            a_mark = min(a_mark, math.ceil(self._warn_actions) - 1.0)
+        c_mark = math.inf if lim.max_cost is None else math.nextafter(lim.max_cost, math.inf)
+        if "max_cost" not in self._warned and self._warn_cost != math.inf:
+            c_mark = min(c_mark, self._warn_cost)
+        self._a_mark = a_mark
+        self._c_mark = c_mark
 
     def statistics(self) -> dict[str, Any]:
         """A JSON-ready snapshot of this level."""

@@ -68,6 +68,12 @@ class Detector:
 
     #: the detector's name in alerts and audit events.
     name: str = "detector"
+    #: whether ``on_outcome`` wants calls that succeeded too (``False``: errors only;
+    #: ``Watch.successes`` counts the others, cheaply).
+    wants_success: bool = True
+
+    def attach(self, watch: Watch) -> None:
+        """Called once with the session's watch, after ``fresh()``."""
 
     def on_call(
         self, tool: str, args: tuple[Any, ...], kwargs: Mapping[str, Any], cost: float, now: float
@@ -107,7 +113,9 @@ def _rearm(name: str, value: object) -> float:
 class CallRate(Detector):
     """Call-rate spike: more than *max_calls* calls within a sliding *window* (s).
 
-    Re-arms once the count in the window is at most ``rearm * max_calls``.
+    O(1) per call: a ring of the last *max_calls* call times; the rate is over when the
+    call *max_calls* calls ago is still inside the window. Re-arms once at most
+    ``rearm * max_calls`` calls are in the window.
     """
 
     name = "call_rate"
@@ -125,32 +133,40 @@ class CallRate(Detector):
         self.max_calls = max_calls
         self.window = float(window)
         self.severity: Severity = severity
-        self.clear = _rearm("rearm", rearm) * max_calls
-        self._times: collections.deque[float] = collections.deque()
+        self.clear = max(1, int(_rearm("rearm", rearm) * max_calls))
+        # Grows to max_calls entries, then wraps: memory is bounded by the threshold.
+        self._ring: list[float] = []
+        self._i = 0
         self._armed = True
 
     def on_call(
         self, tool: str, args: tuple[Any, ...], kwargs: Mapping[str, Any], cost: float, now: float
     ) -> Alert | None:
-        times = self._times
-        times.append(now)
-        horizon = now - self.window
-        while times[0] <= horizon:
-            times.popleft()
-        n = len(times)
-        if n > self.max_calls:
+        ring = self._ring
+        i = self._i
+        if len(ring) < self.max_calls:
+            ring.append(now)
+            self._i = 0 if len(ring) == self.max_calls else i
+            return None
+        oldest = ring[i]
+        ring[i] = now
+        self._i = i + 1 if i + 1 < self.max_calls else 0
+        if now - oldest < self.window:
             if self._armed:
                 self._armed = False
                 return Alert(
                     self.name,
                     "calls_per_window",
                     self.severity,
-                    n,
+                    self.max_calls + 1,
                     self.max_calls,
-                    f"{n} calls in {self.window:g} s > {self.max_calls}",
+                    f"more than {self.max_calls} calls in {self.window:g} s",
                 )
-        elif n <= self.clear:
-            self._armed = True
+        elif not self._armed:
+            # The clear-th most recent call (this one is the newest) left the window.
+            recent = ring[(self._i - self.clear - 1) % self.max_calls]
+            if now - recent >= self.window:
+                self._armed = True
         return None
 
 
@@ -164,19 +180,18 @@ class RepeatedCall(Detector):
         _positive("max_repeats", max_repeats, integer=True)
         self.max_repeats = max_repeats
         self.severity: Severity = severity
-        self._last: tuple[str, tuple[Any, ...], Mapping[str, Any]] | None = None
+        self._tool: str | None = None
+        self._args: tuple[Any, ...] = ()
+        self._kwargs: Mapping[str, Any] = {}
         self._count = 0
 
     def on_call(
         self, tool: str, args: tuple[Any, ...], kwargs: Mapping[str, Any], cost: float, now: float
     ) -> Alert | None:
-        last = self._last
-        same = False
-        if last is not None and last[0] == tool:
-            try:
-                same = bool(last[1] == args and last[2] == kwargs)
-            except Exception:  # an argument whose == raises is not "the same" call
-                same = False
+        try:
+            same = tool == self._tool and args == self._args and kwargs == self._kwargs
+        except Exception:  # an argument whose == raises is not "the same" call
+            same = False
         if same:
             self._count += 1
             if self._count == self.max_repeats:
@@ -189,26 +204,41 @@ class RepeatedCall(Detector):
                     f"{tool!r} called {self._count} times in a row with the same arguments",
                 )
         else:
-            self._last = (tool, args, kwargs)
+            self._tool = tool
+            self._args = args
+            self._kwargs = kwargs
             self._count = 1
         return None
 
 
 class ErrorStreak(Detector):
-    """*max_errors* tool calls in a row ended in an exception. Re-arms on a success."""
+    """*max_errors* tool calls in a row ended in an exception. Re-arms on a success.
+
+    Sees only failed calls: a success in between shows as a change of the watch's
+    success count, so the hot path of a successful call does not dispatch to it.
+    """
 
     name = "error_streak"
+    wants_success = False
 
     def __init__(self, max_errors: int = 5, *, severity: Severity = "critical") -> None:
         _positive("max_errors", max_errors, integer=True)
         self.max_errors = max_errors
         self.severity: Severity = severity
         self._streak = 0
+        self._watch: Watch | None = None
+        self._successes = 0
+
+    def attach(self, watch: Watch) -> None:
+        self._watch = watch
 
     def on_outcome(self, tool: str, error: BaseException | None, now: float) -> Alert | None:
         if error is None:
             self._streak = 0
             return None
+        if self._watch is not None and self._watch.successes != self._successes:
+            self._successes = self._watch.successes
+            self._streak = 0
         self._streak += 1
         if self._streak == self.max_errors:
             return Alert(
@@ -246,15 +276,25 @@ class CostVelocity(Detector):
         self.clear = _rearm("rearm", rearm) * max_cost
         self._items: collections.deque[tuple[float, float]] = collections.deque()
         self._sum = 0.0
+        self._n = 1
         self._armed = True
 
     def on_call(
         self, tool: str, args: tuple[Any, ...], kwargs: Mapping[str, Any], cost: float, now: float
     ) -> Alert | None:
-        items = self._items
         if cost:
-            items.append((now, cost))
+            self._items.append((now, cost))
             self._sum += cost
+            self._n += 1
+        # Lazy eviction: the retained sum bounds the windowed one, so old entries are
+        # dropped only when that bound says the limit may be crossed, when disarmed, or
+        # every 256 costly calls (amortised O(1); memory bounded by the window's calls).
+        if self._sum > self.max_cost or not self._n & 255 or not self._armed:
+            return self._check(now)
+        return None
+
+    def _check(self, now: float) -> Alert | None:
+        items = self._items
         horizon = now - self.window
         while items and items[0][0] <= horizon:
             self._sum -= items.popleft()[1]
@@ -395,9 +435,11 @@ class Watch:
         "_on_call",
         "_on_denied",
         "_on_outcome",
+        "_on_success",
         "_sentinel",
         "_session",
         "alerts",
+        "successes",
         "suppressed",
         "wants_outcome",
     )
@@ -411,7 +453,12 @@ class Watch:
         self._on_call = [d for d in detectors if _overrides(d, "on_call")]
         self._on_outcome = [d for d in detectors if _overrides(d, "on_outcome")]
         self._on_denied = [d for d in detectors if _overrides(d, "on_denied")]
+        self._on_success = [d for d in self._on_outcome if d.wants_success]
         self.wants_outcome = bool(self._on_outcome)
+        #: calls that returned (without an exception) so far.
+        self.successes = 0
+        for d in detectors:
+            d.attach(self)
         #: (detector name) -> (time, severity rank) of its last alert that was audited.
         self._last: dict[str, tuple[float, int]] = {}
         self.alerts: list[Alert] = []
@@ -424,48 +471,60 @@ class Watch:
         self, tool: str, args: tuple[Any, ...], kwargs: Mapping[str, Any], cost: float
     ) -> None:
         """Show an admitted call to the detectors. May interrupt the session."""
-        now = self._clock()
-        t0 = time.perf_counter()
+        if not self._on_call:
+            return
+        clock = self._clock
+        now = clock()
         for d in self._on_call:
             try:
                 alert = d.on_call(tool, args, kwargs, cost, now)
             except Exception as exc:  # fail closed (or open, audited): see _fault
-                self._fault(d, exc, self._on_call)
+                self._fault(d, exc)
                 return
             if alert is not None:
                 self._alert(alert, now)
-        if time.perf_counter() - t0 > self._box:
-            self._overrun(self._on_call, time.perf_counter() - t0)
+        spent = clock() - now
+        if spent > self._box:
+            self._overrun(self._on_call, spent)
 
     def on_outcome(self, tool: str, error: BaseException | None) -> None:
         """Show the end of a call to the detectors. May interrupt the session."""
-        now = self._clock()
-        t0 = time.perf_counter()
-        for d in self._on_outcome:
+        if error is None:
+            self.successes += 1
+            hooks = self._on_success
+            if not hooks:
+                return
+        else:
+            hooks = self._on_outcome
+        clock = self._clock
+        now = clock()
+        for d in hooks:
             try:
                 alert = d.on_outcome(tool, error, now)
             except Exception as exc:  # fail closed (or open, audited): see _fault
-                self._fault(d, exc, self._on_outcome)
+                self._fault(d, exc)
                 return
             if alert is not None:
                 self._alert(alert, now)
-        if time.perf_counter() - t0 > self._box:
-            self._overrun(self._on_outcome, time.perf_counter() - t0)
+        spent = clock() - now
+        if spent > self._box:
+            self._overrun(hooks, spent)
 
     def on_denied(self, tool: str) -> None:
         """Show a denied call to the detectors. May interrupt the session."""
-        now = self._clock()
-        t0 = time.perf_counter()
+        clock = self._clock
+        now = clock()
         for d in self._on_denied:
             try:
                 alert = d.on_denied(tool, now)
             except Exception as exc:  # fail closed (or open, audited): see _fault
-                self._fault(d, exc, self._on_denied)
+                self._fault(d, exc)
                 return
             if alert is not None:
                 self._alert(alert, now)
-        if time.perf_counter() - t0 > self._box:
-            self._overrun(self._on_denied, time.perf_counter() - t0)
+        spent = clock() - now
+        if spent > self._box:
+            self._overrun(self._on_denied, spent)
 
     # ------------------------------------------------------------- slow paths
 
@@ -498,26 +557,26 @@ class Watch:
                 trigger="sentinel",
             )
 
-    def _fault(self, d: Detector, exc: Exception, hook_list: list[Detector]) -> None:
-        self._fail(f"detector {d.name!r} raised {exc!r}", (d, None))
+    def _fault(self, d: Detector, exc: Exception) -> None:
+        self._fail(f"detector {d.name!r} raised {exc!r}", d)
 
     def _overrun(self, detectors: list[Detector], seconds: float) -> None:
         names = ", ".join(repr(d.name) for d in detectors)
         self._fail(
             f"detectors ({names}) took {seconds * 1e3:.1f} ms on one event "
             f"(time box {self._box * 1e3:g} ms)",
-            None if len(detectors) != 1 else (detectors[0], None),
+            detectors[0] if len(detectors) == 1 else None,
         )
 
-    def _fail(self, what: str, culprit: tuple[Detector, None] | None) -> None:
+    def _fail(self, what: str, culprit: Detector | None) -> None:
         session = self._session
         if self._sentinel.fail_open:
             if culprit is not None:
-                self._disable(culprit[0])
+                self._disable(culprit)
             session._record(
                 SENTINEL_ERROR,
                 reason=f"sentinel_error (fail-open): {what}",
-                details={"fail_open": True, "disabled": culprit[0].name if culprit else None},
+                details={"fail_open": True, "disabled": culprit.name if culprit else None},
             )
             return
         session._record(
@@ -529,7 +588,7 @@ class Watch:
         session.interrupt(f"sentinel_error: {what}", trigger="sentinel")
 
     def _disable(self, d: Detector) -> None:
-        for lst in (self._on_call, self._on_outcome, self._on_denied):
+        for lst in (self._on_call, self._on_outcome, self._on_denied, self._on_success):
             if d in lst:
                 lst.remove(d)
         self.wants_outcome = bool(self._on_outcome)

@@ -64,7 +64,6 @@ from ._limits import (
     LedgerPlane,
     Limits,
     LimitWarning,
-    _CostCell,
     _current_cost,
 )
 from ._policy import StopPolicy
@@ -87,6 +86,7 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 ToolPolicy = Callable[[ToolCall], "Decision | bool | None"]
+_Meter = Callable[..., Awaitable[Any]]
 
 #: Blocks raised because this session was (or, by that very block, is being) interrupted:
 #: leaving the block absorbs them.
@@ -179,8 +179,8 @@ class Session:
         "_leaked",
         "_ledger",
         "_loop",
-        "_oob_mono",
         "_meter",
+        "_oob_mono",
         "_planes",
         "_quiet",
         "_quiet_mono",
@@ -281,9 +281,7 @@ class Session:
                 on_warning=on_limit_warning,
             )
         self._watch: Watch | None = sentinel.watch(self) if sentinel is not None else None
-        self._meter = self._ledger is not None or (
-            self._watch is not None and self._watch.wants_outcome
-        )
+        self._meter: _Meter | None = self._pick_meter()
 
     def __repr__(self) -> str:
         return f"<Session {self.id} agent={self.agent!r} state={self.state}>"
@@ -850,6 +848,15 @@ class Session:
             return
         self.interrupt(reason, trigger=trigger)
 
+    def _pick_meter(self) -> _Meter | None:
+        """What runs an admitted call: ``None`` (a plain await, nothing to account for),
+        ``_metered`` (limits) or ``_watched`` (a sentinel that wants outcomes)."""
+        if self._ledger is not None:
+            return self._metered
+        if self._watch is not None and self._watch.wants_outcome:
+            return self._watched
+        return None
+
     def _start_limits(self) -> None:
         assert self._ledger is not None
         self._ledger.start(self._loop)
@@ -912,7 +919,7 @@ class Session:
             raise RuntimeError("move_deadline() must be called on the loop thread")
         if self._ledger is None:
             self._ledger = Ledger(self, Limits(warn_at=None), None, clock=time.monotonic)
-            self._meter = True
+            self._meter = self._pick_meter()
         had_plane = bool(self._ledger._timers)
         self._ledger.move_deadline(self._loop, seconds)
         if self._ledger._timers and not had_plane:
@@ -937,32 +944,59 @@ class Session:
     ) -> T:
         """Run one admitted call with its timeout, cost reconciliation and outcome."""
         ledger = self._ledger
-        cell = token = None
-        timeout = None
-        if ledger is not None:
-            cell = _CostCell()
-            token = _current_cost.set(cell)
-            timeout = ledger.timeouts.get(tool, ledger.default_timeout)
+        assert ledger is not None
+        # The actual cost the tool reports (report_cost) lands in this cell.
+        cell: list[float | None] = [None]
+        token = _current_cost.set(cell)
         error: BaseException | None = None
         try:
-            if timeout is None:
-                return await fn(*args, **kwargs)
-            # asyncio.timeout, not anyio.fail_after: entering a CancelScope costs ~5.7 µs
-            # per call; asyncio.timeout uses the same cancel/uncancel protocol as the
-            # tool plane and cancels this call only.
-            async with asyncio.timeout(timeout):
-                return await fn(*args, **kwargs)
+            if ledger.timed:
+                timeout = ledger.timeouts.get(tool, ledger.default_timeout)
+                if timeout is not None:
+                    # asyncio.timeout, not anyio.fail_after: a CancelScope costs ~5.7 µs
+                    # per call; asyncio.timeout uses the same cancel/uncancel protocol
+                    # as the tool plane and cancels this call only.
+                    async with asyncio.timeout(timeout):
+                        return await fn(*args, **kwargs)
+            return await fn(*args, **kwargs)
         except Exception as exc:
             error = exc
             raise
         finally:
-            if token is not None:
-                _current_cost.reset(token)
-            if cell is not None:
-                self._settle_cost(cost, cost if cell.actual is None else cell.actual)
+            _current_cost.reset(token)
+            actual = cell[0]
+            if actual is None or actual == cost:
+                # Spend + reserved unchanged: nothing to cross. Ledger.settle inlined
+                # for a root ledger (the hot path).
+                if ledger._single:
+                    ledger.reserved -= cost
+                    ledger.spent += cost
+                else:
+                    ledger.settle(cost, cost)
+            else:
+                self._settle_cost(cost, actual)
             watch = self._watch
             if watch is not None and watch.wants_outcome:
                 watch.on_outcome(tool, error)
+
+    async def _watched(
+        self,
+        fn: Callable[..., Awaitable[T]],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        tool: str,
+        cost: float,
+    ) -> T:
+        """Run one admitted call of a session with a sentinel but no limits."""
+        watch = self._watch
+        assert watch is not None
+        try:
+            result = await fn(*args, **kwargs)
+        except Exception as exc:
+            watch.on_outcome(tool, exc)
+            raise
+        watch.on_outcome(tool, None)
+        return result
 
     def guard(self, tool: str, args: Mapping[str, Any] | None = None) -> Decision:
         """Check a tool call a framework will run itself; an allowed call counts.
@@ -1018,8 +1052,8 @@ class Session:
             # Fast path: the body runs inside the session's cancel scope, which the
             # interrupt cancels; nothing else to track.
             try:
-                if self._meter:
-                    result = await self._metered(fn, args, kwargs, name, cost)
+                if self._meter is not None:
+                    result: T = await self._meter(fn, args, kwargs, name, cost)
                 else:
                     result = await fn(*args, **kwargs)
             finally:
@@ -1036,8 +1070,8 @@ class Session:
         inflight = self._inflight
         inflight[task] = inflight.get(task, 0) + 1
         try:
-            if self._meter:
-                result = await self._metered(fn, args, kwargs, name, cost)
+            if self._meter is not None:
+                result = await self._meter(fn, args, kwargs, name, cost)
             else:
                 result = await fn(*args, **kwargs)
         except BaseException as exc:

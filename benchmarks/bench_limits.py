@@ -1,0 +1,172 @@
+"""Guard overhead with every limit and the five built-in detectors enabled.
+
+Each sample times a batch of calls (1000 by default); figures are per call. Variants,
+interleaved, all from one task that is the body of two nested sessions (both calls
+take the body's fast path):
+
+* ``plain await``          — ``await noop()``: the baseline.
+* ``bare guard``           — ``await bare.call(noop, cost=0.01)`` in a session with no
+  limits and no sentinel (issue 2's guard, for comparison).
+* ``limits + 5 detectors`` — the same call in a session with ``max_actions``,
+  ``max_cost``, ``max_duration`` and ``warn_at`` set and a sentinel in enforce mode
+  running the five built-in detectors (thresholds out of reach, so nothing fires).
+  **Target (issue 5): ≤ 3 µs extra per call over ``plain await``, p50.**
+* ``... + tool timeout``   — the same plus a per-tool timeout (``asyncio.timeout``
+  around the call). Reported, no target.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if __package__ in (None, ""):  # run as a file: make `benchmarks` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import kill_switch as ks
+from benchmarks import _harness as h
+from kill_switch._limits import Limits
+from kill_switch._sentinel import (
+    CallRate,
+    CostVelocity,
+    DeniedCalls,
+    ErrorStreak,
+    RepeatedCall,
+    Sentinel,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
+NAME = "limits"
+TARGET_EXTRA_NS = 3000.0
+HUGE = 10**12
+
+
+async def noop() -> None:
+    """The no-op async tool."""
+
+
+def sentinel() -> Sentinel:
+    """The five built-ins, enforcing, with thresholds the benchmark never reaches."""
+    return Sentinel(
+        detectors=(
+            # 1M calls/s and 1M cost units/s: out of reach, with realistic memory
+            # (the rate ring holds max_calls times; the cost window its own calls).
+            CallRate(max_calls=10_000, window=0.01),
+            RepeatedCall(max_repeats=HUGE),
+            ErrorStreak(max_errors=5),
+            CostVelocity(max_cost=1e5, window=0.1),
+            DeniedCalls(max_denied=3, window=60.0),
+        ),
+        mode="enforce",
+    )
+
+
+LIMITS = Limits(max_actions=HUGE, max_cost=float(HUGE), max_duration=3600.0, warn_at=0.99)
+
+
+def timed(call: Callable[[], Awaitable[object]], batch: int) -> Callable[[], Awaitable[float]]:
+    """A variant timing *batch* awaits of ``call()``."""
+
+    async def variant() -> float:
+        with h.gc_paused(collect=False):
+            t0 = h.now_ns()
+            for _ in range(batch):
+                await call()
+            t1 = h.now_ns()
+        return t1 - t0
+
+    return variant
+
+
+BASELINE = "plain await"
+
+
+def rows_for(loop: str, batch: int, samples: dict[str, list[float]]) -> list[h.Row]:
+    """Per-call rows, with the extra ns per call over ``plain await``."""
+    per_call = {name: [v / batch for v in vs] for name, vs in samples.items()}
+    stats = {name: h.summarize(v) for name, v in per_call.items()}
+    base = stats[BASELINE]
+    rows = []
+    for name, st in stats.items():
+        is_base = name == BASELINE
+        row = h.make_row(
+            NAME,
+            "per call",
+            name,
+            loop,
+            None,
+            st,
+            baseline=None if is_base else (BASELINE, base),
+            batch=batch,
+        )
+        if not is_base:
+            row.extra["extra_p50_ns"] = st.p50 - base.p50
+            row.extra["extra_p99_ns"] = st.p99 - base.p99
+        if name == "limits + 5 detectors":
+            row.target = "≤3 µs extra p50"
+            row.met = row.extra["extra_p50_ns"] <= TARGET_EXTRA_NS
+        rows.append(row)
+    return rows
+
+
+async def bench(loop: str, quick: bool, batch: int) -> list[h.Row]:
+    """All variants on the running loop."""
+    reps, warmup = (30, 3) if quick else (300, 20)
+    timeout_limits = Limits(
+        max_actions=HUGE,
+        max_cost=float(HUGE),
+        max_duration=3600.0,
+        warn_at=0.99,
+        tool_timeout=3600.0,
+    )
+    async with (
+        ks.Runtime() as runtime,
+        runtime.session("bare") as bare,
+        runtime.session("limited", limits=LIMITS, sentinel=sentinel()) as limited,
+        runtime.session("timed", limits=timeout_limits, sentinel=sentinel()) as with_timeout,
+    ):
+        variants = {
+            BASELINE: timed(noop, batch),
+            "bare guard": timed(lambda: bare.call(noop, cost=0.01), batch),
+            "limits + 5 detectors": timed(lambda: limited.call(noop, cost=0.01), batch),
+            "... + tool timeout": timed(lambda: with_timeout.call(noop, cost=0.01), batch),
+        }
+        samples = await h.interleave(variants, reps=reps, warmup=warmup)
+        assert not limited.interrupted, limited.alerts
+    rows = rows_for(loop, batch, samples)
+    print_extra(rows)
+    return rows
+
+
+def print_extra(rows: list[h.Row]) -> None:
+    """The table, plus the extra ns per call over the baseline."""
+    h.print_table(rows)
+    for r in rows:
+        if "extra_p50_ns" in r.extra:
+            print(
+                f"  {r.loop:8} {r.variant:22} +{r.extra['extra_p50_ns']:.0f} ns/call p50, "
+                f"+{r.extra['extra_p99_ns']:.0f} ns/call p99 over {r.baseline}"
+            )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = h.make_parser(__doc__)
+    parser.add_argument("--batch", type=int, default=1000, help="calls per sample")
+    args = parser.parse_args(argv)
+    env = h.environment()
+    print(f"guard overhead with limits and detectors, per call   [{h.environment_line(env)}]")
+    rows: list[h.Row] = []
+    for loop in h.parse_loops(args.loops):
+        rows += h.run_on(loop, bench, loop, args.quick, args.batch)
+    print("\n== limits summary")
+    print_extra(rows)
+    if args.json:
+        h.write_json(args.json, NAME, rows, quick=args.quick)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
