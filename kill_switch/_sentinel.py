@@ -400,7 +400,8 @@ class Sentinel:
             instead of interrupting the session with reason ``sentinel_error``.
         cooldown: seconds during which further alerts of one detector, of no higher
             severity, are suppressed (counted, not audited).
-        max_detector_seconds: time box of one event's dispatch to all detectors.
+        max_detector_seconds: time box of one event's dispatch to all detectors,
+            measured on *clock* (an injected clock that stands still never trips it).
         on_alert: called with each alert that is not suppressed (must not block; an
             exception from it is a sentinel failure).
         clock: monotonic clock for windows and cooldowns (tests inject one).
