@@ -195,6 +195,7 @@ class Session:
         "_swept",
         "_tasks",
         "_tool_calls_cancelled",
+        "_tool_calls_running",
         "_tool_errors",
         "_tool_policy",
         "_tool_tasks",
@@ -262,6 +263,7 @@ class Session:
         self._stop_timer: asyncio.TimerHandle | None = None
         self._redeliver_delay = 0.0
         self._tool_calls_cancelled = 0
+        self._tool_calls_running = 0
         self._late_results = 0
         self._secondary: list[str] = []
         self._tool_errors: list[BaseException] = []
@@ -525,12 +527,20 @@ class Session:
         self._runtime._note_terminated(self)
         if self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
-        self._tool_calls_cancelled = self._calls_in_flight + sum(
-            1 for t in self._tool_tasks if t not in self._inflight
+        # Calls in flight outside tool tasks, plus every tool task (running a call or
+        # not yet started).
+        self._tool_calls_cancelled = (
+            self._calls_in_flight - self._tool_calls_running + len(self._tool_tasks)
         )
         self._scope.cancel()
-        for task in set(self._inflight) | self._tool_tasks:
+        for task in list(self._inflight):
             self._cancel_task(task)
+        msg = f"kill_switch: session {self.id} interrupted"
+        for task in self._tool_tasks:
+            # A tool task ends on this cancellation (it absorbs it): no uncancel
+            # bookkeeping needed, unless a nested call() registered it above.
+            if task not in self._inflight:
+                task.cancel(msg)
         for plane in self._planes:
             try:
                 plane.deliver(first)
@@ -555,7 +565,7 @@ class Session:
         self._stop_timer = self._loop.call_later(
             self.policy.stop_timeout, self._on_stop_timeout, context=self._runtime._context
         )
-        if self._inflight:
+        if self._inflight or self._tool_tasks:
             self._schedule_redeliver()
         self._check_quiet()
 
@@ -576,10 +586,14 @@ class Session:
     def _redeliver(self) -> None:
         """Level-triggered tool plane: a call that swallowed its cancellation and is still
         running is cancelled again, with back-off, until it leaves."""
-        if not self._inflight or self._handle.done():
+        if not (self._inflight or self._tool_tasks) or self._handle.done():
             return
         for task in list(self._inflight):
             self._cancel_task(task)
+        msg = f"kill_switch: session {self.id} interrupted"
+        for task in list(self._tool_tasks):
+            if task not in self._inflight:
+                task.cancel(msg)
         self._schedule_redeliver()
 
     def _on_stop_timeout(self) -> None:
@@ -1161,26 +1175,63 @@ class Session:
         tool: str | None,
         cost: float,
     ) -> None:
+        # The tool runs here directly, not through call(): one coroutine frame and no
+        # Interrupted built per task only to be absorbed, and the bookkeeping is done
+        # in this frame rather than in a done callback — together ~3 us per task on an
+        # interrupt's way out (benchmarks/bench_fanout.py).
+        task = _current_task(self._loop)
+        assert task is not None
+        task.remove_done_callback(self._tool_task_done)  # only for never-started tasks
+        error: BaseException | None = None
         try:
-            await self.call(fn, *args, tool=tool, cost=cost, **kwargs)
+            name = tool if tool is not None else _tool_name(fn)
+            decision = self._admit(name, args, kwargs, cost)
+            if decision is not None:
+                if self._requests:
+                    return  # blocked because the session is terminated: nothing to run
+                raise self._blocked(decision, name)
+            self._calls_in_flight += 1
+            self._tool_calls_running += 1
+            try:
+                if self._meter is not None:
+                    await self._meter(fn, args, kwargs, name, cost)
+                else:
+                    await fn(*args, **kwargs)
+            finally:
+                self._calls_in_flight -= 1
+                self._tool_calls_running -= 1
+            if self._requests:
+                self._late_results += 1  # the result is discarded anyway: count it
         except asyncio.CancelledError:
-            if self._requests or self._failing:
-                # Absorbed: this task group's own cancellation (the task ends here).
-                self._cancels.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
-                return
-            raise
+            if not (self._requests or self._failing):
+                raise
+            # Absorbed: this task group's own cancellation (the task ends here).
         except (Interrupted, ToolBlocked) as exc:
             if not self._is_own(exc):
-                raise
+                error = exc
+        except BaseException as exc:  # kept, and raised at the block's exit as a group
+            if self._requests and isinstance(exc.__context__, asyncio.CancelledError):
+                # A tool that turned the interrupt's cancellation into another error.
+                self._secondary.append(repr(exc))
+            else:
+                error = exc
+        finally:
+            self._tool_tasks.discard(task)
+            self._cancels.pop(task, None)
+            if error is not None:
+                self._tool_errors.append(error)
+                self._fail()
+            if not self._tool_tasks:
+                drained = self._drained
+                if drained is not None and not drained.done():
+                    drained.set_result(None)
+            if self._delivered_mono is not None:
+                self._check_quiet()
 
     def _tool_task_done(self, task: asyncio.Task[Any]) -> None:
+        """A tool task cancelled before its first step (its coroutine never ran)."""
         self._tool_tasks.discard(task)
         self._cancels.pop(task, None)
-        if not task.cancelled():
-            exc = task.exception()
-            if exc is not None:
-                self._tool_errors.append(exc)
-                self._fail()
         if not self._tool_tasks and self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
         self._check_quiet()
