@@ -9,12 +9,12 @@ from importlib.metadata import PackageNotFoundError, version
 
 from ._audit import AuditEvent as AuditEvent
 from ._audit import AuditSink as AuditSink
-from ._cleanup import Transaction as Transaction
 from ._audit_query import AuditLog as AuditLog
 from ._audit_query import AuditRecord as AuditRecord
 from ._audit_query import CascadeNode as CascadeNode
 from ._audit_query import VerifyResult as VerifyResult
 from ._audit_query import verify as verify_audit
+from ._cleanup import Transaction as Transaction
 from ._current import check as check
 from ._current import current_session as current_session
 from ._current import sleep as sleep
@@ -31,13 +31,13 @@ from ._policy import StopPolicy as StopPolicy
 from ._processes import EscalationPolicy as EscalationPolicy
 from ._processes import EscalationWarning as EscalationWarning
 from ._processes import TrackedProcess as TrackedProcess
+from ._report import CleanupReport as CleanupReport
 from ._report import InterruptRequest as InterruptRequest
 from ._report import Latency as Latency
 from ._report import LeakedTask as LeakedTask
 from ._report import ProcessReport as ProcessReport
 from ._report import StopReport as StopReport
 from ._report import ThreadReport as ThreadReport
-from ._report import CleanupReport as CleanupReport
 from ._runtime import Runtime as Runtime
 from ._session import Session as Session
 from ._shutdown import GracefulShutdown as GracefulShutdown

@@ -5,7 +5,6 @@ from __future__ import annotations
 import inspect
 import time
 from collections.abc import Awaitable, Callable
-from types import TracebackType
 from typing import TYPE_CHECKING, Literal
 
 import anyio
@@ -13,6 +12,8 @@ import anyio
 from ._report import CleanupReport
 
 if TYPE_CHECKING:
+    from types import TracebackType
+
     from ._session import Session
 
 Hook = Callable[[], "Awaitable[object] | object"]
@@ -66,8 +67,9 @@ async def run_hooks(
         report = CleanupReport(name, kind, outcome, time.monotonic() - started, error)
         reports.append(report)
         session._record(
-            kind, reason=error, details={"hook": name, "outcome": outcome,
-                                         "seconds": report.seconds}
+            kind,
+            reason=error,
+            details={"hook": name, "outcome": outcome, "seconds": report.seconds},
         )
     return reports
 
@@ -119,5 +121,8 @@ class Transaction:
             self._undo.clear()
             return
         self.state = "rolled_back"
-        reports = await run_hooks(self._session, self._undo, "rollback")
-        self._session._cleanup_reports.extend(reports)
+        # Each compensation is shielded and bounded on its own; this bound is their sum.
+        budget = (len(self._undo) + 1) * self._session.policy.cleanup_timeout
+        with anyio.move_on_after(budget, shield=True):
+            reports = await run_hooks(self._session, self._undo, "rollback")
+            self._session._cleanup_reports.extend(reports)

@@ -965,7 +965,7 @@ class ProcessPlane:
     def _warn(self, message: str) -> None:
         try:
             warnings.warn(message, EscalationWarning, stacklevel=2)
-        except Exception as exc:  # noqa: BLE001  (warnings-as-errors must not stop the ladder)
+        except Exception as exc:  # warnings-as-errors must not stop the ladder
             self.session._secondary.append(f"EscalationWarning raised: {exc!r}")
 
 

@@ -4,28 +4,31 @@ service tasks that finish stops."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import os
 import sys
 import threading
 import time
-from collections.abc import Coroutine, Mapping
-from typing import Any, Callable
+from collections.abc import Callable, Coroutine, Mapping
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
 from ._audit import SESSION_REFUSED, AuditEvent, AuditSink
 from ._current import _current_session
 from ._exceptions import SessionRefused
-from ._handle import InterruptHandle
-from ._info import SessionInfo
-from ._out_of_band import LoopMonitor
 from ._limits import Limits, LimitWarning
+from ._out_of_band import LoopMonitor
 from ._policy import StopPolicy
-from ._report import AuditStatus
 from ._sentinel import Sentinel
 from ._session import Session, ToolPolicy
 from ._triggers import bound_text
+
+if TYPE_CHECKING:
+    from ._handle import InterruptHandle
+    from ._info import SessionInfo
+    from ._report import AuditStatus
 
 _MAX_AGENT = 200
 _MAX_LABELS = 64
@@ -126,9 +129,7 @@ class Runtime:
     async def __aexit__(self, *exc_info: object) -> None:
         try:
             live = [s for s in self._sessions.values() if s._state != "created"]
-            handles = [
-                s.interrupt("runtime closing", trigger="shutdown") for s in live
-            ]
+            handles = [s.interrupt("runtime closing", trigger="shutdown") for s in live]
             with anyio.move_on_after(self.policy.stop_timeout + 1.0, shield=True):
                 for h in handles:
                     await h
@@ -151,7 +152,8 @@ class Runtime:
             loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, Any], **kwargs: Any
         ) -> asyncio.Task[Any]:
             if prev is not None:
-                task: asyncio.Task[Any] = prev(loop, coro, **kwargs)
+                # typeshed says a factory returns a Future; create_task needs a Task.
+                task: asyncio.Task[Any] = prev(loop, coro, **kwargs)  # type: ignore[assignment]
             else:
                 task = asyncio.Task(coro, loop=loop, **kwargs)
             ctx = kwargs.get("context")
@@ -272,10 +274,8 @@ class Runtime:
             del self._sessions[session.id]
         parent = session.parent
         if parent is not None and not session._requests:
-            try:
+            with contextlib.suppress(ValueError):
                 parent._children.remove(session)
-            except ValueError:
-                pass
 
     def _note_terminated(self, session: Session) -> None:
         self._terminated.add(session.id)
@@ -342,16 +342,15 @@ class Runtime:
             try:
                 sink.record(event)
             except Exception as exc:  # a sink must never raise; if it does, say so, go on
-                print(
+                sys.stderr.write(
                     f"kill_switch: audit sink failed to record {event.kind} "
-                    f"{event.event_id}: {exc!r}",
-                    file=sys.stderr,
+                    f"{event.event_id}: {exc!r}\n"
                 )
         for listener in self._listeners:
             try:
                 listener(event)
             except Exception as exc:  # a live view must never break the audit path
-                print(f"kill_switch: event listener {listener!r} failed: {exc!r}", file=sys.stderr)
+                sys.stderr.write(f"kill_switch: event listener {listener!r} failed: {exc!r}\n")
 
     async def _flush_audit(self) -> AuditStatus:
         sink = self._sink
@@ -361,8 +360,8 @@ class Runtime:
         with anyio.move_on_after(self.policy.audit_timeout, shield=True):
             try:
                 status = await sink.flush()
-            except Exception as exc:
-                print(f"kill_switch: audit flush failed: {exc!r}", file=sys.stderr)
+            except Exception as exc:  # reported; the stop's audit status says degraded
+                sys.stderr.write(f"kill_switch: audit flush failed: {exc!r}\n")
                 status = "degraded"
         return status
 

@@ -7,8 +7,8 @@ Planes of a stop handled here (see DESIGN.md, "One interrupt, four planes"):
   ``Task.cancel()`` and the cancellation is retracted with ``Task.uncancel()`` when the
   call turns it into ``Interrupted`` — the protocol ``asyncio.timeout`` uses. Why not one
   anyio scope per call: entering and leaving a ``CancelScope`` costs ~5.7 µs, five times
-  the guard's whole budget, and an anyio task-group cancel of N parked tasks takes 2-2.7×
-  raw asyncio while this path takes 0.6-0.7× (benchmarks/bench_fanout.py).
+  the guard's whole budget, and an anyio task-group cancel of N parked tasks takes 2-2.7x
+  raw asyncio while this path takes 0.6-0.7x (benchmarks/bench_fanout.py).
 * **threads** — ``_flag`` (a ``threading.Event``) is set synchronously by ``interrupt()``
   in the caller's thread; ``check()`` and ``sleep()`` read it through the context.
 * **guard** — ``_requests`` is non-empty from the first ``interrupt()`` on, so every later
@@ -34,8 +34,8 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 import anyio
 import attrs
 
+from . import _processes, _threads
 from ._audit import (
-    OUT_OF_BAND,
     CANCELLED_BEFORE_START,
     ESCALATED,
     INTERRUPT_COMPLETED,
@@ -44,13 +44,13 @@ from ._audit import (
     INTERRUPT_REQUESTED,
     LATE_RESULT,
     LEAKED_TASK,
+    OUT_OF_BAND,
     SESSION_FINISHED,
     SESSION_STARTED,
     TOOL_BLOCKED,
     AuditEvent,
     new_id,
 )
-from . import _processes, _threads
 from ._cleanup import Hook, Transaction, _hook_name, check_hook, run_hooks
 from ._current import _current_session
 from ._decision import ALLOW, Decision, ToolCall
@@ -66,7 +66,6 @@ from ._limits import (
     LimitWarning,
     _current_cost,
 )
-from ._policy import StopPolicy
 from ._report import (
     CleanupReport,
     InterruptRequest,
@@ -80,6 +79,7 @@ from ._triggers import bound_operator, bound_reason, check_trigger
 if TYPE_CHECKING:
     from contextvars import Token
 
+    from ._policy import StopPolicy
     from ._runtime import Runtime
     from ._sentinel import Sentinel, Watch
 
@@ -372,10 +372,13 @@ class Session:
         exc: BaseException | None,
         tb: types.TracebackType | None,
     ) -> bool:
+        original = exc
         try:
             if self._scope.__exit__(exc_type, exc, tb):
                 exc = None
-        except BaseException as scope_exc:  # noqa: BLE001  (a new exception replaces exc)
+        # The scope raised anew: that exception replaces exc, and is raised (or
+        # absorbed, if it is this session's own) by _leave below.
+        except BaseException as scope_exc:  # noqa: ASYNC103
             exc = scope_exc
         finally:
             if self._ctx_token is not None:
@@ -387,23 +390,30 @@ class Session:
         if self._tool_tasks and not self._requests:
             if exc is not None:
                 self._fail()
-            await self._wait_tool_tasks()
+            # Deliberately not shielded: the structured wait for the tool task group is
+            # cancellable from outside, and then cancels the tool tasks and waits for
+            # them bounded and shielded itself (see _wait_tool_tasks).
+            await self._wait_tool_tasks()  # noqa: ASYNC102
 
         if self._requests:
             # Interrupted before the block ended (a request that raced the natural end
             # and whose delivery is still queued counts: exactly one terminal outcome).
             self._deliver()
-            await self._finish_stop(cleanup=True)
-            if self._cleanup_hooks:  # the stop was finished without them (unresponsive)
-                self._cleanup_reports.extend(
-                    await run_hooks(self, self._cleanup_hooks, "cleanup")
-                )
+            # Every await below is bounded and shielded on its own; this outer bound is
+            # the sum of those bounds, so the block can never outlive its policy.
+            with anyio.move_on_after(self._exit_budget(), shield=True):
+                await self._finish_stop(cleanup=True)
+                if self._cleanup_hooks:  # the stop finished without them (unresponsive)
+                    reports = await run_hooks(self, self._cleanup_hooks, "cleanup")
+                    self._cleanup_reports.extend(reports)
             self._state = "terminated"
             self._runtime._leave_session(self)
-            return self._absorb(exc)
+            return self._leave(self._absorb(exc), exc, original)
 
         if self._cleanup_hooks:
-            self._cleanup_reports.extend(await run_hooks(self, self._cleanup_hooks, "cleanup"))
+            with anyio.move_on_after(self._exit_budget(), shield=True):
+                reports = await run_hooks(self, self._cleanup_hooks, "cleanup")
+                self._cleanup_reports.extend(reports)
         self._state = "failed" if (exc is not None or self._tool_errors) else "finished"
         self._record(
             SESSION_FINISHED,
@@ -415,7 +425,21 @@ class Session:
             if exc is not None:
                 errors.insert(0, exc)
             raise BaseExceptionGroup(f"errors in tool tasks of session {self.id}", errors)
-        return False
+        return self._leave(False, exc, original)
+
+    def _exit_budget(self) -> float:
+        """The most the block's exit may take: the stop, each cleanup hook, the audit."""
+        p = self.policy
+        hooks = len(self._cleanup_hooks) + 1
+        return p.stop_timeout + hooks * p.cleanup_timeout + p.audit_timeout + 1.0
+
+    @staticmethod
+    def _leave(absorb: bool, exc: BaseException | None, original: BaseException | None) -> bool:
+        """What ``__aexit__`` returns: an exception the block's own machinery raised in
+        place of the body's is raised here (returning False would re-raise the body's)."""
+        if absorb or exc is None or exc is original:
+            return absorb
+        raise exc
 
     def _is_own(self, exc: BaseException) -> bool:
         """Whether *exc* was raised because this session was interrupted."""
@@ -685,9 +709,7 @@ class Session:
             await self._wait_quiet(self._delivered_mono + self.policy.stop_timeout)
             outcome = "stopped" if self._quiescent() else "unresponsive"
             if cleanup and self._cleanup_hooks:
-                self._cleanup_reports.extend(
-                    await run_hooks(self, self._cleanup_hooks, "cleanup")
-                )
+                self._cleanup_reports.extend(await run_hooks(self, self._cleanup_hooks, "cleanup"))
         if self._stop_timer is not None:
             self._stop_timer.cancel()
             self._stop_timer = None
@@ -1101,7 +1123,9 @@ class Session:
                 raise
             if not isinstance(exc, asyncio.CancelledError):
                 self._secondary.append(repr(exc))
-            raise self._interrupted_exc() from exc
+            # Our own native cancellation, turned into the user-facing exception at the
+            # one place that caught it (the call it was aimed at), its count retracted.
+            raise self._interrupted_exc() from exc  # noqa: ASYNC104
         finally:
             self._calls_in_flight -= 1
             n = inflight[task] - 1
@@ -1202,10 +1226,10 @@ class Session:
                 self._tool_calls_running -= 1
             if self._requests:
                 self._late_results += 1  # the result is discarded anyway: count it
-        except asyncio.CancelledError:
+        # Absorbed: this task group's own cancellation (the task ends here).
+        except asyncio.CancelledError:  # noqa: ASYNC103
             if not (self._requests or self._failing):
                 raise
-            # Absorbed: this task group's own cancellation (the task ends here).
         except (Interrupted, ToolBlocked) as exc:
             if not self._is_own(exc):
                 error = exc
@@ -1358,9 +1382,19 @@ class Session:
             Interrupted: the session was interrupted; nothing was started.
         """
         return await _processes.open_process(
-            self, command, stdin=stdin, stdout=stdout, stderr=stderr, cwd=cwd, env=env,
-            pass_fds=pass_fds, user=user, group=group, extra_groups=extra_groups,
-            umask=umask, escalation=escalation,
+            self,
+            command,
+            stdin=stdin,
+            stdout=stdout,
+            stderr=stderr,
+            cwd=cwd,
+            env=env,
+            pass_fds=pass_fds,
+            user=user,
+            group=group,
+            extra_groups=extra_groups,
+            umask=umask,
+            escalation=escalation,
         )
 
     async def run_process(
@@ -1391,14 +1425,24 @@ class Session:
             Interrupted: the session was interrupted before the process started.
         """
         return await _processes.run_process(
-            self, command, input=input, stdin=stdin, stdout=stdout, stderr=stderr,
-            check=check, cwd=cwd, env=env, pass_fds=pass_fds, user=user, group=group,
-            extra_groups=extra_groups, umask=umask, escalation=escalation,
+            self,
+            command,
+            input=input,
+            stdin=stdin,
+            stdout=stdout,
+            stderr=stderr,
+            check=check,
+            cwd=cwd,
+            env=env,
+            pass_fds=pass_fds,
+            user=user,
+            group=group,
+            extra_groups=extra_groups,
+            umask=umask,
+            escalation=escalation,
         )
 
-    def track_pid(
-        self, pid: int, *, escalation: _processes.EscalationPolicy | None = None
-    ) -> None:
+    def track_pid(self, pid: int, *, escalation: _processes.EscalationPolicy | None = None) -> None:
         """Adopt *pid*, started by other means, so that this session's interrupt stops it.
 
         Raises:

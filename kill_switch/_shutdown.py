@@ -17,7 +17,6 @@ import os
 import signal
 import threading
 import time
-from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -26,6 +25,8 @@ from ._audit import FORCED_EXIT, AuditEvent
 from ._watchdog import Watchdog
 
 if TYPE_CHECKING:
+    from types import FrameType, TracebackType
+
     from ._runtime import Runtime
 
 SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT)

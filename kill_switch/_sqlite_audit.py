@@ -626,7 +626,7 @@ class SqliteAudit:
                 _fallback_lines([event], "recorded after the audit log closed")
                 return
             self._wake_writer()
-        except Exception as exc:  # noqa: BLE001  (the contract: a sink never raises into a stop)
+        except Exception as exc:  # the contract: a sink never raises into a stop
             _stderr(f"kill_switch: audit record failed: {exc!r}")
 
     def _wake_writer(self) -> None:
@@ -821,7 +821,7 @@ class SqliteAudit:
             seq, head, inserted = await _on_connection(
                 db, lambda conn: store.commit(conn, events, replay, dedup)
             )
-        except Exception as exc:  # noqa: BLE001  (any disk-path failure: spool, never raise)
+        except Exception as exc:  # any disk-path failure: spool, never raise
             self._failed(exc)
             if not _is_busy(exc):
                 await self._disconnect()
@@ -874,7 +874,7 @@ class SqliteAudit:
             await db
             max_bytes = self._max_bytes
             await _on_connection(db, lambda conn: store.setup(conn, max_bytes))
-        except Exception as exc:  # noqa: BLE001  (unopenable/read-only/corrupt/newer: spool)
+        except Exception as exc:  # unopenable/read-only/corrupt/newer: spool
             self._failed(exc)
             if db is not None:
                 self._db = db
@@ -893,7 +893,7 @@ class SqliteAudit:
             try:
                 await db.close()
                 closed = True
-            except Exception as exc:  # noqa: BLE001  (a broken connection may fail to close)
+            except Exception as exc:  # a broken connection may fail to close
                 _stderr(f"kill_switch: closing audit database failed: {exc!r}")
             # After a failed connect aiosqlite stops its thread without waiting for it; the
             # thread then posts to this loop, which must still be open (aiosqlite#241).

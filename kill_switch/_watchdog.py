@@ -22,6 +22,7 @@ a host's own (pytest's ``faulthandler_timeout``, say) and disarming cancels it.
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import os
 import sys
@@ -41,10 +42,8 @@ Action = Callable[[], object]
 
 
 def _stderr(text: str) -> None:
-    try:
+    with contextlib.suppress(OSError):  # nowhere left to report to
         os.write(2, text.encode("utf-8", "backslashreplace"))
-    except OSError:
-        pass
 
 
 class Watchdog:
@@ -83,9 +82,7 @@ class Watchdog:
         self._deadline: float | None = None  # monotonic
         self._reason = ""
         self._side: IO[str] | None = None
-        self._thread = threading.Thread(
-            target=self._run, name="kill_switch watchdog", daemon=True
-        )
+        self._thread = threading.Thread(target=self._run, name="kill_switch watchdog", daemon=True)
         self._thread.start()
 
     @property
@@ -143,20 +140,21 @@ class Watchdog:
             f"forcing exit with status {self.exit_code} (pid {os.getpid()})\n"
         )
         _stderr(header)
-        for target in (self._side, sys.stderr):
-            if target is None:
-                continue
-            try:
-                if target is self._side:
-                    target.write(header)
-                    target.flush()
+        targets: list[IO[str]] = [sys.stderr]
+        if self._side is not None:
+            targets.insert(0, self._side)
+            with contextlib.suppress(OSError, ValueError):
+                self._side.write(header)
+                self._side.flush()
+        for target in targets:
+            with contextlib.suppress(OSError, ValueError):  # a closed stream: go on exiting
                 faulthandler.dump_traceback(file=target, all_threads=True)
-            except (OSError, ValueError):
-                pass
         for name, action in self._actions:
             done = threading.Event()
 
-            def run(action: Action = action, done: threading.Event = done, name: str = name) -> None:
+            def run(
+                action: Action = action, done: threading.Event = done, name: str = name
+            ) -> None:
                 try:
                     action()
                 except Exception as exc:  # reported; the forced exit goes on regardless

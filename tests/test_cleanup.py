@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import threading
 import time
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anyio
 import pytest
 
 import kill_switch as ks
-from kill_switch.testing import MemoryAudit
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from kill_switch.testing import MemoryAudit
 
 pytestmark = pytest.mark.both_loops
 
@@ -26,7 +30,11 @@ async def test_rollbacks_run_in_reverse_exactly_once_on_interrupt(audit: MemoryA
         async with runtime.session("a") as session:
             async with session.transaction() as tx:
                 for step in ("create branch", "push commit", "open PR"):
-                    tx.on_rollback(lambda step=step: undone.append(step), name=step)
+
+                    def undo(step: str = step) -> None:
+                        undone.append(step)
+
+                    tx.on_rollback(undo, name=step)
                 session.interrupt("x", trigger="operator")
                 await park()
     assert undone == ["open PR", "push commit", "create branch"]
@@ -57,7 +65,7 @@ async def test_transaction_rolls_back_on_error_and_reraises() -> None:
     """An exception rolls back and still propagates."""
     undone: list[str] = []
     async with ks.Runtime() as runtime:
-        with pytest.raises(ValueError, match="boom"):
+        with pytest.raises(ValueError, match="boom"):  # noqa: PT012  (the whole block raises)
             async with runtime.session("a") as session, session.transaction() as tx:
                 tx.on_rollback(lambda: undone.append("x"))
                 raise ValueError("boom")

@@ -5,12 +5,15 @@ from __future__ import annotations
 import os
 import threading
 import time
+from typing import TYPE_CHECKING
 
 import anyio
 import pytest
 
 import kill_switch as ks
-from kill_switch.testing import MemoryAudit
+
+if TYPE_CHECKING:
+    from kill_switch.testing import MemoryAudit
 
 TREE = "sleep 300 & echo ready; wait"
 
@@ -47,7 +50,7 @@ async def _block_loop_and_interrupt(
     thread = threading.Thread(target=interrupter)
     thread.start()
     # The agent blocks its own event loop (a sync call inside a coroutine).
-    done.wait(bound + 5)  # noqa: ASYNC110  (blocking the loop is the point of this test)
+    done.wait(bound + 5)
     thread.join()
     return seen
 

@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager, suppress
 from typing import TYPE_CHECKING, Any
 
 import anyio
-import psutil  # type: ignore[import-untyped]  # no types-psutil in the dev extra
+import psutil
 import pytest
 
 import kill_switch as ks

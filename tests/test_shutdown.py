@@ -120,8 +120,8 @@ def test_negative_control_without_watchdog_hung_cleanup_outlives_deadline(
     script.write_text(
         CHILD.read_text().replace(
             'print("ready", flush=True)',
-            'shutdown.watchdog.disarm = lambda: None\n'
-            '                shutdown.watchdog.arm = lambda *a, **k: None\n'
+            "shutdown.watchdog.disarm = lambda: None\n"
+            "                shutdown.watchdog.arm = lambda *a, **k: None\n"
             '                print("ready", flush=True)',
         )
     )
@@ -154,7 +154,7 @@ def test_graceful_shutdown_refuses_non_main_thread() -> None:
     def run() -> None:
         try:
             anyio.run(main)
-        except BaseException as exc:  # noqa: BLE001  (collected for the assertion)
+        except BaseException as exc:
             errors.append(exc)
 
     import threading
