@@ -6,7 +6,13 @@ No LLM: each agent is a loop of tool calls. The fleet shows
 * ``builder`` — a process tree (a shell with grandchildren and a child that ignores
   SIGTERM) and a blocking sync tool in a worker thread, stopped from another thread as
   an operator would; its sub-agent ``linter`` is stopped with it (parent cascade);
-* ``summarizer`` — finishes normally.
+* ``summarizer`` — finishes normally;
+* ``looper`` — calls the same tool with the same arguments again and again, stopped by
+  the sentinel's repeated-call detector;
+* ``spender`` — overspends, stopped by its cost budget.
+
+The fleet runs under ``graceful_shutdown``: Ctrl-C stops every session (trigger
+``shutdown``) and the watchdog guarantees the process ends.
 
 Then it checks, independently of the reports, that no process of the fleet is alive and
 that the audit chain verifies.
@@ -22,12 +28,15 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from ._current import sleep as ks_sleep
+from ._limits import Limits
 from ._policy import StopPolicy
 from ._runtime import Runtime
+from ._sentinel import Sentinel
 
 if TYPE_CHECKING:
     from ._report import StopReport
     from ._session import Session
+from ._shutdown import graceful_shutdown
 
 #: The supervisor's SLA for the researcher, and when the operator presses kill on the
 #: builder. Short, so the demo finishes in a few seconds.
@@ -95,6 +104,22 @@ async def _summarizer(runtime: Runtime, done: list[Session]) -> None:
             await session.call(_summarise, text, tool="summarise", cost=0.01)
 
 
+async def _looper(runtime: Runtime, done: list[Session]) -> None:
+    """An agent stuck in a loop: the same call, the same arguments, forever."""
+    async with runtime.session("looper", sentinel=Sentinel()) as session:
+        done.append(session)
+        while True:
+            await session.call(_summarise, "is it done yet?", tool="status")
+
+
+async def _spender(runtime: Runtime, done: list[Session]) -> None:
+    """An agent that pays for every call and does not watch its budget."""
+    async with runtime.session("spender", limits=Limits(max_cost=1.0)) as session:
+        done.append(session)
+        for page in range(100):
+            await session.call(_summarise, f"page {page}", tool="translate", cost=0.3)
+
+
 async def _supervisor(runtime: Runtime) -> None:
     """An SLA supervisor: past its deadline, the researcher is interrupted."""
     await anyio.sleep(SLA)
@@ -149,16 +174,24 @@ def _print_report(report: StopReport) -> None:
 async def _main(db: str | None) -> int:
     done: list[Session] = []
     ready = anyio.Event()
-    async with Runtime(audit=db) as runtime, anyio.create_task_group() as tg:
-        tg.start_soon(_researcher, runtime, done)
-        tg.start_soon(_builder, runtime, done, ready)
-        tg.start_soon(_summarizer, runtime, done)
-        tg.start_soon(_supervisor, runtime)
-        await ready.wait()
-        await anyio.sleep(OPERATOR_AFTER - SLA)
-        operator = threading.Thread(target=_operator_kill, args=(runtime,))
-        operator.start()
-        await anyio.to_thread.run_sync(operator.join)
+    async with Runtime(audit=db) as runtime:
+        async with (
+            graceful_shutdown(runtime, deadline=10.0) as shutdown,
+            anyio.create_task_group() as tg,
+        ):
+            tg.start_soon(_researcher, runtime, done)
+            tg.start_soon(_builder, runtime, done, ready)
+            tg.start_soon(_summarizer, runtime, done)
+            tg.start_soon(_looper, runtime, done)
+            tg.start_soon(_spender, runtime, done)
+            tg.start_soon(_supervisor, runtime)
+            await ready.wait()
+            await anyio.sleep(OPERATOR_AFTER - SLA)
+            operator = threading.Thread(target=_operator_kill, args=(runtime,))
+            operator.start()
+            await anyio.to_thread.run_sync(operator.join)
+        if shutdown.signal is not None:
+            print(f"\nstopped by {shutdown.signal.name}")
 
     failures: list[str] = []
     for session in done:

@@ -698,6 +698,10 @@ class ProcessPlane:
         """``{"processes": ...}``: one ``ProcessReport`` per process of the stop."""
         return {"processes": tuple(g.report() for g in self._stopping)}
 
+    def busy(self) -> bool:
+        """Whether a tracked process is still running (the block's end stops it)."""
+        return any(g.stage == "running" for g in self._groups.values())
+
     # -- out of band
 
     def force(self, path: str) -> None:

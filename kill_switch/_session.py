@@ -112,6 +112,10 @@ class Plane(Protocol):
     def report_fields(self) -> dict[str, Any]:
         """Fields this plane contributes to the ``StopReport``."""
 
+    # Optional: ``busy() -> bool``, whether the plane still runs work (a process) that
+    # the block's end must stop; ``force(path)``, stop what can be stopped from any
+    # thread without the loop (the out-of-band path and the watchdog).
+
 
 if sys.version_info >= (3, 12):
 
@@ -127,6 +131,12 @@ else:
 
     def _current_task(loop: asyncio.AbstractEventLoop) -> asyncio.Task[Any] | None:
         return _current_tasks.get(loop)
+
+
+def _busy(plane: Plane) -> bool:
+    """Whether *plane* still runs work of its own (optional part of the protocol)."""
+    busy = getattr(plane, "busy", None)
+    return bool(busy()) if busy is not None else False
 
 
 def _tool_name(fn: object) -> str:
@@ -395,6 +405,16 @@ class Session:
             # them bounded and shielded itself (see _wait_tool_tasks).
             await self._wait_tool_tasks()  # noqa: ASYNC102
 
+        exit_stop = False
+        if not self._requests and any(_busy(p) for p in self._planes):
+            # The block ended (an error, a cancellation from an enclosing scope, or a
+            # plain return) while a plane still runs work — a process tree, say. Nothing
+            # of a session outlives its block: stop it through the one entry point, as
+            # its enclosing code's doing. The block's own exception still propagates.
+            why = "returned" if exc is None else f"exited with {type(exc).__name__}"
+            self.interrupt(f"session block {why} while its work still ran", trigger="parent")
+            exit_stop = True
+
         if self._requests:
             # Interrupted before the block ended (a request that raced the natural end
             # and whose delivery is still queued counts: exactly one terminal outcome).
@@ -408,7 +428,8 @@ class Session:
                     self._cleanup_reports.extend(reports)
             self._state = "terminated"
             self._runtime._leave_session(self)
-            return self._leave(self._absorb(exc), exc, original)
+            absorb = exc is None if exit_stop else self._absorb(exc)
+            return self._leave(absorb, exc, original)
 
         if self._cleanup_hooks:
             with anyio.move_on_after(self._exit_budget(), shield=True):
@@ -507,6 +528,15 @@ class Session:
         self._record(
             INTERRUPT_REQUESTED, trigger=req.trigger, reason=req.reason, operator=req.operator
         )
+        # Children now, in the caller's thread, not when the loop delivers: what the
+        # interrupt already stops synchronously (a sync tool waking in ks.sleep) can
+        # end a child's block before the loop runs, and the child must know why.
+        for child in list(self._children):
+            child.interrupt(
+                f"parent session {self.id} interrupted: {req.reason}",
+                trigger="parent",
+                operator=req.operator,
+            )
         monitor = self._runtime._monitor
         if monitor is not None:
             monitor.watch(self, req.requested_mono)
@@ -570,19 +600,12 @@ class Session:
                 plane.deliver(first)
             except Exception as exc:  # a plane must not stop the others from stopping
                 self._secondary.append(f"plane {type(plane).__name__}.deliver: {exc!r}")
-        children = [c for c in self._children if not c._requests]
-        for child in children:
-            child.interrupt(
-                f"parent session {self.id} interrupted: {first.reason}",
-                trigger="parent",
-                operator=first.operator,
-            )
         self._record(
             INTERRUPT_DELIVERED,
             trigger=first.trigger,
             details={
                 "tool_calls": self._tool_calls_cancelled,
-                "children": [c.id for c in children],
+                "children": [c.id for c in self._children],
                 "seconds": self._delivered_mono - first.requested_mono,
             },
         )

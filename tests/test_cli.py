@@ -33,6 +33,8 @@ def test_demo_runs_and_audit_verifies_then_detects_a_changed_byte(tmp_path: Path
     assert "by supervisor" in demo.stdout
     assert "by operator (ops-oncall)" in demo.stdout
     assert "by parent" in demo.stdout
+    assert "by sentinel" in demo.stdout
+    assert "by budget" in demo.stdout
     assert "SIGKILL" in demo.stdout
     assert "summarizer) — finished" in demo.stdout
 

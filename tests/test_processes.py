@@ -593,3 +593,35 @@ async def test_bad_escalation_and_pid_arguments() -> None:
             session.track_pid(os.getpid())
         with pytest.raises(ProcessLookupError):
             session.track_pid(2**22 + 12345)
+
+
+async def test_processes_do_not_outlive_a_session_cancelled_from_outside() -> None:
+    """A session ended by an enclosing scope's cancellation (not an interrupt) still
+    stops its process tree: nothing of a session outlives its block."""
+    async with ks.Runtime() as runtime:
+        with anyio.move_on_after(60) as outer:
+            async with runtime.session("a") as session:
+                proc = await session.open_process(
+                    ["sh", "-c", "sleep 300 & echo ready; wait"], stdin=None, stderr=None
+                )
+                assert proc.stdout is not None
+                await proc.stdout.receive()
+                with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:  # noqa: ASYNC230
+                    grandchild = [int(p) for p in f.read().split()]
+                outer.cancel()
+                await anyio.sleep_forever()
+    assert outer.cancelled_caught
+    assert session.report is not None
+    assert session.report.trigger == "parent"
+    assert not any(alive(p) for p in [proc.pid, *grandchild])
+
+
+async def test_processes_do_not_outlive_a_session_that_returns() -> None:
+    """A block that returns while a tracked process still runs stops it too."""
+    async with ks.Runtime() as runtime:
+        async with runtime.session("a") as session:
+            proc = await session.open_process(["sleep", "300"], stdin=None, stderr=None)
+        assert session.state == "terminated"
+        assert session.report is not None
+        assert "returned" in session.report.reason
+        assert not alive(proc.pid)
