@@ -586,3 +586,18 @@ async def test_operator_first_then_deadline_and_budget_in_the_same_instant() -> 
     assert report is not None
     assert (report.trigger, report.operator) == ("operator", "oncall")
     assert [r.trigger for r in report.later] == ["deadline", "budget"]
+
+
+async def test_report_cost_from_a_sync_tool_thread() -> None:
+    """A sync tool run by run_sync reports its actual cost from its worker thread."""
+
+    def sync_tool() -> str:
+        assert report_cost(0.3)
+        return "done"
+
+    async with ks.Runtime() as runtime:
+        async with runtime.session("a", limits=Limits(max_cost=1.0)) as session:
+            assert await session.run_sync(sync_tool, cost=0.9) == "done"
+            budget = session.budget()
+            assert budget is not None
+            assert budget["spent"] == pytest.approx(0.3)
