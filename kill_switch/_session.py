@@ -896,16 +896,20 @@ class Session:
             reason=reason,
             details={"tool": tool, "owner": owner.session.id, **owner.statistics()},
         )
-        if owner.session is not self:
-            # A limit of an ancestor: nothing under it may go on either.
+        if owner.session is self:
             if code == "deadline":
-                owner.fire_deadline()
+                owner.fire_deadline()  # exactly once, shared with the loop timer
             else:
-                owner.session.interrupt(reason, trigger=trigger)
-        elif code == "deadline":
-            owner.fire_deadline()
+                self.interrupt(reason, trigger=trigger)
             return
+        # A limit of an ancestor: this session first (so that its own reason is the
+        # limit, not the cascade from the ancestor), then the ancestor, and with it
+        # everything under it.
         self.interrupt(reason, trigger=trigger)
+        if code == "deadline":
+            owner.fire_deadline()
+        else:
+            owner.session.interrupt(reason, trigger=trigger)
 
     def _pick_meter(self) -> _Meter | None:
         """What runs an admitted call: ``None`` (a plain await, nothing to account for),
