@@ -15,6 +15,7 @@ from ._audit_query import CascadeNode as CascadeNode
 from ._audit_query import VerifyResult as VerifyResult
 from ._audit_query import verify as verify_audit
 from ._cleanup import Transaction as Transaction
+from ._current import bind as bind
 from ._current import check as check
 from ._current import current_session as current_session
 from ._current import sleep as sleep
@@ -27,6 +28,10 @@ from ._exceptions import SessionRefused as SessionRefused
 from ._exceptions import ToolBlocked as ToolBlocked
 from ._handle import InterruptHandle as InterruptHandle
 from ._info import SessionInfo as SessionInfo
+from ._limits import Limits as Limits
+from ._limits import LimitWarning as LimitWarning
+from ._limits import ToolRules as ToolRules
+from ._limits import report_cost as report_cost
 from ._policy import StopPolicy as StopPolicy
 from ._processes import EscalationPolicy as EscalationPolicy
 from ._processes import EscalationWarning as EscalationWarning
@@ -39,11 +44,24 @@ from ._report import ProcessReport as ProcessReport
 from ._report import StopReport as StopReport
 from ._report import ThreadReport as ThreadReport
 from ._runtime import Runtime as Runtime
+from ._sentinel import Alert as Alert
+from ._sentinel import CallRate as CallRate
+from ._sentinel import CostVelocity as CostVelocity
+from ._sentinel import DeniedCalls as DeniedCalls
+from ._sentinel import Detector as Detector
+from ._sentinel import ErrorStreak as ErrorStreak
+from ._sentinel import RepeatedCall as RepeatedCall
+from ._sentinel import Sentinel as Sentinel
+from ._sentinel import default_detectors as default_detectors
 from ._session import Session as Session
 from ._shutdown import GracefulShutdown as GracefulShutdown
 from ._shutdown import graceful_shutdown as graceful_shutdown
 from ._sqlite_audit import AuditStatistics as AuditStatistics
 from ._sqlite_audit import SqliteAudit as SqliteAudit
+from ._supervisor import Supervisor as Supervisor
+from ._supervisor import supervise as supervise
+from ._threads import abandoned_threads as abandoned_threads
+from ._threads import from_thread as from_thread
 from ._triggers import TRIGGERS as TRIGGERS
 from ._triggers import Trigger as Trigger
 from ._watchdog import EXIT_FORCED as EXIT_FORCED
@@ -59,14 +77,20 @@ __all__ = [
     "EXIT_FORCED",
     "EXIT_FORCED_C_LEVEL",
     "TRIGGERS",
+    "Alert",
     "AuditEvent",
     "AuditLog",
     "AuditRecord",
     "AuditSink",
     "AuditStatistics",
+    "CallRate",
     "CascadeNode",
     "CleanupReport",
+    "CostVelocity",
     "Decision",
+    "DeniedCalls",
+    "Detector",
+    "ErrorStreak",
     "EscalationPolicy",
     "EscalationWarning",
     "GracefulShutdown",
@@ -77,26 +101,38 @@ __all__ = [
     "Latency",
     "LeakedTask",
     "LimitExceeded",
+    "LimitWarning",
+    "Limits",
     "ProcessReport",
+    "RepeatedCall",
     "Runtime",
+    "Sentinel",
     "Session",
     "SessionInfo",
     "SessionRefused",
     "SqliteAudit",
     "StopPolicy",
     "StopReport",
+    "Supervisor",
     "ThreadReport",
     "ToolBlocked",
     "ToolCall",
+    "ToolRules",
     "TrackedProcess",
     "Transaction",
     "Trigger",
     "VerifyResult",
     "Watchdog",
+    "abandoned_threads",
+    "bind",
     "check",
     "current_session",
+    "default_detectors",
+    "from_thread",
     "graceful_shutdown",
+    "report_cost",
     "sleep",
+    "supervise",
     "verify_audit",
 ]
 
