@@ -29,13 +29,18 @@ def _add_demo(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -
         help="audit database (default: $KILL_SWITCH_AUDIT_DB or kill-switch-audit.db)",
     )
     demo.add_argument("--no-audit", action="store_true", help="run without a durable audit log")
+    demo.add_argument(
+        "--keep-serving",
+        action="store_true",
+        help="keep the dashboard up after the fleet has stopped (until Ctrl-C)",
+    )
     demo.set_defaults(func=_run_demo)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
     from ._demo import run
 
-    return run(db=args.db, audit=not args.no_audit)
+    return run(db=args.db, audit=not args.no_audit, keep_serving=args.keep_serving)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -20,6 +20,7 @@ that the audit chain verifies.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
@@ -34,6 +35,8 @@ from ._runtime import Runtime
 from ._sentinel import Sentinel
 
 if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
     from ._report import StopReport
     from ._session import Session
 from ._shutdown import graceful_shutdown
@@ -171,10 +174,26 @@ def _print_report(report: StopReport) -> None:
         print(f"  thread {t.name} ({t.tool}): {t.outcome}{secs}")
 
 
-async def _main(db: str | None) -> int:
+@contextlib.asynccontextmanager
+async def _dashboard(runtime: Runtime, db: str | None) -> AsyncIterator[None]:
+    """Serve the control plane while the fleet runs, if the server extra is installed."""
+    try:
+        from . import control
+    except ImportError as exc:
+        print(f"(no dashboard: {exc})")
+        yield
+        return
+    token, entry = control.new_token("operator", "demo-operator")
+    async with control.serve(runtime, tokens=[entry], audit_path=db) as server:
+        # The token travels in the URL fragment, which browsers never send to a server.
+        print(f"dashboard: {server.url}/#token={token}")
+        yield
+
+
+async def _main(db: str | None, keep_serving: bool) -> int:
     done: list[Session] = []
     ready = anyio.Event()
-    async with Runtime(audit=db) as runtime:
+    async with Runtime(audit=db) as runtime, _dashboard(runtime, db):
         async with (
             graceful_shutdown(runtime, deadline=10.0) as shutdown,
             anyio.create_task_group() as tg,
@@ -192,6 +211,10 @@ async def _main(db: str | None) -> int:
             await anyio.to_thread.run_sync(operator.join)
         if shutdown.signal is not None:
             print(f"\nstopped by {shutdown.signal.name}")
+        elif keep_serving:
+            print("the fleet has stopped; the dashboard stays up until Ctrl-C")
+            async with graceful_shutdown(runtime, deadline=5.0):
+                await anyio.sleep_forever()
 
     failures: list[str] = []
     for session in done:
@@ -221,13 +244,13 @@ async def _main(db: str | None) -> int:
     return 0
 
 
-def run(*, db: str | None = None, audit: bool = True) -> int:
+def run(*, db: str | None = None, audit: bool = True, keep_serving: bool = False) -> int:
     """Run the demo; return the process exit code."""
     from ._audit_cli import DEFAULT_DB, ENV_DB
 
     path = (db or os.environ.get(ENV_DB) or DEFAULT_DB) if audit else None
     if path is not None:
         print(f"audit log: {path}")
-    rc: Any = anyio.run(_main, path)
+    rc: Any = anyio.run(_main, path, keep_serving)
     sys.stdout.flush()
     return int(rc)

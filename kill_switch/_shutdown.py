@@ -60,9 +60,8 @@ class GracefulShutdown:
         self.runtime = runtime
         self.deadline = deadline
         self.signal: signal.Signals | None = None
-        self.watchdog = Watchdog(traceback_file=traceback_file)
-        self.watchdog.add_action("audit", self._record_forced_exit)
-        self.watchdog.add_action("processes", self._kill_process_groups)
+        self._traceback_file = traceback_file
+        self.watchdog: Watchdog | None = None  # its thread starts on entry
         self._count = 0
         self._scope = anyio.CancelScope()
         self._previous: dict[int, Any] = {}
@@ -75,12 +74,17 @@ class GracefulShutdown:
 
     def disarm(self) -> None:
         """Let the process live on after a signal-started shutdown."""
-        self.watchdog.disarm()
+        if self.watchdog is not None:
+            self.watchdog.disarm()
 
     async def __aenter__(self) -> GracefulShutdown:
         if threading.current_thread() is not threading.main_thread():
             raise RuntimeError("graceful_shutdown() must run in the main thread")
         self._loop = asyncio.get_running_loop()
+        # Started now, armed later: arming in a signal handler starts no thread.
+        self.watchdog = Watchdog(traceback_file=self._traceback_file)
+        self.watchdog.add_action("audit", self._record_forced_exit)
+        self.watchdog.add_action("processes", self._kill_process_groups)
         for sig in SHUTDOWN_SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
         self._scope.__enter__()
@@ -95,7 +99,7 @@ class GracefulShutdown:
         try:
             swallowed = self._scope.__exit__(exc_type, exc, tb)
         finally:
-            if self.signal is not None:
+            if self.signal is not None and self.watchdog is not None:
                 handles = [s.handle for s in self.runtime._sessions.values()]
                 remaining = (self.watchdog.deadline or 0) - time.monotonic()
                 with anyio.move_on_after(max(0.0, remaining), shield=True):
@@ -106,6 +110,7 @@ class GracefulShutdown:
         if self.signal is None:
             for sig, previous in self._previous.items():
                 signal.signal(sig, previous)
+            self.disarm()  # no shutdown began: the watchdog's thread ends
         return bool(swallowed)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
@@ -116,7 +121,8 @@ class GracefulShutdown:
             os._exit(128 + signum)
         self.signal = sig
         os.write(2, f"kill_switch: {sig.name} received, stopping every session\n".encode())
-        self.watchdog.arm(self.deadline, reason=f"shutdown on {sig.name}")
+        if self.watchdog is not None:
+            self.watchdog.arm(self.deadline, reason=f"shutdown on {sig.name}")
         self.runtime.interrupt_all(f"received {sig.name}", trigger="shutdown")
         if self._loop is not None:
             # Writes the loop's self-pipe: wakes a loop parked in select().
