@@ -27,6 +27,7 @@ from ._exceptions import LimitExceeded as LimitExceeded
 from ._exceptions import SessionRefused as SessionRefused
 from ._exceptions import ToolBlocked as ToolBlocked
 from ._handle import InterruptHandle as InterruptHandle
+from ._info import CallInfo as CallInfo
 from ._info import SessionInfo as SessionInfo
 from ._limits import Limits as Limits
 from ._limits import LimitWarning as LimitWarning
@@ -83,6 +84,7 @@ __all__ = [
     "AuditRecord",
     "AuditSink",
     "AuditStatistics",
+    "CallInfo",
     "CallRate",
     "CascadeNode",
     "CleanupReport",

@@ -10,6 +10,14 @@ State = Literal["created", "running", "interrupting", "terminated", "finished", 
 
 
 @attrs.frozen
+class CallInfo:
+    """A tool call in flight in a task other than the session's body, as it was."""
+
+    task: str  # the task's name
+    coro: str  # the qualified name of the coroutine the task runs
+
+
+@attrs.frozen
 class SessionInfo:
     """A session as it was when ``info()`` was called."""
 

@@ -56,7 +56,7 @@ from ._current import _current_session
 from ._decision import ALLOW, Decision, ToolCall
 from ._exceptions import Interrupted, LimitExceeded, ToolBlocked
 from ._handle import InterruptHandle
-from ._info import SessionInfo, State
+from ._info import CallInfo, SessionInfo, State
 from ._limits import (
     LIMIT_EXCEEDED,
     LIMIT_WARNING,
@@ -334,6 +334,13 @@ class Session:
             interrupt_trigger=first.trigger if first else None,
             interrupt_reason=first.reason if first else None,
         )
+
+    def calls(self) -> tuple[CallInfo, ...]:
+        """Snapshots of the tool calls in flight in tasks other than the body (tool
+        tasks, tasks of a task group, tasks outside the block); the body's own call, if
+        any, counts in ``info().calls_in_flight`` only."""
+        tasks = dict.fromkeys([*self._tool_tasks, *self._inflight])
+        return tuple(CallInfo(t.get_name(), _coro_name(t)) for t in tasks if not t.done())
 
     def add_plane(self, plane: Plane) -> None:
         """Register a part of the session an interrupt must also stop.

@@ -169,15 +169,7 @@ def _plane_rows(session: Session) -> dict[str, Any]:
                 threads.append(
                     {"name": w.name, "ident": w.ident, "tool": w.tool, "exited": bool(w.exited)}
                 )
-    calls = []
-    for task in list(session._inflight):
-        coro = task.get_coro()
-        calls.append(
-            {
-                "task": task.get_name(),
-                "coro": getattr(coro, "__qualname__", None) or type(coro).__name__,
-            }
-        )
+    calls = [{"task": c.task, "coro": c.coro} for c in session.calls()]
     budget = getattr(session, "budget", None)  # the ledger's snapshot, where sessions have one
     alerts = getattr(session, "alerts", ())
     return {
