@@ -732,7 +732,7 @@ def _cli(*argv: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
     import sys
 
     proc = subprocess.run(
-        [sys.executable, "-m", "kill_switch._control_cli", *argv],
+        [sys.executable, "-m", "kill_switch", *argv],
         capture_output=True,
         text=True,
         timeout=60,

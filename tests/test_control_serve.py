@@ -27,7 +27,7 @@ def test_serve_runs_until_sigterm_and_refuses_to_run_open(tmp_path: Path) -> Non
     """`serve --port 0` prints its URL, answers, and exits 0 on SIGTERM; with no token
     configured it refuses to start (exit 2)."""
     env = {**os.environ, "KILL_SWITCH_TOKENS": ",".join(e.line() for e in ENTRIES)}
-    cmd = [sys.executable, "-m", "kill_switch._control_cli", "serve", "--port", "0"]
+    cmd = [sys.executable, "-m", "kill_switch", "serve", "--port", "0"]
     with subprocess.Popen(
         [*cmd, "--audit-db", str(tmp_path / "a.db")],
         stdout=subprocess.PIPE,
