@@ -21,6 +21,14 @@ from ._current import current_session as current_session
 from ._current import sleep as sleep
 from ._decision import Decision as Decision
 from ._decision import ToolCall as ToolCall
+from ._drill import DrillCheck as DrillCheck
+from ._drill import DrillObjectives as DrillObjectives
+from ._drill import DrillResult as DrillResult
+from ._drill import DrillShape as DrillShape
+from ._drill import DrillSummary as DrillSummary
+from ._drill import DrillVerdict as DrillVerdict
+from ._drill import drill as drill
+from ._drill import run_drills as run_drills
 from ._exceptions import Interrupted as Interrupted
 from ._exceptions import KillSwitchError as KillSwitchError
 from ._exceptions import LimitExceeded as LimitExceeded
@@ -92,6 +100,12 @@ __all__ = [
     "Decision",
     "DeniedCalls",
     "Detector",
+    "DrillCheck",
+    "DrillObjectives",
+    "DrillResult",
+    "DrillShape",
+    "DrillSummary",
+    "DrillVerdict",
     "ErrorStreak",
     "EscalationPolicy",
     "EscalationWarning",
@@ -130,9 +144,11 @@ __all__ = [
     "check",
     "current_session",
     "default_detectors",
+    "drill",
     "from_thread",
     "graceful_shutdown",
     "report_cost",
+    "run_drills",
     "sleep",
     "supervise",
     "verify_audit",

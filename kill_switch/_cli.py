@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
-from . import _audit_cli, _control_cli
+from . import _audit_cli, _control_cli, _drill_cli
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(subparsers)
     _audit_cli.register(subparsers)
     _control_cli.register(subparsers)
+    _drill_cli.register(subparsers)
     return parser
 
 

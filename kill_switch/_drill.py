@@ -1,0 +1,844 @@
+"""The kill drill: interrupt a session, then check independently that nothing is left.
+
+A ``StopReport`` is the runtime's own account of a stop. A drill does not take its word
+for it: after the report it looks at the world from outside the runtime's bookkeeping,
+
+* **tasks** — every asyncio task created inside the session (the runtime's task factory
+  tags them) has finished;
+* **processes** — no process of the session is alive: the pids and process groups the
+  report names, every process carrying the session's tracking variable in its
+  environment, and (``untracked=True``) every descendant of this process started after
+  the session began that no other session tracks — a tool that spawned a process
+  behind the runtime's back is caught here;
+* **zombies** — none of those processes is left unreaped;
+* **threads** — every thread of the session has returned, or is listed in the report as
+  abandoned (Python cannot stop a thread that does not poll; the report must say so);
+* **audit** — the session's interrupt is in the durable audit log, and the log's hash
+  chain verifies;
+
+and times it: *latency* is ``interrupt()`` → ``StopReport`` in the drill's hands,
+*quiesced* is ``interrupt()`` → every independent check passing. ``run_drills`` repeats
+the drill against synthetic sessions of a given shape and states the verdict against
+latency objectives; ``kill-switch drill`` is its command line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import subprocess
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Final, Literal
+
+import anyio
+import attrs
+
+from ._cgroup import read_file
+from ._current import check as ks_check
+from ._current import sleep as ks_sleep
+from ._policy import StopPolicy
+from ._processes import TRACKING_ENV, _stat
+from ._session import Session
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, Sequence
+
+    from ._report import StopReport
+    from ._runtime import Runtime
+
+CheckName = Literal["report", "tasks", "processes", "zombies", "threads", "audit"]
+CHECKS: Final[tuple[CheckName, ...]] = (
+    "report",
+    "tasks",
+    "processes",
+    "zombies",
+    "threads",
+    "audit",
+)
+Leak = Literal["process", "task"]
+LEAKS: Final[tuple[Leak, ...]] = ("process", "task")
+
+#: How often the independent checks are re-run while waiting for quiescence.
+_POLL: Final = 0.002
+_CLK_TCK: Final = os.sysconf("SC_CLK_TCK")
+#: A process's start time is known to one clock tick; allow two.
+_START_SLACK: Final = 2.0 / _CLK_TCK
+
+
+def _finite_positive_or_none(_inst: Any, attr: attrs.Attribute[Any], value: object) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{attr.name} must be a number, not {type(value).__name__}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{attr.name} must be a finite number > 0, got {value!r}")
+
+
+def _count(_inst: Any, attr: attrs.Attribute[Any], value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{attr.name} must be an int, not {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"{attr.name} must be >= 0, got {value!r}")
+
+
+def _to_leaks(value: Iterable[Leak]) -> tuple[Leak, ...]:
+    return tuple(value)
+
+
+def _leaks(_inst: Any, attr: attrs.Attribute[Any], value: tuple[str, ...]) -> None:
+    for leak in value:
+        if leak not in LEAKS:
+            raise ValueError(f"unknown leak {leak!r}; expected one of {list(LEAKS)}")
+
+
+# ------------------------------------------------------------------ results
+
+
+@attrs.frozen
+class DrillCheck:
+    """One independent check of a drill: its name, whether it passed, and what it saw."""
+
+    name: CheckName
+    ok: bool
+    detail: str
+    #: The check could not be made (no durable audit log to read, say); it does not fail
+    #: the drill, and the summary says it was skipped.
+    skipped: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+
+@attrs.frozen
+class DrillResult:
+    """The outcome of one drill against one session."""
+
+    session_id: str
+    agent: str
+    #: Seconds from ``interrupt()`` to the ``StopReport`` in the drill's hands; ``None``
+    #: if no report came within the bound.
+    latency: float | None
+    #: Seconds from ``interrupt()`` until every independent check passed; ``None`` if
+    #: they did not all pass within the bound.
+    quiesced: float | None
+    checks: tuple[DrillCheck, ...]
+    report: StopReport | None = attrs.field(default=None, repr=False)
+
+    @property
+    def ok(self) -> bool:
+        """Every check passed (skipped checks do not count against it)."""
+        return all(c.ok for c in self.checks)
+
+    @property
+    def failures(self) -> tuple[DrillCheck, ...]:
+        return tuple(c for c in self.checks if not c.ok)
+
+    def summary(self) -> str:
+        """One line: verdict, timings, and the failed checks' details."""
+        verdict = "PASS" if self.ok else "FAIL"
+        lat = _ms(self.latency)
+        qui = _ms(self.quiesced)
+        line = f"{verdict} {self.agent} [{self.session_id}]: report {lat}, quiet {qui}"
+        for c in self.failures:
+            line += f"; {c.name}: {c.detail}"
+        return line
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "session_id": self.session_id,
+            "agent": self.agent,
+            "ok": self.ok,
+            "latency_ms": None if self.latency is None else self.latency * 1e3,
+            "quiesced_ms": None if self.quiesced is None else self.quiesced * 1e3,
+            "checks": [c.to_json() for c in self.checks],
+        }
+
+
+@attrs.frozen
+class DrillObjectives:
+    """What a series of drills must show to pass, in milliseconds.
+
+    Percentiles apply to *latency* (``interrupt()`` → ``StopReport``). Every run must
+    also pass every check within *quiesce_ms* of its ``interrupt()``.
+
+    Raises:
+        TypeError, ValueError: an objective is not a finite number > 0.
+    """
+
+    p50_ms: float | None = attrs.field(default=None, validator=_finite_positive_or_none)
+    p99_ms: float | None = attrs.field(default=None, validator=_finite_positive_or_none)
+    max_ms: float | None = attrs.field(default=None, validator=_finite_positive_or_none)
+    quiesce_ms: float = attrs.field(default=2000.0, validator=_finite_positive_or_none)
+
+
+@attrs.frozen
+class DrillShape:
+    """The synthetic session ``run_drills`` starts for each run.
+
+    Attributes:
+        calls: async tool calls parked when the interrupt comes.
+        processes: subprocess trees (a shell leader and three grandchildren); the first
+            one ignores SIGTERM, so the escalation to SIGKILL is drilled too.
+        threads: sync tools in worker threads that poll the interrupt.
+        blocking_threads: sync tools that never poll: they are abandoned after
+            *thread_grace* and must be listed as such.
+        term_grace: seconds between SIGTERM and SIGKILL.
+        thread_grace: seconds a sync tool has to return once interrupted.
+        stop_timeout: the session's bound on its own stop.
+        leak: deliberate faults, to prove the drill catches them: ``"process"`` spawns a
+            process behind the runtime's back, ``"task"`` leaves a task that swallows
+            its cancellation. Drills with a leak must fail.
+    """
+
+    calls: int = attrs.field(default=20, validator=_count)
+    processes: int = attrs.field(default=2, validator=_count)
+    threads: int = attrs.field(default=2, validator=_count)
+    blocking_threads: int = attrs.field(default=0, validator=_count)
+    term_grace: float = attrs.field(default=0.02, validator=_finite_positive_or_none)
+    thread_grace: float = attrs.field(default=0.02, validator=_finite_positive_or_none)
+    stop_timeout: float = attrs.field(default=2.0, validator=_finite_positive_or_none)
+    leak: tuple[Leak, ...] = attrs.field(default=(), converter=_to_leaks, validator=_leaks)
+
+
+@attrs.frozen
+class DrillVerdict:
+    """One objective of a series: met or not, with the measured value."""
+
+    name: str
+    ok: bool
+    detail: str
+
+
+@attrs.frozen
+class DrillSummary:
+    """A series of drills, their latency distribution and the verdict."""
+
+    results: tuple[DrillResult, ...]
+    objectives: DrillObjectives
+    verdicts: tuple[DrillVerdict, ...]
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.results) and all(v.ok for v in self.verdicts)
+
+    def latencies_ms(self) -> list[float]:
+        return [r.latency * 1e3 for r in self.results if r.latency is not None]
+
+    def percentiles(self) -> dict[str, float]:
+        data = self.latencies_ms()
+        if not data:
+            return {}
+        return {
+            "p50": _percentile(data, 50),
+            "p95": _percentile(data, 95),
+            "p99": _percentile(data, 99),
+            "max": max(data),
+        }
+
+    def summary(self) -> str:
+        """DrillVerdict line, percentiles, a histogram, each objective, and failed runs."""
+        passed = sum(r.ok for r in self.results)
+        lines = [
+            f"kill drill: {'PASS' if self.ok else 'FAIL'} — {passed}/{len(self.results)} "
+            "runs left nothing behind"
+        ]
+        pct = self.percentiles()
+        if pct:
+            quiet = [r.quiesced * 1e3 for r in self.results if r.quiesced is not None]
+            lines.append(
+                "  interrupt → StopReport: " + ", ".join(f"{k} {v:.1f} ms" for k, v in pct.items())
+            )
+            if quiet:
+                lines.append(
+                    f"  interrupt → independently quiet: p50 {_percentile(quiet, 50):.1f} ms, "
+                    f"max {max(quiet):.1f} ms"
+                )
+            lines.extend("  " + row for row in histogram(self.latencies_ms()))
+        for v in self.verdicts:
+            lines.append(f"  [{'ok' if v.ok else 'FAIL'}] {v.name}: {v.detail}")
+        shown = 0
+        for r in self.results:
+            if not r.ok and shown < 5:
+                lines.append("  " + r.summary())
+                shown += 1
+        return "\n".join(lines)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "runs": len(self.results),
+            "passed": sum(r.ok for r in self.results),
+            "latency_ms": self.percentiles(),
+            "objectives": attrs.asdict(self.objectives),
+            "verdicts": [attrs.asdict(v) for v in self.verdicts],
+            "results": [r.to_json() for r in self.results],
+        }
+
+
+def _ms(seconds: float | None) -> str:
+    return "none" if seconds is None else f"{seconds * 1e3:.1f} ms"
+
+
+def _percentile(data: Sequence[float], q: float) -> float:
+    xs = sorted(data)
+    pos = (len(xs) - 1) * q / 100.0
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+_BUCKETS: Final = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0)
+
+
+def histogram(values_ms: Sequence[float], width: int = 40) -> list[str]:
+    """Text rows of a latency histogram over fixed 1-2-5 buckets (empty edges dropped)."""
+    counts = [0] * (len(_BUCKETS) + 1)
+    for v in values_ms:
+        i = next((i for i, edge in enumerate(_BUCKETS) if v < edge), len(_BUCKETS))
+        counts[i] += 1
+    used = [i for i, c in enumerate(counts) if c]
+    if not used:
+        return []
+    top = max(counts)
+    rows = []
+    for i in range(used[0], used[-1] + 1):
+        lo = 0.0 if i == 0 else _BUCKETS[i - 1]
+        label = f">= {lo:g} ms" if i == len(_BUCKETS) else f"{lo:g}-{_BUCKETS[i]:g} ms"
+        bar = "#" * max(1 if counts[i] else 0, round(width * counts[i] / top))
+        rows.append(f"{label:>14} | {bar} {counts[i]}")
+    return rows
+
+
+# ------------------------------------------------------------- the checks
+
+
+def _proc_start(pid: int) -> float | None:
+    """Wall-clock start time of *pid*, or ``None`` if it is gone.
+
+    ``/proc/<pid>/stat`` gives it in clock ticks since boot; ``btime`` (whole seconds,
+    and drifting from the wall clock on virtual machines) is not precise enough, so the
+    age is taken against ``CLOCK_BOOTTIME`` now, the clock those ticks count on.
+    """
+    data = read_file(f"/proc/{pid}/stat")
+    if not data:
+        return None
+    fields = data[data.rfind(b")") + 2 :].split()
+    try:
+        ticks = int(fields[19])
+    except (IndexError, ValueError):
+        return None
+    age = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / _CLK_TCK
+    return time.time() - age
+
+
+def _marker(pid: int) -> str | None:
+    """The session id in *pid*'s tracking variable, if it carries one."""
+    prefix = f"{TRACKING_ENV}=".encode()
+    for entry in read_file(f"/proc/{pid}/environ").split(b"\0"):
+        if entry.startswith(prefix):
+            return entry[len(prefix) :].decode(errors="replace")
+    return None
+
+
+def _table() -> dict[int, tuple[str, int, int]]:
+    """Every process, zombies included: pid → (state, ppid, pgid)."""
+    out: dict[int, tuple[str, int, int]] = {}
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return out
+    for name in names:
+        if name.isdigit():
+            st = _stat(int(name))
+            if st is not None:
+                out[int(name)] = st
+    return out
+
+
+def _descendants(table: dict[int, tuple[str, int, int]], root: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for pid, (_state, ppid, _pgid) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    out: set[int] = set()
+    todo = list(children.get(root, ()))
+    while todo:
+        pid = todo.pop()
+        if pid not in out:
+            out.add(pid)
+            todo.extend(children.get(pid, ()))
+    return out
+
+
+def _cmd(pid: int) -> str:
+    raw = read_file(f"/proc/{pid}/cmdline").replace(b"\0", b" ").strip()
+    if not raw:  # a zombie has no command line left; its name is in stat
+        stat = read_file(f"/proc/{pid}/stat")
+        raw = stat[stat.find(b"(") + 1 : stat.rfind(b")")]
+    return raw.decode(errors="replace")[:60] or "?"
+
+
+class _ProcessProbe:
+    """Finds the processes of one session, tracked or not, from ``/proc`` alone."""
+
+    def __init__(self, session: Session, report: StopReport | None, *, untracked: bool) -> None:
+        self.session_id = session.id
+        self.started_at = session._started_at
+        self.untracked = untracked
+        self.own_pgid = os.getpgid(0)
+        self.pids: set[int] = set()
+        self.pgids: set[int] = set()
+        if report is not None:
+            for p in report.processes:
+                self.pids.add(p.pid)
+                self.pids.update(p.members)
+                if p.pgid is not None and p.pgid != self.own_pgid:
+                    self.pgids.add(p.pgid)
+
+    def belongs(self, pid: int, st: tuple[str, int, int], mine: set[int]) -> str | None:
+        """Why *pid* is this session's, or ``None``."""
+        if pid in self.pids:
+            return "in the report"
+        if st[2] in self.pgids:
+            return f"in process group {st[2]}"
+        marker = _marker(pid)
+        if marker is not None:
+            return "tracked by this session" if marker == self.session_id else None
+        if self.untracked and pid in mine and self.started_at is not None:
+            start = _proc_start(pid)
+            if start is not None and start >= self.started_at - _START_SLACK:
+                return "untracked: spawned by this process after the session began"
+        return None
+
+    def scan(self) -> tuple[list[str], list[str], list[str]]:
+        """``(alive, zombies, reparented)``: this session's processes still there.
+
+        *zombies* are this process's own unreaped children; *reparented* are zombies
+        whose parent died and which now wait for another reaper (init or a subreaper):
+        not this process's to reap.
+        """
+        table = _table()
+        me = os.getpid()
+        mine = _descendants(table, me)
+        alive: list[str] = []
+        zombies: list[str] = []
+        reparented: list[str] = []
+        for pid, st in table.items():
+            if pid == me or st[0] == "X":
+                continue
+            # Cheap filter first: only pids the report names, the report's groups and
+            # our descendants are looked at closely, or any pid carrying our marker.
+            if (
+                pid not in self.pids
+                and st[2] not in self.pgids
+                and pid not in mine
+                and _marker(pid) != self.session_id
+            ):
+                continue
+            why = self.belongs(pid, st, mine)
+            if why is None:
+                continue
+            what = f"pid {pid} ({_cmd(pid)}) {why}"
+            if st[0] != "Z":
+                alive.append(what)
+            elif st[1] == me:
+                zombies.append(what)
+            else:
+                reparented.append(f"{what}, parent {st[1]}")
+        return alive, zombies, reparented
+
+
+def _check_tasks(session: Session) -> DrillCheck:
+    current = asyncio.current_task()
+    alive = [t for t in list(session._tasks) if not t.done() and t is not current]
+    if not alive:
+        return DrillCheck("tasks", True, "every task of the session has finished")
+    names = ", ".join(f"{t.get_name()} ({_coro(t)})" for t in alive[:5])
+    more = f" and {len(alive) - 5} more" if len(alive) > 5 else ""
+    return DrillCheck("tasks", False, f"{len(alive)} task(s) still running: {names}{more}")
+
+
+def _coro(task: asyncio.Task[Any]) -> str:
+    coro = task.get_coro()
+    return getattr(coro, "__qualname__", None) or type(coro).__name__
+
+
+def _check_threads(session: Session, report: StopReport | None) -> DrillCheck:
+    tag = f"[{session.id[:8]}]"
+    abandoned = {t.ident for t in report.threads if t.outcome == "abandoned"} if report else set()
+    running = [t for t in threading.enumerate() if t.name.endswith(tag) and t.is_alive()]
+    unlisted = [t for t in running if t.ident not in abandoned]
+    if unlisted:
+        names = ", ".join(t.name for t in unlisted[:5])
+        return DrillCheck(
+            "threads",
+            False,
+            f"{len(unlisted)} thread(s) still running and not listed as abandoned: {names}",
+        )
+    listed = len(running)
+    detail = "every thread of the session has returned"
+    if listed:
+        detail += f", except {listed} still running and listed as abandoned"
+    return DrillCheck("threads", True, detail)
+
+
+def _check_processes(probe: _ProcessProbe) -> tuple[DrillCheck, DrillCheck]:
+    alive, zombies, reparented = probe.scan()
+    if alive:
+        procs = DrillCheck("processes", False, f"{len(alive)} alive: " + "; ".join(alive[:5]))
+    else:
+        n = len(probe.pids)
+        procs = DrillCheck("processes", True, f"none alive ({n} pid(s) in the report)")
+    if zombies:
+        zomb = DrillCheck("zombies", False, f"{len(zombies)} unreaped: " + "; ".join(zombies[:5]))
+    else:
+        detail = "none unreaped by this process"
+        if reparented:
+            detail += f"; {len(reparented)} reparented, awaiting their new parent's reaping"
+        zomb = DrillCheck("zombies", True, detail)
+    return procs, zomb
+
+
+def _check_report(session: Session, report: StopReport | None, bound: float) -> DrillCheck:
+    if report is None:
+        return DrillCheck("report", False, f"no StopReport within {bound:.1f} s")
+    if not report.quiescent:
+        leaked = sum(not t.cancelled for t in report.leaked_tasks)
+        return DrillCheck(
+            "report",
+            False,
+            f"the report says {report.outcome}, not quiescent "
+            f"({leaked} leaked task(s) did not exit)",
+        )
+    return DrillCheck("report", True, f"{report.outcome}, quiescent, trigger {report.trigger}")
+
+
+def _audit_path(session: Session) -> str | None:
+    sink = session._runtime._sink
+    path = getattr(sink, "path", None)
+    return path if isinstance(path, str) else None
+
+
+def _check_audit(path: str | None, report: StopReport | None, *, verify_chain: bool) -> DrillCheck:
+    if path is None:
+        return DrillCheck("audit", True, "not checked: no SQLite audit log", skipped=True)
+    if report is None:
+        return DrillCheck("audit", False, "no report, so no interrupt to look for")
+    from ._audit_query import AuditLog  # the durable layer; loaded only when used
+
+    try:
+        with AuditLog(path) as log:
+            kinds = {e.kind for e in log.events(interrupt_id=report.interrupt_id)}
+            # A stop that did not complete has ``escalated`` as its last word, never
+            # ``interrupt_completed``.
+            last = "interrupt_completed" if report.quiescent else "escalated"
+            missing = {"interrupt_requested", last} - kinds
+            if missing:
+                return DrillCheck(
+                    "audit",
+                    False,
+                    f"interrupt {report.interrupt_id} has no {', '.join(sorted(missing))} row",
+                )
+            if verify_chain:
+                result = log.verify()
+                if not result.ok:
+                    return DrillCheck("audit", False, f"chain: {result.summary()}")
+    except Exception as exc:  # any failure to read is a failed check, stated
+        return DrillCheck("audit", False, f"cannot read {path}: {exc!r}")
+    chain = ", chain verifies" if verify_chain else ""
+    return DrillCheck("audit", True, f"{len(kinds)} kinds of row for the interrupt{chain}")
+
+
+# ------------------------------------------------------------------- drill
+
+
+async def drill(
+    session: Session,
+    *,
+    reason: str = "kill drill",
+    operator: str | None = "kill-switch drill",
+    quiesce_within: float = 2.0,
+    untracked: bool = True,
+    verify_chain: bool = True,
+) -> DrillResult:
+    """Interrupt *session* as an operator would, then check independently that it stopped.
+
+    Waits for the ``StopReport`` (bounded by the session's stop timeout plus
+    *quiesce_within*), then re-runs the independent checks every few milliseconds until
+    they all pass or *quiesce_within* seconds have passed since the interrupt. Never
+    raises for what it finds: a check that fails is in the result.
+
+    With *untracked*, any descendant of this process started after the session began
+    and tracked by no other session counts as the session's: a process spawned behind
+    the runtime's back is caught, and so is an unrelated one the application started
+    meanwhile — turn it off in a process that spawns such children.
+
+    Cancellation: a checkpoint; cancelling the drill does not undo the interrupt.
+
+    Raises:
+        TypeError: *session* is not a ``Session``.
+        RuntimeError: not called on the session's event loop, or the session has not
+            been entered or has already ended.
+    """
+    if not isinstance(session, Session):
+        raise TypeError(f"drill needs a Session, not {type(session).__name__}")
+    if (
+        isinstance(quiesce_within, bool)
+        or not isinstance(quiesce_within, (int, float))
+        or not math.isfinite(quiesce_within)
+        or quiesce_within < 0
+    ):
+        raise ValueError(f"quiesce_within must be a finite number >= 0, got {quiesce_within!r}")
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        loop = None
+    if loop is not session._loop:
+        raise RuntimeError("drill() must run on the session's event loop")
+    if session.state in ("created", "finished", "failed"):
+        raise RuntimeError(f"session {session.id} is {session.state}: there is nothing to drill")
+
+    t0 = time.perf_counter()
+    handle = session.interrupt(reason, trigger="operator", operator=operator)
+    bound = session.policy.stop_timeout + quiesce_within
+    report: StopReport | None = None
+    with anyio.move_on_after(bound):
+        report = await handle
+    latency = time.perf_counter() - t0 if report is not None else None
+    path = _audit_path(session)
+    probe = _ProcessProbe(session, report, untracked=untracked)
+    deadline = t0 + max(quiesce_within, (latency or 0.0))
+
+    quiesced: float | None = None
+    while True:
+        procs, zombies = _check_processes(probe)
+        checks = [
+            _check_report(session, report, bound),
+            _check_tasks(session),
+            procs,
+            zombies,
+            _check_threads(session, report),
+        ]
+        if all(c.ok for c in checks):
+            quiesced = time.perf_counter() - t0
+            break
+        if time.perf_counter() >= deadline or report is None:
+            break
+        await anyio.sleep(_POLL)
+    checks.append(_check_audit(path, report, verify_chain=verify_chain))
+    return DrillResult(session.id, session.agent, latency, quiesced, tuple(checks), report)
+
+
+def _check_objectives(
+    results: Sequence[DrillResult], objectives: DrillObjectives
+) -> tuple[DrillVerdict, ...]:
+    verdicts = []
+    failed = [r for r in results if not r.ok]
+    verdicts.append(
+        DrillVerdict(
+            "nothing left behind",
+            not failed and bool(results),
+            f"{len(results) - len(failed)}/{len(results)} runs passed every check",
+        )
+    )
+    quiet_bound = objectives.quiesce_ms
+    slow = [r for r in results if r.quiesced is None or r.quiesced * 1e3 > quiet_bound]
+    verdicts.append(
+        DrillVerdict(
+            f"quiet within {quiet_bound:g} ms",
+            not slow,
+            f"{len(results) - len(slow)}/{len(results)} runs",
+        )
+    )
+    data = [r.latency * 1e3 for r in results if r.latency is not None]
+    for name, q in (("p50", 50.0), ("p99", 99.0), ("max", 100.0)):
+        bound = getattr(objectives, f"{name}_ms")
+        if bound is None:
+            continue
+        if len(data) < len(results) or not data:
+            verdicts.append(DrillVerdict(f"{name} ≤ {bound:g} ms", False, "a run had no report"))
+            continue
+        value = _percentile(data, q)
+        verdicts.append(DrillVerdict(f"{name} ≤ {bound:g} ms", value <= bound, f"{value:.1f} ms"))
+    return tuple(verdicts)
+
+
+def summarize(results: Iterable[DrillResult], objectives: DrillObjectives) -> DrillSummary:
+    """The verdict of a series of drills against *objectives*."""
+    rs = tuple(results)
+    return DrillSummary(rs, objectives, _check_objectives(rs, objectives))
+
+
+# ------------------------------------------------------- synthetic sessions
+
+# A shell leader with three grandchildren that says "ready" once they all run, so the
+# drill starts from state, not from a guess. The stubborn variant ignores SIGTERM (and its
+# children inherit that), so the drill also covers the escalation to SIGKILL.
+_TREE: Final = "sleep 300 & sleep 300 & sleep 300 & echo ready; wait"
+_STUBBORN_TREE: Final = "trap '' TERM; sleep 300 & sleep 300 & sleep 300 & echo ready; wait"
+
+
+@attrs.define(eq=False)
+class _Readiness:
+    expected: int
+    ready: int = 0
+    lock: threading.Lock = attrs.field(factory=threading.Lock)
+    event: anyio.Event = attrs.field(factory=anyio.Event)
+
+    def one(self) -> None:
+        with self.lock:
+            self.ready += 1
+            done = self.ready >= self.expected
+        if done:
+            self.event.set()
+
+
+@attrs.define(eq=False)
+class _Leftovers:
+    """What a run's deliberate leaks left, for cleanup after the drill has looked."""
+
+    popens: list[subprocess.Popen[bytes]] = attrs.field(factory=list)
+    release: threading.Event = attrs.field(factory=threading.Event)
+
+
+async def _parked(ready: _Readiness) -> None:
+    ready.one()
+    await anyio.sleep_forever()
+
+
+def _polling_tool(ready: _Readiness) -> None:
+    ready.one()
+    while True:
+        ks_sleep(0.5)  # wakes at once on interrupt
+        ks_check()
+
+
+def _blocking_tool(ready: _Readiness, release: threading.Event) -> None:
+    ready.one()
+    # Never polls the interrupt: it is abandoned after the thread grace. It ends when the
+    # drill is over, so no thread outlives the drill's process for long.
+    while not release.wait(0.01):
+        pass
+
+
+async def _stubborn_task(release: threading.Event) -> None:
+    while not release.is_set():
+        try:
+            await asyncio.sleep(0.01)
+        except asyncio.CancelledError:  # noqa: ASYNC103 - the fault this leak drills
+            continue  # noqa: ASYNC104
+
+
+async def _synthetic(  # noqa: ASYNC114 - private; started with tg.start in this module
+    runtime: Runtime,
+    shape: DrillShape,
+    run: int,
+    leftovers: _Leftovers,
+    *,
+    task_status: anyio.abc.TaskStatus[Session],
+) -> None:
+    policy = StopPolicy(
+        term_grace=shape.term_grace,
+        thread_grace=shape.thread_grace,
+        stop_timeout=shape.stop_timeout,
+        max_abandoned_threads=max(16, shape.blocking_threads * 4),
+    )
+    expected = shape.calls + shape.threads + shape.blocking_threads
+    ready = _Readiness(expected)
+    if expected == 0:
+        ready.event.set()
+    async with runtime.session(
+        "drill", labels={"drill": "synthetic", "run": str(run)}, policy=policy
+    ) as session:
+        for _ in range(shape.calls):
+            session.start_soon(_parked, ready, tool="parked")
+        for _ in range(shape.threads):
+            session.start_soon(session.run_sync, _polling_tool, ready, tool="poll")
+        for _ in range(shape.blocking_threads):
+            session.start_soon(
+                session.run_sync, _blocking_tool, ready, leftovers.release, tool="block"
+            )
+        for i in range(shape.processes):
+            proc = await session.open_process(
+                ["sh", "-c", _STUBBORN_TREE if i == 0 else _TREE],
+                stdin=None,
+                stderr=None,
+            )
+            assert proc.stdout is not None
+            await proc.stdout.receive()  # "ready": the whole tree runs
+        if "process" in shape.leak:
+            # Behind the runtime's back: not through session.open_process.
+            leftovers.popens.append(
+                subprocess.Popen(  # noqa: ASYNC220 - the fault under drill
+                    ["sleep", "300"],
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
+            )
+        if "task" in shape.leak:
+            asyncio.get_running_loop().create_task(_stubborn_task(leftovers.release))
+        await ready.event.wait()
+        task_status.started(session)
+        await anyio.sleep_forever()
+
+
+def _clean_leftovers(leftovers: _Leftovers) -> None:
+    leftovers.release.set()
+    for p in leftovers.popens:
+        if p.poll() is None:
+            os.killpg(p.pid, 9)
+        p.wait()
+
+
+async def run_drills(
+    runtime: Runtime,
+    *,
+    runs: int = 20,
+    shape: DrillShape | None = None,
+    objectives: DrillObjectives | None = None,
+    on_result: Callable[[DrillResult], None] | None = None,
+) -> DrillSummary:
+    """Start *runs* synthetic sessions of *shape* one after another, drill each, and
+    state the verdict against *objectives*.
+
+    The chain of the audit log is verified on the last run (and on any that failed),
+    not on every one, so a long series stays linear. Deliberate leaks are cleaned up
+    after the drill has looked at them.
+
+    Raises:
+        TypeError, ValueError: *runs* is not an int ≥ 1.
+    """
+    if isinstance(runs, bool) or not isinstance(runs, int):
+        raise TypeError(f"runs must be an int, not {type(runs).__name__}")
+    if runs < 1:
+        raise ValueError(f"runs must be >= 1, got {runs}")
+    shape = shape if shape is not None else DrillShape()
+    objectives = objectives if objectives is not None else DrillObjectives()
+    results: list[DrillResult] = []
+    for run in range(runs):
+        leftovers = _Leftovers()
+        try:
+            async with anyio.create_task_group() as tg:
+                session: Session = await tg.start(_synthetic, runtime, shape, run, leftovers)
+                result = await drill(
+                    session,
+                    quiesce_within=objectives.quiesce_ms / 1e3,
+                    verify_chain=run == runs - 1,
+                )
+                if not result.ok and run != runs - 1:
+                    result = attrs.evolve(
+                        result,
+                        checks=(
+                            *result.checks[:-1],
+                            _check_audit(_audit_path(session), result.report, verify_chain=True),
+                        ),
+                    )
+                tg.cancel_scope.cancel()
+        finally:
+            _clean_leftovers(leftovers)
+        results.append(result)
+        if on_result is not None:
+            on_result(result)
+    return summarize(results, objectives)
