@@ -36,7 +36,9 @@ from ._exceptions import SessionRefused as SessionRefused
 from ._exceptions import ToolBlocked as ToolBlocked
 from ._handle import InterruptHandle as InterruptHandle
 from ._info import CallInfo as CallInfo
+from ._info import ProcessInfo as ProcessInfo
 from ._info import SessionInfo as SessionInfo
+from ._info import ThreadInfo as ThreadInfo
 from ._limits import Limits as Limits
 from ._limits import LimitWarning as LimitWarning
 from ._limits import ToolRules as ToolRules
@@ -119,6 +121,7 @@ __all__ = [
     "LimitExceeded",
     "LimitWarning",
     "Limits",
+    "ProcessInfo",
     "ProcessReport",
     "RepeatedCall",
     "Runtime",
@@ -130,6 +133,7 @@ __all__ = [
     "StopPolicy",
     "StopReport",
     "Supervisor",
+    "ThreadInfo",
     "ThreadReport",
     "ToolBlocked",
     "ToolCall",

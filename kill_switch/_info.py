@@ -18,6 +18,30 @@ class CallInfo:
 
 
 @attrs.frozen
+class ProcessInfo:
+    """A process a session tracks (a leader it started or adopted, or an escapee), as it
+    was."""
+
+    pid: int
+    pgid: int | None
+    command: tuple[str, ...]
+    reaped: bool  # it exited and was waited for
+    adopted: bool  # tracked with track_pid(), not started by the session
+    escaped: bool  # found outside its group (setsid, double fork) and tracked since
+    signals: tuple[str, ...]  # signals sent so far, in order
+
+
+@attrs.frozen
+class ThreadInfo:
+    """A sync tool's worker thread of a session, as it was."""
+
+    name: str
+    ident: int | None
+    tool: str
+    exited: bool
+
+
+@attrs.frozen
 class SessionInfo:
     """A session as it was when ``info()`` was called."""
 

@@ -46,6 +46,7 @@ import anyio.lowlevel
 import attrs
 
 from ._cgroup import CgroupUnavailable, SessionCgroup, read_file
+from ._info import ProcessInfo
 from ._report import ProcessReport
 
 if TYPE_CHECKING:
@@ -647,6 +648,21 @@ class ProcessPlane:
             self.loop.call_later(delay, self._drop_cgroup, delay)
 
     # -- tracking
+
+    def info(self) -> tuple[ProcessInfo, ...]:
+        """Snapshots of the processes this plane tracks (loop thread)."""
+        return tuple(
+            ProcessInfo(
+                g.pid,
+                g.pgid,
+                tuple(g.command),
+                bool(g.reaped),
+                bool(g.adopted),
+                bool(g.escaped),
+                tuple(g.signals),
+            )
+            for g in list(self._groups.values())
+        )
 
     def track(self, group: _Group) -> None:
         self._groups[group.pid] = group

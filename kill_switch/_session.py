@@ -56,7 +56,7 @@ from ._current import _current_session
 from ._decision import ALLOW, Decision, ToolCall
 from ._exceptions import Interrupted, LimitExceeded, ToolBlocked
 from ._handle import InterruptHandle
-from ._info import CallInfo, SessionInfo, State
+from ._info import CallInfo, ProcessInfo, SessionInfo, State, ThreadInfo
 from ._limits import (
     LIMIT_EXCEEDED,
     LIMIT_WARNING,
@@ -341,6 +341,21 @@ class Session:
         any, counts in ``info().calls_in_flight`` only."""
         tasks = dict.fromkeys([*self._tool_tasks, *self._inflight])
         return tuple(CallInfo(t.get_name(), _coro_name(t)) for t in tasks if not t.done())
+
+    def processes(self) -> tuple[ProcessInfo, ...]:
+        """Snapshots of the processes this session tracks now: running, or being stopped
+        (a reaped process is no longer tracked; the ``StopReport`` holds its story).
+        Loop thread only."""
+        return tuple(
+            row for p in self._planes if isinstance(p, _processes.ProcessPlane) for row in p.info()
+        )
+
+    def threads(self) -> tuple[ThreadInfo, ...]:
+        """Snapshots of the worker threads of this session's sync tools still running.
+        Loop thread only."""
+        return tuple(
+            row for p in self._planes if isinstance(p, _threads.ThreadPlane) for row in p.info()
+        )
 
     def add_plane(self, plane: Plane) -> None:
         """Register a part of the session an interrupt must also stop.

@@ -57,6 +57,7 @@ import attrs
 from ._current import _current_session
 from ._decision import Decision
 from ._exceptions import Interrupted
+from ._info import ThreadInfo
 from ._report import InterruptRequest, ThreadOutcome, ThreadReport
 
 if TYPE_CHECKING:
@@ -212,6 +213,10 @@ class ThreadPlane:
         return {"threads": tuple(rows)}
 
     # ------------------------------------------------------------- threads
+
+    def info(self) -> tuple[ThreadInfo, ...]:
+        """Snapshots of the worker threads this plane runs (loop thread)."""
+        return tuple(ThreadInfo(w.name, w.ident, w.tool, w.exited) for w in list(self._running))
 
     def start(self, fn: Callable[..., Any], args: tuple[Any, ...], tool: str) -> _Worker:
         """Start *fn* in a new daemon thread bound to the session (loop thread)."""

@@ -136,49 +136,32 @@ class Book:
 
 
 def _plane_rows(session: Session) -> dict[str, Any]:
-    """Live detail of *session*, read on its own loop thread (its planes are loop-only).
-
-    Planes may offer ``snapshot()`` (JSON-ready rows); until they all do, the known
-    planes are read field by field here, and nothing is ever mutated.
-    """
-    processes: list[dict[str, Any]] = []
-    threads: list[dict[str, Any]] = []
-    other: list[Any] = []
-    for plane in list(session._planes):
-        snap = getattr(plane, "snapshot", None)
-        if callable(snap):
-            other.append(jsonable(snap()))
-            continue
-        kind = type(plane).__name__
-        groups = getattr(plane, "_groups", None)
-        if kind == "ProcessPlane" and isinstance(groups, dict):
-            for g in list(groups.values()):
-                processes.append(
-                    {
-                        "pid": g.pid,
-                        "pgid": g.pgid,
-                        "command": list(g.command),
-                        "reaped": bool(g.reaped),
-                        "adopted": bool(g.adopted),
-                    }
-                )
-            continue
-        running = getattr(plane, "_running", None)
-        if kind == "ThreadPlane" and isinstance(running, set):
-            for w in list(running):
-                threads.append(
-                    {"name": w.name, "ident": w.ident, "tool": w.tool, "exited": bool(w.exited)}
-                )
+    """Live detail of *session*, read on its own loop thread (its planes are loop-only),
+    from the session's frozen snapshots only."""
+    processes = [
+        {
+            "pid": p.pid,
+            "pgid": p.pgid,
+            "command": list(p.command),
+            "reaped": p.reaped,
+            "adopted": p.adopted,
+            "escaped": p.escaped,
+            "signals": list(p.signals),
+        }
+        for p in session.processes()
+    ]
+    threads = [
+        {"name": t.name, "ident": t.ident, "tool": t.tool, "exited": t.exited}
+        for t in session.threads()
+    ]
     calls = [{"task": c.task, "coro": c.coro} for c in session.calls()]
-    budget = getattr(session, "budget", None)  # the ledger's snapshot, where sessions have one
-    alerts = getattr(session, "alerts", ())
+    budget = session.budget()
     return {
         "tool_calls": calls,
         "processes": processes,
         "threads": threads,
-        "planes": other,
-        "budget": jsonable(budget()) if callable(budget) else None,
-        "alerts": jsonable(alerts),
+        "budget": jsonable(budget) if budget is not None else None,
+        "alerts": jsonable(session.alerts),
     }
 
 
