@@ -10,6 +10,11 @@ repository root on ``PYTHONPATH``; ``--quick`` is passed only to scripts that ac
 Result files in the ``_harness`` format (a ``rows`` list of :class:`_harness.Row`) go
 into the combined table; other formats are summarised as they are. The exit status is
 non-zero if any script failed.
+
+Among them ``bench_e2e`` (a realistic session killed under load, every plane, against the
+sum of the raw floors) and ``bench_scaling`` (kill latency vs tool calls and sessions),
+which also draws ``docs/perf/kill_latency.png`` in a full run; with ``--quick`` its plot
+goes beside its JSON in the results folder, so a smoke run never replaces the figure.
 """
 
 from __future__ import annotations
@@ -111,6 +116,16 @@ def summarise_foreign(data: Any, limit: int = 40) -> list[str]:
     return lines
 
 
+def _plot_of(path: Path) -> str | None:
+    """The plot a results file says its script drew (``"plot"``), if any."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    plot = data.get("plot") if isinstance(data, dict) else None
+    return plot if isinstance(plot, str) else None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run of every script")
@@ -189,6 +204,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"{h.fmt_value(r.p50_ns, r.unit)} p50 ({h.fmt_ratio(r.ratio_p50)}), "
                 f"target {r.target}"
             )
+    for stem in status:
+        plot = _plot_of(results / f"{stem}.json")
+        if plot:
+            print(f"plot of {stem}: {plot}")
     print(f"\nJSON results in {results}")
     return 1 if failed else 0
 

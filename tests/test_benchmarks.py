@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPTS = ["bench_fanout", "bench_interrupt", "bench_guard", "bench_scale"]
+SCRIPTS = ["bench_fanout", "bench_interrupt", "bench_guard", "bench_scale", "bench_e2e"]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 ROW_KEYS = {
     "benchmark",
     "case",
@@ -51,13 +52,7 @@ def _run(args: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
     )
 
 
-@pytest.mark.timeout(360)
-@pytest.mark.parametrize("name", SCRIPTS)
-def test_quick_run_writes_json(name: str, tmp_path: Path) -> None:
-    """A ``--quick`` run exits 0 and writes results with the harness's keys."""
-    out = tmp_path / f"{name}.json"
-    proc = _run([str(ROOT / "benchmarks" / f"{name}.py"), "--quick", "--json", str(out)], 300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+def _check_results(out: Path, name: str) -> dict[str, Any]:
     data: dict[str, Any] = json.loads(out.read_text(encoding="utf-8"))
     assert data["benchmark"] == name.removeprefix("bench_")
     assert data["quick"] is True
@@ -66,6 +61,58 @@ def test_quick_run_writes_json(name: str, tmp_path: Path) -> None:
     for row in data["rows"]:
         assert set(row) >= ROW_KEYS, set(row) ^ ROW_KEYS
     assert {row["loop"] for row in data["rows"]} == {"asyncio", "uvloop"}
+    return data
+
+
+@pytest.mark.timeout(360)
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_quick_run_writes_json(name: str, tmp_path: Path) -> None:
+    """A ``--quick`` run exits 0 and writes results with the harness's keys."""
+    out = tmp_path / f"{name}.json"
+    proc = _run([str(ROOT / "benchmarks" / f"{name}.py"), "--quick", "--json", str(out)], 300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _check_results(out, name)
+
+
+@pytest.mark.timeout(360)
+def test_scaling_quick_run_writes_json_and_plot(tmp_path: Path) -> None:
+    """``bench_scaling --quick --plot PATH`` writes its results and the PNG to PATH."""
+    out = tmp_path / "bench_scaling.json"
+    png = tmp_path / "plots" / "kill_latency.png"
+    script = str(ROOT / "benchmarks" / "bench_scaling.py")
+    proc = _run([script, "--quick", "--json", str(out), "--plot", str(png)], 300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = _check_results(out, "bench_scaling")
+    assert data["plot"] == str(png)
+    assert {row["case"] for row in data["rows"]} == {"kill vs tool calls", "kill vs sessions"}
+    assert png.read_bytes().startswith(PNG_MAGIC)
+
+
+@pytest.mark.timeout(360)
+def test_scaling_quick_plot_defaults_beside_the_json(tmp_path: Path) -> None:
+    """A ``--quick`` run without ``--plot`` never replaces the committed figure."""
+    out = tmp_path / "bench_scaling.json"
+    script = str(ROOT / "benchmarks" / "bench_scaling.py")
+    proc = _run([script, "--quick", "--loops", "asyncio", "--json", str(out)], 300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (tmp_path / "kill_latency.png").read_bytes().startswith(PNG_MAGIC)
+
+
+@pytest.mark.timeout(120)
+def test_scaling_without_matplotlib_says_so(tmp_path: Path) -> None:
+    """Without matplotlib, bench_scaling exits 2 with a clear message, not a traceback."""
+    script = ROOT / "benchmarks" / "bench_scaling.py"
+    code = (
+        "import runpy, sys; sys.modules['matplotlib'] = None; "
+        f"sys.argv = [{str(script)!r}, '--quick', '--plot', {str(tmp_path / 'x.png')!r}]; "
+        f"runpy.run_path({str(script)!r}, run_name='__main__')"
+    )
+    proc = _run(["-c", code], 100)
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "matplotlib" in proc.stderr
+    assert ".[bench]" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "x.png").exists()
 
 
 @pytest.mark.timeout(360)
