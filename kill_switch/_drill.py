@@ -120,8 +120,10 @@ class DrillResult:
     #: Seconds from ``interrupt()`` to the ``StopReport`` in the drill's hands; ``None``
     #: if no report came within the bound.
     latency: float | None
-    #: Seconds from ``interrupt()`` until every independent check passed; ``None`` if
-    #: they did not all pass within the bound.
+    #: Seconds from ``interrupt()`` until every independent check had passed, measured
+    #: at the end of the round of checks that passed, so it includes the drill's own
+    #: look (a full ``/proc`` scan: a few milliseconds); ``None`` if they did not all
+    #: pass within the bound.
     quiesced: float | None
     checks: tuple[DrillCheck, ...]
     report: StopReport | None = attrs.field(default=None, repr=False)
