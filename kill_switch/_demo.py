@@ -48,7 +48,7 @@ from ._policy import StopPolicy
 from ._processes import EscalationWarning
 from ._runtime import Runtime
 from ._sentinel import Sentinel
-from ._shutdown import graceful_shutdown
+from ._shutdown import GracefulShutdown, graceful_shutdown
 from ._supervisor import supervise
 
 if TYPE_CHECKING:
@@ -136,6 +136,7 @@ class _Fleet:
         self.nightly_ready = anyio.Event()
         self.token = anyio.lowlevel.current_token()
         self.sigterm_sent = False
+        self.printed: set[str] = set()
 
     def thread_started(self, event: anyio.Event) -> Callable[[], object]:
         """A callable for a worker thread: sets *event* on the loop (explicit crossing)."""
@@ -344,11 +345,15 @@ def _stop_lines(session: Session) -> list[str]:
     return lines
 
 
-def _print_stops(sessions: list[Session]) -> None:
+def _print_stops(fleet: _Fleet, where: Callable[[Session], bool] = lambda s: True) -> None:
+    """Print the stops not printed yet, in the order they were asked for."""
+
     def order(s: Session) -> float:
         return s.report.requested_at if s.report is not None else float("inf")
 
-    for session in sorted(sessions, key=order):
+    todo = [s for s in fleet.sessions if s.id not in fleet.printed and where(s)]
+    for session in sorted(todo, key=order):
+        fleet.printed.add(session.id)
         _say(*_stop_lines(session))
 
 
@@ -370,14 +375,20 @@ def _check(sessions: list[Session], control: bool) -> list[str]:
     summarizer = by_agent.get("summarizer")
     if summarizer is None or summarizer.state != "finished":
         failures.append("summarizer did not finish by itself")
+    return failures + _survivors(sessions)
+
+
+def _survivors(sessions: list[Session]) -> list[str]:
+    """Every process a report names that is still running (checked now, not reported)."""
+    alive = []
     for session in sessions:
         if session.report is None:
             continue
         for p in session.report.processes:
             for pid in sorted({p.pid, *p.members}):
                 if _alive(pid):
-                    failures.append(f"process {pid} of {session.agent} is still alive")
-    return failures
+                    alive.append(f"process {pid} of {session.agent} is still alive")
+    return alive
 
 
 # ---------------------------------------------------------------- the run
@@ -405,9 +416,11 @@ async def _fleet(runtime: Runtime, fleet: _Fleet, control: _ControlPlane | None)
     return failures
 
 
-async def _self_sigterm(fleet: _Fleet) -> None:
+async def _self_sigterm(fleet: _Fleet, shutdown: GracefulShutdown) -> None:
     """Send this process SIGTERM once ``nightly`` runs; graceful_shutdown takes it."""
     await fleet.nightly_ready.wait()
+    if shutdown.signal is not None:
+        return  # a real signal came first: ours would be its second, an immediate exit
     _say(f"\nshutdown: the fleet has stopped but nightly runs on; kill -TERM {os.getpid()}")
     fleet.sigterm_sent = True
     os.kill(os.getpid(), signal.SIGTERM)
@@ -415,6 +428,36 @@ async def _self_sigterm(fleet: _Fleet) -> None:
     # signal that never came into a failure instead of a hang.
     with anyio.move_on_after(30):
         await anyio.sleep_forever()
+
+
+async def _drill(runtime: Runtime, failures: list[str]) -> int | None:
+    """Run the kill drill and print its verdict; the exit code if a signal stopped it."""
+    shape = DRILL_SHAPE
+    _say(
+        f"\n{DRILL_RUNS} synthetic sessions for the kill drill ({shape.calls} tool calls, "
+        f"{shape.processes} process trees, {shape.threads} polling and "
+        f"{shape.blocking_threads} blocking thread): each interrupted, then checked "
+        "from outside the runtime"
+    )
+    with warnings.catch_warnings():
+        # The drill's SIGTERM-ignoring tree escalates on purpose, every run: that is in
+        # its reports and the audit log, not worth a warning each time.
+        warnings.simplefilter("ignore", EscalationWarning)
+        async with graceful_shutdown(runtime, deadline=10.0) as shutdown:
+            summary = await run_drills(
+                runtime, runs=DRILL_RUNS, shape=shape, objectives=DrillObjectives()
+            )
+    if shutdown.signal is not None:
+        _say(f"\nstopped by {shutdown.signal.name} during the drill")
+        return shutdown.exit_code or 1
+    _say(summary.summary())
+    p99 = summary.percentiles().get("p99")
+    if p99 is not None:
+        met = "met" if p99 <= DRILL_P99_MS else "missed (a loaded machine?)"
+        _say(f"  target p99 ≤ {DRILL_P99_MS:g} ms: {p99:.1f} ms, {met}; not a check here")
+    if not summary.ok:
+        failures.append("the kill drill found something left behind")
+    return None
 
 
 async def _main(db: str | None, keep_serving: bool) -> int:
@@ -429,49 +472,28 @@ async def _main(db: str | None, keep_serving: bool) -> int:
             tg.start_soon(_nightly, runtime, fleet)
             failures += await _fleet(runtime, fleet, control)
             _say("\nstops (agent, trigger, interrupt → report, what stopped):")
-            _print_stops([s for s in fleet.sessions if s.agent != "nightly"])
-            await _self_sigterm(fleet)
+            _print_stops(fleet, lambda s: s.agent != "nightly")
+            await _self_sigterm(fleet, shutdown)
             failures.append("SIGTERM sent but never handled")
         own = fleet.sigterm_sent and shutdown.signal is signal.SIGTERM
         if shutdown.signal is not None and not own:
             # A real Ctrl-C or SIGTERM: every session was interrupted (trigger
             # shutdown); the watchdog stays armed, so the process ends by its deadline.
             _say(f"\nstopped by {shutdown.signal.name}: every session interrupted")
-            _print_stops(fleet.sessions)
+            _print_stops(fleet)
+            _say(*(_survivors(fleet.sessions) or ["nothing left running"]))
             return shutdown.exit_code or 1
         # Our own SIGTERM: the shutdown is done; live on, and let a real signal start
         # a new one (the shutdown's handler would exit at once on a "second" signal).
         shutdown.disarm()
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
-        _print_stops([s for s in fleet.sessions if s.agent == "nightly"])
+        _print_stops(fleet)
         failures += _check(fleet.sessions, control is not None)
 
-        shape = DRILL_SHAPE
-        _say(
-            f"\n{DRILL_RUNS} synthetic sessions for the kill drill ({shape.calls} tool calls, "
-            f"{shape.processes} process trees, {shape.threads} polling and "
-            f"{shape.blocking_threads} blocking thread): each interrupted, then checked "
-            "from outside the runtime"
-        )
-        with warnings.catch_warnings():
-            # The drill's SIGTERM-ignoring tree escalates on purpose, every run: that is
-            # in its reports and the audit log, not worth a warning each time.
-            warnings.simplefilter("ignore", EscalationWarning)
-            async with graceful_shutdown(runtime, deadline=10.0) as shutdown:
-                summary = await run_drills(
-                    runtime, runs=DRILL_RUNS, shape=shape, objectives=DrillObjectives()
-                )
-        if shutdown.signal is not None:
-            _say(f"\nstopped by {shutdown.signal.name} during the drill")
-            return shutdown.exit_code or 1
-        _say(summary.summary())
-        p99 = summary.percentiles().get("p99")
-        if p99 is not None:
-            met = "met" if p99 <= DRILL_P99_MS else "missed (a loaded machine?)"
-            _say(f"  target p99 ≤ {DRILL_P99_MS:g} ms: {p99:.1f} ms, {met}; not a check here")
-        if not summary.ok:
-            failures.append("the kill drill found something left behind")
+        stopped = await _drill(runtime, failures)
+        if stopped is not None:
+            return stopped
 
         if keep_serving and control is not None:
             _say("\nthe fleet has stopped; the dashboard stays up until Ctrl-C")
