@@ -17,10 +17,12 @@ def _add_demo(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -
         "demo",
         help="run a small fleet of scripted agents and stop them every way there is",
         description=(
-            "Run scripted agents (no LLM) that call async tools in parallel, run a "
-            "process tree and a blocking sync tool; stop them on an SLA deadline, from "
-            "another thread as an operator would, and by parent cascade; print each "
-            "StopReport and check that nothing was left running."
+            "Run scripted agents (no LLM) that call async tools in parallel, run process "
+            "trees and blocking sync tools; stop them by supervisor SLA, by an operator "
+            "over the demo's own HTTP control plane, by budget, by the sentinel, by "
+            "parent cascade and by the demo's own SIGTERM (shutdown); print one line per "
+            "stop, run a short kill drill, verify the audit chain, and exit non-zero if "
+            "anything was left running."
         ),
     )
     demo.add_argument(
