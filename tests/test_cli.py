@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -58,7 +59,8 @@ class Demo:
 
     def stops(self) -> list[tuple[str, str, str | None]]:
         """(agent, trigger, operator) of every interrupt of the fleet's agents."""
-        with sqlite3.connect(f"file:{self.db}?mode=ro", uri=True) as conn:
+        # closing(): a connection's own `with` only commits; the fd would wait for GC.
+        with contextlib.closing(sqlite3.connect(f"file:{self.db}?mode=ro", uri=True)) as conn:
             rows = conn.execute(
                 'SELECT agent, "trigger", operator FROM events '
                 "WHERE kind = 'interrupt_requested' ORDER BY seq"
