@@ -273,7 +273,11 @@ class Runtime:
         if self._sessions.get(session.id) is session:
             del self._sessions[session.id]
         parent = session.parent
-        if parent is not None and not session._requests:
+        # A child stays on an interrupted parent's list: the parent's interrupt (from
+        # another thread) may have ended this block — its flag wakes a sync tool running
+        # in it — before its cascade reached the list. Once the parent has a request,
+        # every child that leaves is one the cascade must still see.
+        if parent is not None and not session._requests and not parent._requests:
             with contextlib.suppress(ValueError):
                 parent._children.remove(session)
 

@@ -546,19 +546,21 @@ class Session:
                 operator=req.operator,
             )
             return self._handle
-        self._flag.set()
-        self._record(
-            INTERRUPT_REQUESTED, trigger=req.trigger, reason=req.reason, operator=req.operator
-        )
-        # Children now, in the caller's thread, not when the loop delivers: what the
-        # interrupt already stops synchronously (a sync tool waking in ks.sleep) can
-        # end a child's block before the loop runs, and the child must know why.
+        # Children first, in the caller's thread, before this session's own flag: what
+        # the flag stops synchronously (a sync tool of this session waking in ks.sleep
+        # inside a child's block) can end a child's block before the loop runs, and the
+        # child must already know why. (A child that leaves meanwhile stays listed; see
+        # Runtime._leave_session.)
         for child in list(self._children):
             child.interrupt(
                 f"parent session {self.id} interrupted: {req.reason}",
                 trigger="parent",
                 operator=req.operator,
             )
+        self._flag.set()
+        self._record(
+            INTERRUPT_REQUESTED, trigger=req.trigger, reason=req.reason, operator=req.operator
+        )
         monitor = self._runtime._monitor
         if monitor is not None:
             monitor.watch(self, req.requested_mono)
@@ -816,7 +818,8 @@ class Session:
                 LeakedTask(t.get_name(), _coro_name(t), done) for t, done in self._leaked.items()
             ),
             secondary_errors=tuple(self._secondary),
-            children=tuple(c.id for c in self._children if c._requests),
+            # Every child still listed was cascaded to (or will be: see interrupt()).
+            children=tuple(c.id for c in self._children),
             cleanup=tuple(self._cleanup_reports),
             out_of_band=self._oob_mono is not None,
             audit=audit,

@@ -667,6 +667,57 @@ async def test_parent_cascade() -> None:
     assert parent.report.children == (child.id,)
 
 
+async def test_parent_cascade_reaches_a_child_its_interrupt_already_ended() -> None:
+    """A foreign-thread interrupt of a parent reaches a child whose block the parent's
+    flag ends (the parent's sync tool, running inside the child's block, wakes in
+    ``ks.sleep``): the child is interrupted first, so it ends terminated, knowing why.
+
+    The interrupter is held, through an audit listener, after the flag is set and until
+    the child's block has ended: the widest the window can be. (It missed the child when
+    the cascade ran after the flag and the child left the parent's list on its way out.)
+    """
+    ended = threading.Event()
+    raised: list[ks.Interrupted] = []
+
+    def hold(event: ks.AuditEvent) -> None:
+        if event.kind == "interrupt_requested" and event.trigger == "operator":
+            assert ended.wait(10), "the child's block never ended"
+
+    def tool() -> None:
+        ks.sleep(30)  # wakes at once on the parent's flag
+
+    async with ks.Runtime() as runtime:
+        remove = runtime.add_listener(hold)
+        async with runtime.session("orchestrator") as parent:
+            child = runtime.session("worker", parent=parent)
+            interrupter = threading.Thread(
+                target=lambda: parent.interrupt("stop", trigger="operator", operator="ops")
+            )
+            try:
+                async with child:
+                    interrupter.start()
+                    await parent.run_sync(tool)
+            except ks.Interrupted as exc:
+                raised.append(exc)  # the parent's, through the child's block
+            finally:
+                ended.set()  # the child's block is over
+            await park()  # the parent's own interrupt ends its block here
+        await anyio.to_thread.run_sync(interrupter.join, 10)
+        assert child.interrupted, "the cascade missed the child"
+        with anyio.fail_after(10):
+            report = await child.handle
+        remove()
+    # However the block ended (the parent's flag, or the child's own delivery, which
+    # now comes first), the child knew why.
+    assert all(e.session_id in (parent.id, child.id) for e in raised)
+    assert child.state == "terminated"
+    assert report.outcome == "stopped"
+    assert report.trigger == "parent"
+    assert report.operator == "ops"
+    assert parent.report is not None
+    assert parent.report.children == (child.id,)
+
+
 async def test_child_of_interrupted_parent_never_starts() -> None:
     """A child created after its parent was interrupted is stopped before it starts."""
     async with ks.Runtime() as runtime:
