@@ -57,6 +57,11 @@ quiescent, ≥ 100 tool calls cancelled, 10 processes reaped (SIGKILL for the st
 pid of the 40 gone, and no zombie child left.
 
 Targets (issue 8): interrupt → StopReport p99 ≤ 50 ms, and p50 ≤ 2x the raw floor sum.
+
+Run time: under the full load a round (both kills + the floors) takes ~10 s on 2 shared
+cores, mostly waiting for pending audit flushes, so the default 200 kills per variant take
+well over an hour; ``--reps`` trades samples for time (the committed results say how many
+samples each row has).
 """
 
 from __future__ import annotations
