@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPTS = ["bench_fanout", "bench_interrupt", "bench_guard", "bench_scale", "bench_e2e"]
+SCRIPTS = ["bench_fanout", "bench_interrupt", "bench_guard", "bench_scale"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 ROW_KEYS = {
     "benchmark",
@@ -72,6 +72,24 @@ def test_quick_run_writes_json(name: str, tmp_path: Path) -> None:
     proc = _run([str(ROOT / "benchmarks" / f"{name}.py"), "--quick", "--json", str(out)], 300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     _check_results(out, name)
+
+
+@pytest.mark.timeout(360)
+def test_e2e_quick_run_kills_and_verifies(tmp_path: Path) -> None:
+    """``bench_e2e --quick`` kills, verifies every kill and writes its results.
+
+    With the HTTP poller but not the CPU-burning sibling: under that load an audit flush
+    can take tens of seconds on a shared machine, which a smoke test must not depend on.
+    """
+    out = tmp_path / "bench_e2e.json"
+    script = str(ROOT / "benchmarks" / "bench_e2e.py")
+    proc = _run([script, "--quick", "--load", "http", "--json", str(out)], 300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = _check_results(out, "bench_e2e")
+    assert {"raw floor sum", "interrupt → StopReport"} <= {r["variant"] for r in data["rows"]}
+    for load in data["load"].values():
+        assert load["kills_verified"] > 0
+        assert load["http_polls_per_s"] > 0
 
 
 @pytest.mark.timeout(360)
