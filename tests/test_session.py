@@ -718,6 +718,55 @@ async def test_parent_cascade_reaches_a_child_its_interrupt_already_ended() -> N
     assert parent.report.children == (child.id,)
 
 
+async def test_own_interrupts_in_a_task_group_are_absorbed() -> None:
+    """Sync tools in a task group inside the body, interrupted from another thread whose
+    listener delays the delivery: their ``Interrupted`` (raised by ``ks.sleep`` before
+    the cancellation arrives) leave the task group as an ``ExceptionGroup``, and the
+    session's block absorbs it — on 3.11 ``ExceptionGroup.split`` refused the bound
+    method it was given, and the block raised ``TypeError`` instead."""
+    both_raised = threading.Event()
+    raised: list[int] = []
+    lock = threading.Lock()
+
+    def hold(event: ks.AuditEvent) -> None:
+        if event.kind == "interrupt_requested":
+            assert both_raised.wait(10), "the tools never raised"
+
+    def sleeper() -> None:
+        try:
+            while True:
+                ks.sleep(30)
+        finally:
+            with lock:
+                raised.append(1)
+                if len(raised) == 2:
+                    both_raised.set()
+
+    async with ks.Runtime() as runtime:
+        remove = runtime.add_listener(hold)
+        async with runtime.session("group") as session:
+            started = threading.Barrier(3)
+
+            def tool() -> None:
+                started.wait(10)
+                sleeper()
+
+            async with anyio.create_task_group() as tg:
+                for _ in range(2):
+                    tg.start_soon(session.run_sync, tool)
+                await anyio.to_thread.run_sync(started.wait, 10)
+                interrupter = threading.Thread(
+                    target=session.interrupt, args=("stop",), kwargs={"trigger": "operator"}
+                )
+                interrupter.start()
+                await park()
+        await anyio.to_thread.run_sync(interrupter.join, 10)
+        remove()
+    assert session.state == "terminated"
+    assert session.report is not None
+    assert session.report.quiescent
+
+
 async def test_child_of_interrupted_parent_never_starts() -> None:
     """A child created after its parent was interrupted is stopped before it starts."""
     async with ks.Runtime() as runtime:
