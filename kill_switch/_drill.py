@@ -39,7 +39,7 @@ from ._cgroup import read_file
 from ._current import check as ks_check
 from ._current import sleep as ks_sleep
 from ._policy import StopPolicy
-from ._processes import TRACKING_ENV, _stat
+from ._processes import TRACKING_ENV, _scan
 from ._session import Session
 
 if TYPE_CHECKING:
@@ -344,21 +344,6 @@ def _marker(pid: int) -> str | None:
     return None
 
 
-def _table() -> dict[int, tuple[str, int, int]]:
-    """Every process, zombies included: pid → (state, ppid, pgid)."""
-    out: dict[int, tuple[str, int, int]] = {}
-    try:
-        names = os.listdir("/proc")
-    except OSError:
-        return out
-    for name in names:
-        if name.isdigit():
-            st = _stat(int(name))
-            if st is not None:
-                out[int(name)] = st
-    return out
-
-
 def _descendants(table: dict[int, tuple[str, int, int]], root: int) -> set[int]:
     children: dict[int, list[int]] = {}
     for pid, (_state, ppid, _pgid) in table.items():
@@ -420,7 +405,7 @@ class _ProcessProbe:
         whose parent died and which now wait for another reaper (init or a subreaper):
         not this process's to reap.
         """
-        table = _table()
+        table = _scan(zombies=True)
         me = os.getpid()
         mine = _descendants(table, me)
         alive: list[str] = []

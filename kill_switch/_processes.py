@@ -182,8 +182,8 @@ def _has_marker(pid: int, marker: bytes) -> bool:
     return marker in read_file(f"/proc/{pid}/environ")
 
 
-def _scan() -> dict[int, tuple[str, int, int]]:
-    """Every live process: pid → (state, ppid, pgid)."""
+def _scan(*, zombies: bool = False) -> dict[int, tuple[str, int, int]]:
+    """Every live process (and every zombie, with *zombies*): pid → (state, ppid, pgid)."""
     out: dict[int, tuple[str, int, int]] = {}
     try:
         names = os.listdir("/proc")
@@ -193,7 +193,7 @@ def _scan() -> dict[int, tuple[str, int, int]]:
         if name.isdigit():
             pid = int(name)
             st = _stat(pid)
-            if st is not None and st[0] not in ("Z", "X"):
+            if st is not None and st[0] != "X" and (zombies or st[0] != "Z"):
                 out[pid] = st
     return out
 
