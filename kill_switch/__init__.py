@@ -17,7 +17,6 @@ from ._audit_query import verify as verify_audit
 from ._cleanup import Transaction as Transaction
 from ._current import bind as bind
 from ._current import check as check
-from ._current import current_session as current_session
 from ._current import sleep as sleep
 from ._decision import Decision as Decision
 from ._decision import ToolCall as ToolCall
@@ -65,6 +64,7 @@ from ._sentinel import RepeatedCall as RepeatedCall
 from ._sentinel import Sentinel as Sentinel
 from ._sentinel import default_detectors as default_detectors
 from ._session import Session as Session
+from ._session import current_session as current_session
 from ._shutdown import GracefulShutdown as GracefulShutdown
 from ._shutdown import graceful_shutdown as graceful_shutdown
 from ._sqlite_audit import AuditStatistics as AuditStatistics

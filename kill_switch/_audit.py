@@ -84,3 +84,24 @@ class AuditSink(Protocol):
     def record(self, event: AuditEvent) -> None: ...
 
     async def flush(self) -> AuditStatus: ...
+
+
+@runtime_checkable
+class DurableAuditSink(AuditSink, Protocol):
+    """An ``AuditSink`` on disk (``SqliteAudit``): the abilities the runtime and the
+    operations use when a sink has them, found with ``isinstance`` (never by probing
+    for attributes).
+
+    ``path`` and ``anchor_path`` (``None``: no anchor) name the log and its anchored
+    head; ``record_now`` writes one event synchronously from any thread, without the
+    loop (the watchdog's last word before a forced exit), and says whether it reached
+    the disk; ``terminated_session_ids`` reads every session id a stop was recorded for
+    (a kill is sticky across restarts).
+    """
+
+    path: str
+    anchor_path: str | None
+
+    def record_now(self, event: AuditEvent) -> bool: ...
+
+    async def terminated_session_ids(self) -> frozenset[str]: ...

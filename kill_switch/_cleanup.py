@@ -14,7 +14,7 @@ from ._report import CleanupReport
 if TYPE_CHECKING:
     from types import TracebackType
 
-    from ._session import Session
+    from ._plane import PlaneHost
 
 Hook = Callable[[], "Awaitable[object] | object"]
 
@@ -33,7 +33,7 @@ def check_hook(fn: object) -> None:
 
 
 async def run_hooks(
-    session: Session,
+    session: PlaneHost,
     hooks: list[tuple[str, Hook]],
     kind: Literal["cleanup", "rollback"],
 ) -> list[CleanupReport]:
@@ -66,7 +66,7 @@ async def run_hooks(
             outcome, error = "timed_out", f"still running after {timeout} s; left behind"
         report = CleanupReport(name, kind, outcome, time.monotonic() - started, error)
         reports.append(report)
-        session._record(
+        session.record(
             kind,
             reason=error,
             details={"hook": name, "outcome": outcome, "seconds": report.seconds},
@@ -84,7 +84,7 @@ class Transaction:
     session's ``StopReport.cleanup`` and the audit. Exceptions are never swallowed.
     """
 
-    def __init__(self, session: Session) -> None:
+    def __init__(self, session: PlaneHost) -> None:
         self._session = session
         self._undo: list[tuple[str, Hook]] = []
         #: ``open`` → ``committed`` or ``rolled_back``.
@@ -105,7 +105,9 @@ class Transaction:
     def commit_point(self) -> None:
         """Raise ``Interrupted`` if the session was interrupted: call it right before a
         side effect that must not happen after a kill (a fence)."""
-        self._session.check()
+        session = self._session
+        if session.request is not None:
+            raise session.interrupted_error()
 
     async def __aenter__(self) -> Transaction:
         return self
@@ -116,7 +118,7 @@ class Transaction:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if exc_type is None and not self._session.interrupted:
+        if exc_type is None and self._session.request is None:
             self.state = "committed"
             self._undo.clear()
             return
@@ -125,4 +127,4 @@ class Transaction:
         budget = (len(self._undo) + 1) * self._session.policy.cleanup_timeout
         with anyio.move_on_after(budget, shield=True):
             reports = await run_hooks(self._session, self._undo, "rollback")
-            self._session._cleanup_reports.extend(reports)
+            self._session.note_cleanup(reports)

@@ -17,19 +17,15 @@ from typing import TYPE_CHECKING, ParamSpec, TypeVar
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from ._session import Session
+    from ._plane import PlaneHost
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
-_current_session: ContextVar[Session | None] = ContextVar(
+#: The session the running code belongs to (``kill_switch.current_session()``).
+_current_session: ContextVar[PlaneHost | None] = ContextVar(
     "kill_switch_current_session", default=None
 )
-
-
-def current_session() -> Session | None:
-    """Return the session whose context the caller runs in, or ``None``."""
-    return _current_session.get()
 
 
 def check() -> None:
@@ -43,8 +39,8 @@ def check() -> None:
         Interrupted: the current session was interrupted.
     """
     session = _current_session.get()
-    if session is not None and session._flag.is_set():
-        raise session._interrupted_exc()
+    if session is not None and session.is_interrupted():
+        raise session.interrupted_error()
 
 
 def sleep(seconds: float) -> None:
@@ -73,8 +69,8 @@ def sleep(seconds: float) -> None:
 
         threading.Event().wait(seconds)
         return
-    if session._flag.wait(None if math.isinf(seconds) else seconds):
-        raise session._interrupted_exc()
+    if session.wait_interrupted(None if math.isinf(seconds) else seconds):
+        raise session.interrupted_error()
 
 
 def bind(fn: Callable[P, R]) -> Callable[P, R]:

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 import anyio
 import attrs
 
+from ._audit import DurableAuditSink
 from ._cgroup import read_file
 from ._current import check as ks_check
 from ._current import sleep as ks_sleep
@@ -371,7 +372,7 @@ class _ProcessProbe:
 
     def __init__(self, session: Session, report: StopReport | None, *, untracked: bool) -> None:
         self.session_id = session.id
-        self.started_at = session._started_at
+        self.started_at = session.info().started_at
         self.untracked = untracked
         self.own_pgid = os.getpgid(0)
         self.pids: set[int] = set()
@@ -437,18 +438,12 @@ class _ProcessProbe:
 
 
 def _check_tasks(session: Session) -> DrillCheck:
-    current = asyncio.current_task()
-    alive = [t for t in list(session._tasks) if not t.done() and t is not current]
+    alive = session.running_tasks()
     if not alive:
         return DrillCheck("tasks", True, "every task of the session has finished")
-    names = ", ".join(f"{t.get_name()} ({_coro(t)})" for t in alive[:5])
+    names = ", ".join(f"{t.task} ({t.coro})" for t in alive[:5])
     more = f" and {len(alive) - 5} more" if len(alive) > 5 else ""
     return DrillCheck("tasks", False, f"{len(alive)} task(s) still running: {names}{more}")
-
-
-def _coro(task: asyncio.Task[Any]) -> str:
-    coro = task.get_coro()
-    return getattr(coro, "__qualname__", None) or type(coro).__name__
 
 
 def _check_threads(session: Session, report: StopReport | None) -> DrillCheck:
@@ -502,9 +497,8 @@ def _check_report(session: Session, report: StopReport | None, bound: float) -> 
 
 
 def _audit_path(session: Session) -> str | None:
-    sink = session._runtime._sink
-    path = getattr(sink, "path", None)
-    return path if isinstance(path, str) else None
+    sink = session.runtime.audit
+    return sink.path if isinstance(sink, DurableAuditSink) else None
 
 
 def _check_audit(path: str | None, report: StopReport | None, *, verify_chain: bool) -> DrillCheck:
@@ -581,7 +575,7 @@ async def drill(
         loop = asyncio.get_running_loop()
     except RuntimeError:
         loop = None
-    if loop is not session._loop:
+    if loop is not session.loop:
         raise RuntimeError("drill() must run on the session's event loop")
     if session.state in ("created", "finished", "failed"):
         raise RuntimeError(f"session {session.id} is {session.state}: there is nothing to drill")

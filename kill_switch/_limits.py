@@ -28,12 +28,13 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 import attrs
 
 from ._decision import Decision, ToolCall
+from ._plane import Plane
 
 if TYPE_CHECKING:
     import asyncio
 
+    from ._plane import PlaneHost
     from ._report import InterruptRequest
-    from ._session import Session
 
 Clock = Callable[[], float]
 LimitName = Literal["max_actions", "max_cost", "max_duration"]
@@ -277,13 +278,18 @@ def report_cost(actual: float) -> bool:
 
 #: (code, reason, owner ledger) of a refused reservation.
 Refusal = tuple[str, str, "Ledger"]
+#: Where a ledger hands a crossed soft threshold: the acting session's guard, with the
+#: owning level's ``on_limit_warning`` callback.
+WarningSink = Callable[["LimitWarning", "Callable[[LimitWarning], None] | None"], None]
 
 
-class Ledger:
+class Ledger(Plane):
     """One session's budget: counts, reservations, deadline; part of a tree.
 
     Loop-thread only (the guard counts exactly on the loop thread). Cheap on the hot
-    path: a few comparisons per level of the tree.
+    path: a few comparisons per level of the tree. While its timers run it is a plane of
+    its session: the interrupt cancels them, so a deadline cannot fire into a session
+    that is already stopping.
     """
 
     __slots__ = (
@@ -294,7 +300,6 @@ class Ledger:
         "_clock",
         "_deadline_fired",
         "_has_deadline",
-        "_single",
         "_timers",
         "_warn_actions",
         "_warn_cost",
@@ -305,8 +310,10 @@ class Ledger:
         "limits",
         "on_warning",
         "parent",
+        "report_warning",
         "reserved",
         "session",
+        "single",
         "spent",
         "timed",
         "timeouts",
@@ -314,14 +321,17 @@ class Ledger:
 
     def __init__(
         self,
-        session: Session,
+        session: PlaneHost,
         limits: Limits,
         parent: Ledger | None,
         *,
         clock: Clock = time.monotonic,
         on_warning: Callable[[LimitWarning], None] | None = None,
+        report_warning: WarningSink,
     ) -> None:
         self.session = session
+        #: Audits a soft threshold crossed by a call of *session* (at any level above).
+        self.report_warning = report_warning
         self.limits = limits
         self.parent = parent
         self._clock = clock
@@ -340,7 +350,7 @@ class Ledger:
         )
         self._warn_cost = math.inf if w is None or limits.max_cost is None else w * limits.max_cost
         self._chain: tuple[Ledger, ...] = (self, *(parent._chain if parent else ()))
-        self._single = parent is None
+        self.single = parent is None
         self._has_deadline = False
         self._a_mark = self._c_mark = math.inf
         self._update_marks()
@@ -376,6 +386,15 @@ class Ledger:
         if w is not None:
             self._timers.append(loop.call_at(loop.time() + w * max_duration, _fire_warn, ref))
 
+    @property
+    def has_timers(self) -> bool:
+        """Whether a deadline or warning timer is armed."""
+        return bool(self._timers)
+
+    def deliver(self, request: InterruptRequest) -> None:
+        """The session is interrupted: its timers must not fire any more."""
+        self.stop_timers()
+
     def stop_timers(self) -> None:
         """Cancel the pending timers (the session stopped)."""
         for t in self._timers:
@@ -405,7 +424,7 @@ class Ledger:
         # A session already stopping still records its deadline (as a later reason) if
         # it comes before the stop's fan-out cancels this timer: several triggers in
         # the same instant are all kept. An ended session has nothing left to stop.
-        if session._state in ("finished", "failed", "terminated") or session._handle.done():
+        if session.state in ("finished", "failed", "terminated") or session.handle.done():
             return False
         limit = self.limits.max_duration
         session.interrupt(
@@ -425,7 +444,7 @@ class Ledger:
         Returns the first refusal in the fixed order: deadlines, then per level from
         this session up, ``max_actions`` then ``max_cost``.
         """
-        if self._single:
+        if self.single:
             # Fast path of a root ledger: one test per limit; anything near a limit or
             # a soft threshold (the marks) takes the exact path below.
             if self._has_deadline and self._clock() >= self.deadline:  # type: ignore[operator]
@@ -454,9 +473,9 @@ class Ledger:
             led.actions += 1
             led.reserved += cost
             if led.actions >= led._warn_actions:
-                led._warn("max_actions", led.actions, self.session)
+                led._warn("max_actions", led.actions, self)
             if led.spent + led.reserved >= led._warn_cost:
-                led._warn("max_cost", led.spent + led.reserved, self.session)
+                led._warn("max_cost", led.spent + led.reserved, self)
         return None
 
     def refusals(self, cost: float) -> list[Refusal]:
@@ -502,10 +521,10 @@ class Ledger:
             led.actions -= 1
             led.reserved = max(0.0, led.reserved - cost)
 
-    def settle(self, estimate: float, actual: float) -> Refusal | None:
+    def spend(self, estimate: float, actual: float) -> Refusal | None:
         """Release a reservation of *estimate* and spend *actual*; return the refusal of
         the first level now over its ``max_cost`` (the tool overran its estimate)."""
-        if self._single and actual == estimate:
+        if self.single and actual == estimate:
             # Spend + reserved is unchanged: no limit or threshold can be crossed.
             self.reserved -= estimate
             self.spent += actual
@@ -523,21 +542,23 @@ class Ledger:
                     led,
                 )
             if led.spent + led.reserved >= led._warn_cost:
-                led._warn("max_cost", led.spent + led.reserved, self.session)
+                led._warn("max_cost", led.spent + led.reserved, self)
         return over
 
     def charge(self, amount: float) -> Refusal | None:
         """Spend *amount* not reserved by any call (``session.charge``)."""
-        return self.settle(0.0, amount)
+        return self.spend(0.0, amount)
 
-    def _warn(self, limit: LimitName, used: float, session: Session) -> None:
+    def _warn(self, limit: LimitName, used: float, acting: Ledger) -> None:
         if limit in self._warned:
             return
         self._warned.add(limit)
         self._update_marks()
         maximum = getattr(self.limits, limit)
-        warning = LimitWarning(session.id, self.session.id, limit, float(used), float(maximum))
-        session._limit_warning(warning, self.on_warning)
+        warning = LimitWarning(
+            acting.session.id, self.session.id, limit, float(used), float(maximum)
+        )
+        acting.report_warning(warning, self.on_warning)
 
     def _update_marks(self) -> None:
         """Recompute the fast path's marks: a new action count above ``_a_mark`` or a
@@ -576,28 +597,6 @@ def _fire_warn(ref: weakref.ref[Ledger]) -> None:
         return
     session = ledger.session
     limit = ledger.limits.max_duration
-    if session._requests or session._state != "running" or limit is None:
+    if session.request is not None or session.state != "running" or limit is None:
         return
-    ledger._warn("max_duration", (ledger.limits.warn_at or 0.0) * limit, session)
-
-
-class LedgerPlane:
-    """Adapts a ledger to the session's ``Plane`` protocol: an interrupt cancels its
-    timers, so a deadline cannot fire into a session that is already stopping."""
-
-    __slots__ = ("_ledger",)
-
-    def __init__(self, ledger: Ledger) -> None:
-        self._ledger = ledger
-
-    def deliver(self, request: InterruptRequest) -> None:
-        self._ledger.stop_timers()
-
-    async def settle(self, deadline: float) -> None:
-        return None
-
-    def quiescent(self) -> bool:
-        return True
-
-    def report_fields(self) -> dict[str, Any]:
-        return {}
+    ledger._warn("max_duration", (ledger.limits.warn_at or 0.0) * limit, ledger)

@@ -17,7 +17,7 @@ import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ._session import Session
+    from collections.abc import Callable
 
 
 class LoopMonitor:
@@ -25,17 +25,20 @@ class LoopMonitor:
 
     def __init__(self) -> None:
         # SimpleQueue.put is reentrant: safe from signal handlers and any thread.
-        self._queue: queue.SimpleQueue[tuple[Session, float] | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[Callable[[], None], float] | None] = (
+            queue.SimpleQueue()
+        )
         self._closed = threading.Event()
         self._thread = threading.Thread(
             target=self._run, name="kill_switch loop monitor", daemon=True
         )
         self._thread.start()
 
-    def watch(self, session: Session, requested_mono: float) -> None:
-        """Check, ``out_of_band_after`` seconds after *requested_mono*, that the loop
-        delivered *session*'s interrupt. Never blocks."""
-        self._queue.put((session, requested_mono))
+    def watch(self, check: Callable[[], None], due_mono: float) -> None:
+        """Call *check* on the monitor's thread at *due_mono* (``time.monotonic()``);
+        it tests whether the loop delivered an interrupt and, if not, forces the stop.
+        Never blocks."""
+        self._queue.put((check, due_mono))
 
     def close(self) -> None:
         """Stop the thread (bounded: it only ever waits on events)."""
@@ -48,9 +51,7 @@ class LoopMonitor:
             item = self._queue.get()
             if item is None or self._closed.is_set():
                 return
-            session, requested = item
-            due = requested + session.policy.out_of_band_after
+            check, due = item
             if self._closed.wait(max(0.0, due - time.monotonic())):
                 return
-            if session._delivered_mono is None and session._state != "created":
-                session._go_out_of_band()
+            check()

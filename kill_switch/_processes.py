@@ -33,12 +33,11 @@ import math
 import os
 import signal
 import subprocess
-import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from io import BytesIO
-from typing import IO, TYPE_CHECKING, Any, Final, Literal, TypeAlias
+from typing import IO, TYPE_CHECKING, Any, Final, Literal, TypeAlias, TypedDict, Unpack
 
 import anyio
 import anyio.abc
@@ -47,13 +46,14 @@ import attrs
 
 from ._cgroup import CgroupUnavailable, SessionCgroup, read_file
 from ._info import ProcessInfo
+from ._plane import Plane, StopFields
 from ._report import ProcessReport
 
 if TYPE_CHECKING:
     import asyncio
 
+    from ._plane import ForcePath, PlaneHost
     from ._report import InterruptRequest
-    from ._session import Session
 
 PIPE: Final = subprocess.PIPE
 STDOUT: Final = subprocess.STDOUT
@@ -79,6 +79,25 @@ PathArg: TypeAlias = str | bytes | os.PathLike[str] | None
 GroupList: TypeAlias = Iterable[str | int] | None
 Fds: TypeAlias = Sequence[int]
 CompletedProcess = subprocess.CompletedProcess
+
+
+class ProcessArgs(TypedDict, total=False):
+    """The keyword arguments ``open_process`` and ``run_process`` share (as in
+    ``anyio.open_process``, plus ``escalation``); passed on with ``Unpack`` so that they
+    are written once (trio's ``GeneralProcessArgs``)."""
+
+    stdin: StdIO
+    stdout: StdIO
+    stderr: StdIO
+    cwd: PathArg
+    env: Mapping[str, str] | None
+    pass_fds: Fds
+    user: str | int | None
+    group: str | int | None
+    extra_groups: GroupList
+    umask: int
+    escalation: EscalationPolicy | None
+
 
 _VERIFY_ROUNDS = 3
 _POLL_MIN = 0.001
@@ -585,15 +604,15 @@ class _Group:
 # -------------------------------------------------------------------------- the plane
 
 
-class ProcessPlane:
+class ProcessPlane(Plane):
     """The processes of one session and how its interrupt stops them (a ``Plane``).
 
     Created by the session's first ``open_process`` / ``track_pid``. Loop thread only.
     """
 
-    def __init__(self, session: Session, policy: EscalationPolicy) -> None:
+    def __init__(self, session: PlaneHost, policy: EscalationPolicy) -> None:
         self.session = session
-        self.loop = session._loop
+        self.loop = session.loop
         self.policy = policy
         self._groups: dict[int, _Group] = {}
         self._stopping: list[_Group] = []
@@ -710,9 +729,9 @@ class ProcessPlane:
         """Every process of the stop is gone (none survived, the stop is verified)."""
         return self._done.is_set() and not any(g.survived for g in self._stopping)
 
-    def report_fields(self) -> dict[str, Any]:
-        """``{"processes": ...}``: one ``ProcessReport`` per process of the stop."""
-        return {"processes": tuple(g.report() for g in self._stopping)}
+    def stop_fields(self) -> StopFields:
+        """One ``ProcessReport`` per process of the stop."""
+        return StopFields(processes=tuple(g.report() for g in self._stopping))
 
     def busy(self) -> bool:
         """Whether a tracked process is still running (the block's end stops it)."""
@@ -720,7 +739,7 @@ class ProcessPlane:
 
     # -- out of band
 
-    def force(self, path: str) -> None:
+    def force(self, path: ForcePath) -> None:
         """SIGKILL every tracked group now, from any thread (the loop may be stuck).
 
         For the out-of-band path and the watchdog: no grace (a wedged loop cannot run
@@ -980,34 +999,29 @@ class ProcessPlane:
     # -- side channels
 
     def _record(self, kind: str, details: dict[str, Any]) -> None:
-        self.session._record(kind, details=details)
+        self.session.record(kind, details=details)
 
     def _warn(self, message: str) -> None:
         try:
             warnings.warn(message, EscalationWarning, stacklevel=2)
         except Exception as exc:  # warnings-as-errors must not stop the ladder
-            self.session._secondary.append(f"EscalationWarning raised: {exc!r}")
+            self.session.note_secondary(f"EscalationWarning raised: {exc!r}")
 
 
-def _plane(session: Session, policy: EscalationPolicy) -> ProcessPlane:
+def _plane(session: PlaneHost, policy: EscalationPolicy) -> ProcessPlane:
     """The session's process plane, created (and registered) on first use.
 
     Raises:
         Interrupted: the session was interrupted: nothing new may start.
         RuntimeError: not on the session's loop thread, or the session has ended.
     """
-    if threading.get_ident() != session._runtime._loop_thread:
+    if not session.on_loop_thread():
         raise RuntimeError("processes must be started on the session's event loop thread")
-    if session._requests:
-        raise session._interrupted_exc()
-    for plane in session._planes:
-        if isinstance(plane, ProcessPlane):
-            return plane
+    if session.request is not None:
+        raise session.interrupted_error()
     if session.state in ("terminated", "finished", "failed"):
         raise RuntimeError(f"session {session.id} has ended ({session.state})")
-    plane = ProcessPlane(session, policy)
-    session.add_plane(plane)
-    return plane
+    return session.plane(ProcessPlane, lambda: ProcessPlane(session, policy))
 
 
 def _check_policy(escalation: EscalationPolicy | None) -> EscalationPolicy:
@@ -1248,7 +1262,7 @@ def _check_command(command: object) -> tuple[str | bytes | Sequence[Any], bool, 
 
 
 async def open_process(
-    session: Session,
+    session: PlaneHost,
     command: str | bytes | Sequence[str | bytes | os.PathLike[str]],
     *,
     stdin: int | IO[Any] | None = PIPE,
@@ -1336,7 +1350,7 @@ async def open_process(
     return process
 
 
-def track_pid(session: Session, pid: int, *, escalation: EscalationPolicy | None = None) -> None:
+def track_pid(session: PlaneHost, pid: int, *, escalation: EscalationPolicy | None = None) -> None:
     """Adopt *pid*, started by other means, so that *session*'s interrupt stops it.
 
     Its process group is signalled only if *pid* leads it (and it is not ours); its
@@ -1382,22 +1396,12 @@ def track_pid(session: Session, pid: int, *, escalation: EscalationPolicy | None
 
 
 async def run_process(
-    session: Session,
-    command: str | bytes | Sequence[str | bytes | os.PathLike[str]],
+    session: PlaneHost,
+    command: Command,
     *,
     input: bytes | None = None,
-    stdin: int | IO[Any] | None = None,
-    stdout: int | IO[Any] | None = PIPE,
-    stderr: int | IO[Any] | None = PIPE,
     check: bool = True,
-    cwd: str | bytes | os.PathLike[str] | None = None,
-    env: Mapping[str, str] | None = None,
-    pass_fds: Sequence[int] = (),
-    user: str | int | None = None,
-    group: str | int | None = None,
-    extra_groups: Iterable[str | int] | None = None,
-    umask: int = -1,
-    escalation: EscalationPolicy | None = None,
+    **options: Unpack[ProcessArgs],
 ) -> subprocess.CompletedProcess[bytes]:
     """Run *command* to completion in a tracked process group and collect its output.
 
@@ -1408,6 +1412,9 @@ async def run_process(
         subprocess.CalledProcessError: *check* and a nonzero exit status.
         ValueError: both *stdin* and *input* given; see ``open_process``.
     """
+    stdin: StdIO = options.pop("stdin", None)
+    stdout = options.setdefault("stdout", PIPE)
+    stderr = options.setdefault("stderr", PIPE)
     if stdin is not None and input is not None:
         raise ValueError("only one of stdin and input is allowed")
     output = BytesIO()
@@ -1422,21 +1429,8 @@ async def run_process(
             await stream.send(data)
         await stream.aclose()
 
-    async with await open_process(
-        session,
-        command,
-        stdin=PIPE if input else stdin,
-        stdout=stdout,
-        stderr=stderr,
-        cwd=cwd,
-        env=env,
-        pass_fds=pass_fds,
-        user=user,
-        group=group,
-        extra_groups=extra_groups,
-        umask=umask,
-        escalation=escalation,
-    ) as process:
+    options["stdin"] = PIPE if input else stdin
+    async with await open_process(session, command, **options) as process:
         async with anyio.create_task_group() as tg:
             if process._stdout is not None:
                 tg.start_soon(drain, process._stdout, output)

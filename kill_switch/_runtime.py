@@ -4,31 +4,34 @@ service tasks that finish stops."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import concurrent.futures
 import contextvars
 import os
 import sys
 import threading
 import time
 from collections.abc import Callable, Coroutine, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 
-from ._audit import SESSION_REFUSED, AuditEvent, AuditSink
+from ._audit import SESSION_REFUSED, AuditEvent, AuditSink, DurableAuditSink
 from ._current import _current_session
 from ._exceptions import SessionRefused
 from ._limits import Limits, LimitWarning
 from ._out_of_band import LoopMonitor
 from ._policy import StopPolicy
 from ._sentinel import Sentinel
-from ._session import Session, ToolPolicy
+from ._session import Session
 from ._triggers import bound_text
 
 if TYPE_CHECKING:
+    from ._guard import ToolPolicy
     from ._handle import InterruptHandle
     from ._info import SessionInfo
     from ._report import AuditStatus
+
+T = TypeVar("T")
 
 _MAX_AGENT = 200
 _MAX_LABELS = 64
@@ -85,6 +88,7 @@ class Runtime:
         self.policy = policy if policy is not None else StopPolicy()
         self._track_tasks = track_tasks
         self._sessions: dict[str, Session] = {}
+        self._host = _RuntimeHost(self)
         self._terminated: set[str] = set()
         self._service: set[asyncio.Task[Any]] = set()
         self._listeners: tuple[Callable[[AuditEvent], None], ...] = ()
@@ -119,7 +123,7 @@ class Runtime:
         self._context = ctx
         if self._sink is not None:
             await self._sink.__aenter__()
-            if hasattr(self._sink, "terminated_session_ids"):  # a kill is sticky
+            if isinstance(self._sink, DurableAuditSink):  # a kill is sticky
                 self._terminated |= await self._sink.terminated_session_ids()
         if self._track_tasks:
             self._install_task_factory()
@@ -128,7 +132,7 @@ class Runtime:
 
     async def __aexit__(self, *exc_info: object) -> None:
         try:
-            live = [s for s in self._sessions.values() if s._state != "created"]
+            live = [s for s in self._sessions.values() if s.state != "created"]
             handles = [s.interrupt("runtime closing", trigger="shutdown") for s in live]
             with anyio.move_on_after(self.policy.stop_timeout + 1.0, shield=True):
                 for h in handles:
@@ -161,7 +165,7 @@ class Runtime:
             if session is not None and not self._closed:
                 # A WeakSet, not a set plus a done callback: the callback cost ~1.5 us
                 # per task on every interrupt's way out (benchmarks/bench_fanout.py).
-                session._tasks.add(task)
+                session.note_task(task)
             return task
 
         self._prev_factory = prev
@@ -216,7 +220,7 @@ class Runtime:
             session_id = new_id()
         elif not isinstance(session_id, str) or not session_id or len(session_id) > 200:
             raise ValueError(f"session_id must be a non-empty str of <= 200 chars: {session_id!r}")
-        if parent is not None and (not isinstance(parent, Session) or parent._runtime is not self):
+        if parent is not None and (not isinstance(parent, Session) or parent.runtime is not self):
             raise ValueError("parent must be a session of this runtime")
         if policy is not None and not isinstance(policy, StopPolicy):
             raise TypeError(f"policy must be a StopPolicy, not {type(policy).__name__}")
@@ -228,7 +232,7 @@ class Runtime:
             raise TypeError("tool_policy must be callable")
         self._refuse_if_taken(session_id, agent)
         session = Session(
-            self,
+            self._host,
             agent,
             session_id=session_id,
             labels=checked,
@@ -240,15 +244,6 @@ class Runtime:
             on_limit_warning=on_limit_warning,
             clock=clock,
         )
-        if parent is not None:
-            parent._children.append(session)
-            if parent._requests:
-                first = parent._requests[0]
-                session.interrupt(
-                    f"parent session {parent.id} interrupted: {first.reason}",
-                    trigger="parent",
-                    operator=first.operator,
-                )
         return session
 
     def _refuse_if_taken(self, session_id: str, agent: str) -> None:
@@ -262,7 +257,7 @@ class Runtime:
             raise SessionRefused(why)
 
     def _enter_session(self, session: Session) -> None:
-        if session.id not in self._terminated or session._requests:
+        if session.id not in self._terminated or session.interrupted:
             if self._sessions.get(session.id, session) is not session:
                 self._refuse_if_taken(session.id, session.agent)
             self._sessions[session.id] = session
@@ -272,17 +267,6 @@ class Runtime:
     def _leave_session(self, session: Session) -> None:
         if self._sessions.get(session.id) is session:
             del self._sessions[session.id]
-        parent = session.parent
-        # A child stays on an interrupted parent's list: the parent's interrupt (from
-        # another thread) may have ended this block — its flag wakes a sync tool running
-        # in it — before its cascade reached the list. Once the parent has a request,
-        # every child that leaves is one the cascade must still see.
-        if parent is not None and not session._requests and not parent._requests:
-            with contextlib.suppress(ValueError):
-                parent._children.remove(session)
-
-    def _note_terminated(self, session: Session) -> None:
-        self._terminated.add(session.id)
 
     def sessions(self) -> tuple[SessionInfo, ...]:
         """Snapshots of every session currently entered (running or stopping)."""
@@ -323,7 +307,49 @@ class Runtime:
         ]
         return tuple(s.interrupt(reason, trigger=trigger, operator=operator) for s in targets)
 
-    # ------------------------------------------------------------- internals
+    # ------------------------------------------------------------------ audit
+
+    @property
+    def audit(self) -> AuditSink | None:
+        """Where this runtime's audit events go (``None``: nowhere). Read-only."""
+        return self._sink
+
+    def record(self, event: AuditEvent) -> None:
+        """Record *event* (an operator's action, say) in this runtime's audit: the sink
+        and every listener. Any thread; never blocks; never raises for a failing sink
+        or listener (the failure is reported on stderr)."""
+        self._record(event)
+
+    async def on_loop(self, fn: Callable[[], T], within: float) -> T:
+        """Run *fn* on this runtime's event loop and return its result; for code on
+        another loop or thread (the control plane). A checkpoint; not shielded.
+
+        Raises:
+            TimeoutError: the loop did not run *fn* within *within* seconds (blocked).
+            RuntimeError: the runtime is not running or its loop is closed.
+            Exception: whatever *fn* raised.
+        """
+        if not self._entered:
+            raise RuntimeError("the runtime is not running")
+        fut: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+        def run() -> None:
+            if not fut.set_running_or_notify_cancel():
+                return
+            try:
+                fut.set_result(fn())
+            except Exception as exc:  # handed to the caller
+                fut.set_exception(exc)
+
+        try:
+            self._loop.call_soon_threadsafe(run, context=self._context)
+        except RuntimeError:
+            raise RuntimeError("the runtime's event loop is closed") from None
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(fut), within)
+        except TimeoutError:
+            fut.cancel()
+            raise
 
     def add_listener(self, listener: Callable[[AuditEvent], None]) -> Callable[[], None]:
         """Call *listener* with every audit event this runtime records; return a remover.
@@ -374,3 +400,61 @@ class Runtime:
         task = self._loop.create_task(fn(), context=self._context)
         self._service.add(task)
         task.add_done_callback(self._service.discard)
+
+
+class _RuntimeHost:
+    """What a session may use of its runtime (the ``LoopHost`` protocol): handed to each
+    session at construction instead of the session reading the runtime's fields."""
+
+    __slots__ = ("__weakref__", "_runtime")
+
+    def __init__(self, runtime: Runtime) -> None:
+        self._runtime = runtime
+
+    @property
+    def runtime(self) -> Runtime:
+        return self._runtime
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return self._runtime._loop
+
+    @property
+    def loop_thread(self) -> int:
+        return self._runtime._loop_thread
+
+    @property
+    def context(self) -> contextvars.Context:
+        return self._runtime._context
+
+    @property
+    def closed(self) -> bool:
+        return self._runtime._closed
+
+    @property
+    def audible(self) -> bool:
+        rt = self._runtime
+        return rt._sink is not None or bool(rt._listeners)
+
+    def record(self, event: AuditEvent) -> None:
+        self._runtime._record(event)
+
+    async def flush(self) -> AuditStatus:
+        return await self._runtime._flush_audit()
+
+    def spawn(self, fn: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        self._runtime._spawn(fn)
+
+    def watch_delivery(self, check: Callable[[], None], due_mono: float) -> None:
+        monitor = self._runtime._monitor
+        if monitor is not None:
+            monitor.watch(check, due_mono)
+
+    def enter(self, session: Session) -> None:
+        self._runtime._enter_session(session)
+
+    def leave(self, session: Session) -> None:
+        self._runtime._leave_session(session)
+
+    def note_terminated(self, session_id: str) -> None:
+        self._runtime._terminated.add(session_id)

@@ -29,7 +29,7 @@ import attrs
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
 
-    from ._session import Session
+    from ._plane import PlaneHost
 
 Severity = Literal["info", "warning", "critical"]
 Mode = Literal["observe", "enforce"]
@@ -69,10 +69,10 @@ class Detector:
     #: the detector's name in alerts and audit events.
     name: str = "detector"
     #: whether ``on_outcome`` wants calls that succeeded too (``False``: errors only;
-    #: ``Watch.successes`` counts the others, cheaply).
+    #: ``SessionWatch.successes`` counts the others, cheaply).
     wants_success: bool = True
 
-    def attach(self, watch: Watch) -> None:
+    def attach(self, watch: SessionWatch) -> None:
         """Called once with the session's watch, after ``fresh()``."""
 
     def on_call(
@@ -226,10 +226,10 @@ class ErrorStreak(Detector):
         self.max_errors = max_errors
         self.severity: Severity = severity
         self._streak = 0
-        self._watch: Watch | None = None
+        self._watch: SessionWatch | None = None
         self._successes = 0
 
-    def attach(self, watch: Watch) -> None:
+    def attach(self, watch: SessionWatch) -> None:
         self._watch = watch
 
     def on_outcome(self, tool: str, error: BaseException | None, now: float) -> Alert | None:
@@ -417,16 +417,16 @@ class Sentinel:
     on_alert: Callable[[Alert], None] | None = attrs.field(default=None, eq=False)
     clock: Callable[[], float] = attrs.field(default=time.monotonic, eq=False, repr=False)
 
-    def watch(self, session: Session) -> Watch:
+    def watch(self, session: PlaneHost) -> SessionWatch:
         """The live watcher of *session* (fresh detector state)."""
-        return Watch(self, session)
+        return SessionWatch(self, session)
 
 
 def _overrides(d: Detector, hook: str) -> bool:
     return getattr(type(d), hook) is not getattr(Detector, hook)
 
 
-class Watch:
+class SessionWatch:
     """One session's sentinel: fresh detectors, cooldown state, failure handling."""
 
     __slots__ = (
@@ -445,7 +445,7 @@ class Watch:
         "wants_outcome",
     )
 
-    def __init__(self, sentinel: Sentinel, session: Session) -> None:
+    def __init__(self, sentinel: Sentinel, session: PlaneHost) -> None:
         self._sentinel = sentinel
         self._session = session
         self._clock = sentinel.clock
@@ -540,7 +540,7 @@ class Watch:
         sentinel = self._sentinel
         enforce = sentinel.mode == "enforce" and alert.severity == "critical"
         session = self._session
-        session._record(
+        session.record(
             SENTINEL_ALERT,
             trigger="sentinel" if enforce else None,
             reason=alert.message,
@@ -574,13 +574,13 @@ class Watch:
         if self._sentinel.fail_open:
             if culprit is not None:
                 self._disable(culprit)
-            session._record(
+            session.record(
                 SENTINEL_ERROR,
                 reason=f"sentinel_error (fail-open): {what}",
                 details={"fail_open": True, "disabled": culprit.name if culprit else None},
             )
             return
-        session._record(
+        session.record(
             SENTINEL_ERROR,
             trigger="sentinel",
             reason=f"sentinel_error: {what}",

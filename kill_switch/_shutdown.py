@@ -21,13 +21,14 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from ._audit import FORCED_EXIT, AuditEvent
+from ._audit import FORCED_EXIT, AuditEvent, DurableAuditSink
 from ._watchdog import Watchdog
 
 if TYPE_CHECKING:
     from types import FrameType, TracebackType
 
     from ._runtime import Runtime
+    from ._session import Session
 
 SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -100,7 +101,7 @@ class GracefulShutdown:
             swallowed = self._scope.__exit__(exc_type, exc, tb)
         finally:
             if self.signal is not None and self.watchdog is not None:
-                handles = [s.handle for s in self.runtime._sessions.values()]
+                handles = [s.handle for s in self._live()]
                 remaining = (self.watchdog.deadline or 0) - time.monotonic()
                 with anyio.move_on_after(max(0.0, remaining), shield=True):
                     for handle in handles:
@@ -138,19 +139,23 @@ class GracefulShutdown:
             reason=f"shutdown did not finish within {self.deadline} s",
             details={
                 "signal": self.signal.name if self.signal else None,
-                "sessions": [s.id for s in list(self.runtime._sessions.values())],
+                "sessions": [info.session_id for info in self.runtime.sessions()],
             },
         )
-        sink = self.runtime._sink
-        record_now = getattr(sink, "record_now", None)
-        if record_now is not None:
-            record_now(event)
+        sink = self.runtime.audit
+        if isinstance(sink, DurableAuditSink):
+            sink.record_now(event)
         elif sink is not None:
             sink.record(event)
 
     def _kill_process_groups(self) -> None:
-        for session in list(self.runtime._sessions.values()):
-            session._force_planes("watchdog")
+        for session in self._live():
+            session.force("watchdog")
+
+    def _live(self) -> list[Session]:
+        """The runtime's live sessions (any thread: the watchdog's, say)."""
+        live = (self.runtime.get(info.session_id) for info in self.runtime.sessions())
+        return [s for s in live if s is not None]
 
 
 def graceful_shutdown(

@@ -49,7 +49,7 @@ import threading
 import time
 import weakref
 from contextlib import suppress
-from typing import TYPE_CHECKING, Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar
 
 import anyio
 import attrs
@@ -58,13 +58,12 @@ from ._current import _current_session
 from ._decision import Decision
 from ._exceptions import Interrupted
 from ._info import ThreadInfo
+from ._plane import Plane, PlaneHost, StopFields
 from ._report import InterruptRequest, ThreadOutcome, ThreadReport
+from ._tool_tasks import tool_name
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
-
-    from ._runtime import Runtime
-    from ._session import Session
 
 T = TypeVar("T")
 
@@ -88,20 +87,21 @@ class _Pile:
     live: int = 0
 
 
-# Keyed by runtime without touching it: the count dies with the runtime.
-_piles: weakref.WeakKeyDictionary[Runtime, _Pile] = weakref.WeakKeyDictionary()
+# Keyed by runtime (``PlaneHost.pile_key()``) without touching it: the count dies with
+# the runtime.
+_piles: weakref.WeakKeyDictionary[object, _Pile] = weakref.WeakKeyDictionary()
 _piles_lock = threading.Lock()
 
 
-def _pile(runtime: Runtime) -> _Pile:
-    pile = _piles.get(runtime)
+def _pile(key: object) -> _Pile:
+    pile = _piles.get(key)
     if pile is None:
         with _piles_lock:
-            pile = _piles.setdefault(runtime, _Pile())
+            pile = _piles.setdefault(key, _Pile())
     return pile
 
 
-def abandoned_threads(runtime: Runtime) -> int:
+def abandoned_threads(runtime: object) -> int:
     """How many threads abandoned by *runtime*'s sessions are still running."""
     pile = _piles.get(runtime)
     return 0 if pile is None else pile.live
@@ -133,7 +133,7 @@ class _Worker:
     orphaned: bool = False
 
 
-def _outcome(session: Session, error: BaseException | None) -> ThreadOutcome:
+def _outcome(session: PlaneHost, error: BaseException | None) -> ThreadOutcome:
     if error is None:
         return "returned"
     if isinstance(error, Interrupted) and error.session_id == session.id:
@@ -141,17 +141,17 @@ def _outcome(session: Session, error: BaseException | None) -> ThreadOutcome:
     return "raised"
 
 
-class ThreadPlane:
+class ThreadPlane(Plane):
     """The sync tool threads of one session: started, waited for, or abandoned.
 
     Every method runs on the session's loop thread, except the worker threads' own exit
     bookkeeping (under the runtime pile's lock) and ``from_thread``'s wait.
     """
 
-    def __init__(self, session: Session) -> None:
+    def __init__(self, session: PlaneHost) -> None:
         self._session = session
-        self._loop = session._loop
-        self._pile = _pile(session._runtime)
+        self._loop = session.loop
+        self._pile = _pile(session.pile_key())
         #: Threads not known to have exited (abandoned ones included).
         self._running: set[_Worker] = set()
         #: Threads running when the interrupt came, in start order: the report's rows.
@@ -172,10 +172,8 @@ class ThreadPlane:
         for task in self._callbacks:
             task.cancel(f"kill_switch: session {self._session.id} interrupted")
         if self._pending():
-            self._timer = self._loop.call_later(
-                self._session.policy.thread_grace,
-                self._grace_over,
-                context=self._session._runtime._context,
+            self._timer = self._session.call_later(
+                self._session.policy.thread_grace, self._grace_over
             )
 
     async def settle(self, deadline: float) -> None:
@@ -199,10 +197,11 @@ class ThreadPlane:
         """True when every thread returned or was abandoned."""
         return not self._pending() and all(w.outcome is not None for w in self._running)
 
-    def report_fields(self) -> dict[str, Any]:
-        """``{"threads": ...}``: one ``ThreadReport`` per thread running at the interrupt."""
+    def stop_fields(self) -> StopFields:
+        """One ``ThreadReport`` per thread running at the interrupt."""
         self._abandon_pending("report")
-        first = self._session._requests[0].requested_mono if self._session._requests else None
+        request = self._session.request
+        first = request.requested_mono if request is not None else None
         rows = []
         for w in self._reported:
             seconds = None
@@ -210,7 +209,7 @@ class ThreadPlane:
                 seconds = max(0.0, w.exited_mono - first)
             assert w.outcome is not None
             rows.append(ThreadReport(w.name, w.ident, w.outcome, seconds, tool=w.tool))
-        return {"threads": tuple(rows)}
+        return StopFields(threads=tuple(rows))
 
     # ------------------------------------------------------------- threads
 
@@ -227,7 +226,7 @@ class ThreadPlane:
         ctx = contextvars.copy_context()
         ctx.run(_current_session.set, session)
         on_exit = self._on_exit
-        service_ctx = session._runtime._context
+        notify = session.call_soon_threadsafe
 
         def main() -> None:
             result: Any = None
@@ -250,7 +249,7 @@ class ThreadPlane:
                     if w.counted:
                         pile.live -= 1
                 with suppress(RuntimeError):  # a closed loop: nobody waits any more
-                    loop.call_soon_threadsafe(on_exit, w, context=service_ctx)
+                    notify(on_exit, w)
 
         thread = threading.Thread(
             target=main,
@@ -271,8 +270,8 @@ class ThreadPlane:
         """The settled thread's result for the awaiting side (raises its error)."""
         if w.outcome == "abandoned":
             session = self._session
-            if session._requests:
-                raise session._interrupted_exc()
+            if session.request is not None:
+                raise session.interrupted_error()
             raise RuntimeError(f"the thread of sync tool {w.tool!r} was abandoned")
         result, w.result = w.result, None
         if w.error is not None:
@@ -287,10 +286,10 @@ class ThreadPlane:
 
     def _drop(self, w: _Worker) -> None:
         session = self._session
-        if w.outcome == "returned" and session._requests:
-            session._late_results += 1
-        elif w.outcome == "raised" and session._requests:
-            session._secondary.append(f"sync tool {w.tool}: {w.error!r}")
+        if w.outcome == "returned" and session.request is not None:
+            session.note_late_result()
+        elif w.outcome == "raised" and session.request is not None:
+            session.note_secondary(f"sync tool {w.tool}: {w.error!r}")
         w.result = None
 
     def grace_left(self) -> float:
@@ -315,7 +314,7 @@ class ThreadPlane:
             self._returned(w)
             return
         self._settle(w, "abandoned")
-        self._session._record(
+        self._session.record(
             THREAD_ABANDONED,
             details={
                 "thread": w.name,
@@ -363,8 +362,8 @@ class ThreadPlane:
         if w.outcome == "abandoned":
             # Its late result is dropped; say that it finally ended.
             w.result = w.error = None
-            if not self._session._runtime._closed:
-                self._session._record(
+            if not self._session.runtime_closed:
+                self._session.record(
                     THREAD_RETURNED,
                     details={
                         "thread": w.name,
@@ -382,17 +381,18 @@ class ThreadPlane:
     def _returned(self, w: _Worker) -> None:
         session = self._session
         self._running.discard(w)
-        requests = session._requests
-        if requests and w.exited_mono is not None and w.exited_mono >= requests[0].requested_mono:
+        request = session.request
+        if request and w.exited_mono is not None and w.exited_mono >= request.requested_mono:
             self._report(w)
         outcome = _outcome(session, w.error)
         self._settle(w, outcome)
         if w.orphaned:
             self._drop(w)
         if w.reported:
-            first = requests[0].requested_mono
+            assert request is not None
             assert w.exited_mono is not None
-            session._record(
+            first = request.requested_mono
+            session.record(
                 THREAD_RETURNED,
                 details={
                     "thread": w.name,
@@ -404,46 +404,49 @@ class ThreadPlane:
             )
 
 
-def _plane(session: Session) -> ThreadPlane:
+def _plane(session: PlaneHost) -> ThreadPlane:
     """The session's thread plane, registered on first use.
 
     Raises:
-        RuntimeError: the session was interrupted or has ended (``add_plane`` refuses).
+        RuntimeError: the session was interrupted or has ended.
     """
-    for plane in session._planes:
-        if isinstance(plane, ThreadPlane):
-            return plane
-    plane = ThreadPlane(session)
-    session.add_plane(plane)
-    return plane
+    return session.plane(ThreadPlane, lambda: ThreadPlane(session))
 
 
-def _tool_name(fn: object) -> str:
-    name = getattr(fn, "__name__", None)
-    return name if isinstance(name, str) else repr(fn)
+class _Caller(PlaneHost, Protocol):
+    """A ``PlaneHost`` that also runs guarded tool calls (the session)."""
+
+    async def call(
+        self,
+        fn: Callable[..., Awaitable[T]],
+        /,
+        *args: Any,
+        tool: str | None = ...,
+        cost: float = ...,
+    ) -> T: ...
 
 
 # ------------------------------------------------------------------- run_sync
 
 
 async def run_sync(
-    session: Session, fn: Callable[..., T], *args: Any, tool: str | None, cost: float = 0.0
+    session: _Caller, fn: Callable[..., T], *args: Any, tool: str | None, cost: float = 0.0
 ) -> T:
     """Run *fn* in a worker thread bound to *session* (see ``Session.run_sync``)."""
     if not callable(fn):
         raise TypeError(f"fn must be callable, not {type(fn).__name__}")
     if inspect.iscoroutinefunction(fn):
-        raise TypeError(f"{_tool_name(fn)} is a coroutine function: use session.call()")
-    name = tool if tool is not None else _tool_name(fn)
+        raise TypeError(f"{tool_name(fn)} is a coroutine function: use session.call()")
+    name = tool if tool is not None else tool_name(fn)
     plane: ThreadPlane | None = None
-    if not session._requests and session._state == "running":
-        pile = _pile(session._runtime)
+    if session.request is None and session.state == "running":
+        pile = _pile(session.pile_key())
         cap = session.policy.max_abandoned_threads
         if pile.live >= cap:
             decision = Decision.block(
                 f"{pile.live} abandoned threads are still running (cap {cap})", "thread_cap"
             )
-            raise session._blocked(decision, name)
+            raise session.blocked(decision, name)
         try:
             plane = _plane(session)
         except RuntimeError:
@@ -454,7 +457,7 @@ async def run_sync(
     async def sync_tool(*_args: Any) -> T:
         nonlocal worker, consumed
         if plane is None:
-            raise session._interrupted_exc()
+            raise session.interrupted_error()
         worker = plane.start(fn, args, name)
         # Shielded: cancelling the awaiting side must not cancel the plane's future.
         await asyncio.shield(worker.settled)
@@ -469,7 +472,7 @@ async def run_sync(
             raise
         plane.orphan(worker)
         if worker.outcome is None:
-            if not session._requests:
+            if session.request is None:
                 # Cancelled by something other than this session's interrupt (a timeout,
                 # a failing sibling): no one will set the flag, so waiting is pointless.
                 plane.abandon(worker, "cancelled")
@@ -507,14 +510,13 @@ def from_thread(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
             "kill_switch.from_thread() needs a current session: call it from a sync tool "
             "run by session.run_sync() or bound with kill_switch.bind()"
         )
-    if threading.get_ident() == session._runtime._loop_thread:
+    if session.on_loop_thread():
         raise RuntimeError("kill_switch.from_thread() called on the event loop's thread")
-    flag = session._flag
-    if flag.is_set():
-        raise session._interrupted_exc()
+    if session.is_interrupted():
+        raise session.interrupted_error()
     done: concurrent.futures.Future[T] = concurrent.futures.Future()
     try:
-        session._loop.call_soon_threadsafe(
+        session.loop.call_soon_threadsafe(
             _start_callback, session, fn, args, done, context=contextvars.copy_context()
         )
     except RuntimeError:
@@ -523,34 +525,34 @@ def from_thread(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
         try:
             return done.result(timeout=_FROM_THREAD_BACKSTOP)
         except TimeoutError:
-            if flag.is_set():
-                raise session._interrupted_exc() from None
+            if session.is_interrupted():
+                raise session.interrupted_error() from None
 
 
 def _start_callback(
-    session: Session,
+    session: PlaneHost,
     fn: Callable[..., Awaitable[T]],
     args: tuple[Any, ...],
     done: concurrent.futures.Future[T],
 ) -> None:
     """Start a ``from_thread`` callback as a task (loop thread, session's context)."""
-    if session._requests:
-        done.set_exception(session._interrupted_exc())
+    if session.request is not None:
+        done.set_exception(session.interrupted_error())
         return
     try:
-        if session._state != "running":
-            raise RuntimeError(f"session {session.id} has ended ({session._state})")
+        if session.state != "running":
+            raise RuntimeError(f"session {session.id} has ended ({session.state})")
         plane = _plane(session)
     except RuntimeError as exc:
         done.set_exception(exc)
         return
-    task = session._loop.create_task(_callback(session, fn, args, done))
+    task = session.loop.create_task(_callback(session, fn, args, done))
     plane._callbacks.add(task)
     task.add_done_callback(plane._callbacks.discard)
 
 
 async def _callback(
-    session: Session,
+    session: PlaneHost,
     fn: Callable[..., Awaitable[T]],
     args: tuple[Any, ...],
     done: concurrent.futures.Future[T],
@@ -563,7 +565,7 @@ async def _callback(
         if not done.done():
             # Cancelled (the interrupt) or a BaseException: the thread must not hang.
             done.set_exception(
-                session._interrupted_exc()
-                if session._requests
-                else RuntimeError(f"callback {_tool_name(fn)} was cancelled")
+                session.interrupted_error()
+                if session.request is not None
+                else RuntimeError(f"callback {tool_name(fn)} was cancelled")
             )

@@ -694,7 +694,7 @@ async def test_slow_event_clients_lose_events_not_the_runtime(tmp_path: Path) ->
 
         def record_many() -> None:
             for i in range(broker.queue_size + 50):
-                h.runtime._record(AuditEvent("test_event", None, reason=str(i)))
+                h.runtime.record(AuditEvent("test_event", None, reason=str(i)))
             done.set()
 
         await anyio.to_thread.run_sync(record_many)

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import kill_switch as ks
-from kill_switch._limits import Limits, LimitWarning, report_cost
+from kill_switch._limits import Ledger, Limits, LimitWarning, report_cost
 from kill_switch._sentinel import Alert, Detector, Sentinel
 
 if TYPE_CHECKING:
@@ -373,7 +373,7 @@ async def test_deadline_on_injected_clock_fires_exactly_once(audit: MemoryAudit)
             with pytest.raises(ks.LimitExceeded) as info:
                 await session.call(noop)
             assert info.value.decision.code == "deadline"
-            ledger = session._ledger
+            ledger = ledger_of(session)
             assert ledger is not None
             assert ledger.fire_deadline() is False  # the loop timer, late: nothing more
             raise info.value
@@ -531,6 +531,9 @@ class Armed(Detector):
     def __init__(self) -> None:
         self.armed = False
 
+    def fresh(self) -> Armed:
+        return self  # one session only: the test arms the very detector it watches
+
     def on_call(
         self, tool: str, args: tuple[Any, ...], kwargs: Any, cost: float, now: float
     ) -> Alert | None:
@@ -542,18 +545,17 @@ class Armed(Detector):
 async def test_every_automatic_trigger_at_once_is_deterministic(audit: MemoryAudit) -> None:
     """Deadline, budget and sentinel crossed on one call: one interrupt, primary
     deadline, then budget, then sentinel as later reasons (FAULTS 60)."""
+    armed = Armed()
     clock = FakeClock()
     async with ks.Runtime(audit=audit) as runtime:
         async with runtime.session(
             "a",
             limits=Limits(max_actions=1, max_duration=10),
-            sentinel=Sentinel(detectors=(Armed(),), clock=clock),
+            sentinel=Sentinel(detectors=(armed,), clock=clock),
             clock=clock,
         ) as session:
             await session.call(noop)
-            watch = session._watch
-            assert watch is not None
-            watch._on_call[0].armed = True  # type: ignore[attr-defined]
+            armed.armed = True
             clock.now += 11
             with pytest.raises(ks.LimitExceeded) as info:
                 await session.call(noop)
@@ -577,7 +579,7 @@ async def test_operator_first_then_deadline_and_budget_in_the_same_instant() -> 
         ) as session:
             clock.now += 11
             session.interrupt("ops says stop", trigger="operator", operator="oncall")
-            ledger = session._ledger
+            ledger = ledger_of(session)
             assert ledger is not None
             assert ledger.fire_deadline()  # the loop timer in the same iteration
             session.charge(2.0)  # a late cost report crossing the budget
@@ -601,3 +603,8 @@ async def test_report_cost_from_a_sync_tool_thread() -> None:
             budget = session.budget()
             assert budget is not None
             assert budget["spent"] == pytest.approx(0.3)
+
+
+def ledger_of(session: ks.Session) -> Ledger:
+    """The session's ledger, through the plane contract (a plane while its timers run)."""
+    return session.plane(Ledger, lambda: pytest.fail("the session has no ledger plane"))

@@ -430,8 +430,7 @@ async def test_natural_exit_is_reaped_and_untracked() -> None:
         assert (result.returncode, result.stdout, result.stderr) == (3, b"out\n", b"err\n")
         with pytest.raises(subprocess.CalledProcessError):
             await session.run_process(["false"])
-        plane = next(p for p in session._planes if isinstance(p, _processes.ProcessPlane))
-        assert plane._groups == {}
+        assert session.processes() == ()  # every process reaped and untracked
 
 
 async def test_run_process_feeds_input() -> None:

@@ -26,6 +26,7 @@ from kill_switch._sentinel import (
 )
 
 if TYPE_CHECKING:
+    from kill_switch._sentinel import SessionWatch
     from kill_switch.testing import MemoryAudit
 
 pytestmark = pytest.mark.both_loops
@@ -356,6 +357,13 @@ async def test_failing_on_alert_callback_fails_closed() -> None:
 
 class Always(Detector):
     name = "always"
+    watch: SessionWatch | None = None
+
+    def fresh(self) -> Always:
+        return self  # one session only: the test reads the watch it was attached to
+
+    def attach(self, watch: SessionWatch) -> None:
+        self.watch = watch
 
     def on_call(
         self, tool: str, args: tuple[Any, ...], kwargs: Any, cost: float, now: float
@@ -366,15 +374,15 @@ class Always(Detector):
 async def test_cooldown_suppresses_repeated_alerts(audit: MemoryAudit) -> None:
     """One detector's alerts are audited at most once per cooldown."""
     clock = FakeClock()
-    sentinel = Sentinel(detectors=(Always(),), cooldown=10.0, clock=clock)
+    always = Always()
+    sentinel = Sentinel(detectors=(always,), cooldown=10.0, clock=clock)
     async with ks.Runtime(audit=audit) as runtime:
         async with runtime.session("a", sentinel=sentinel) as session:
             for _ in range(20):
                 clock.now += 1.0
                 await session.call(noop)
-            watch = session._watch
-            assert watch is not None
-            assert watch.suppressed == 18
+            assert always.watch is not None
+            assert always.watch.suppressed == 18
     assert len(alerts(audit, session.id)) == 2
 
 

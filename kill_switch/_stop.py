@@ -1,0 +1,262 @@
+"""One session's stop: fan the interrupt out to the planes, wait (bounded) for them to
+settle, prove quiescence, build the report, audit it, resolve the handle.
+
+The session owns where a stop comes from (``interrupt()``, its state machine, its
+block); this module owns how it is carried out — the split trio makes between
+``CancelScope`` and ``CancelStatus``. It sees the session through ``PlaneHost`` and the
+containers the session hands it at construction, never through the session's fields.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import anyio
+import attrs
+
+from ._audit import ESCALATED, INTERRUPT_COMPLETED, INTERRUPT_DELIVERED, LATE_RESULT, OUT_OF_BAND
+from ._cleanup import Hook, run_hooks
+from ._plane import StopFields
+from ._report import CleanupReport, Latency, StopReport
+
+if TYPE_CHECKING:
+    import asyncio
+    from collections.abc import Callable, Sequence
+
+    from ._plane import ForcePath, LoopHost, Plane, PlaneHost
+    from ._report import AuditStatus, InterruptRequest, Outcome
+    from ._tool_tasks import ToolTasks
+
+
+class Stop:
+    """The stop of one session (loop thread, except ``go_out_of_band``/``force``)."""
+
+    __slots__ = (
+        "children",
+        "cleanup_hooks",
+        "cleanup_reports",
+        "delivered_mono",
+        "finish_started",
+        "fixed_outcome",
+        "host",
+        "late_results",
+        "loop_host",
+        "oob_mono",
+        "planes",
+        "requests",
+        "resolve",
+        "secondary",
+        "stop_timer",
+        "tools",
+    )
+
+    def __init__(
+        self,
+        host: PlaneHost,
+        loop_host: LoopHost,
+        *,
+        requests: list[InterruptRequest],
+        planes: dict[type[Plane], Plane],
+        tools: ToolTasks,
+        children: Sequence[PlaneHost],
+        cleanup_hooks: list[tuple[str, Hook]],
+        resolve: Callable[[StopReport], None],
+    ) -> None:
+        self.host = host
+        self.loop_host = loop_host
+        # The session's own containers, shared (never copied): the stop reads them as
+        # they are when it runs.
+        self.requests = requests
+        self.planes = planes
+        self.tools = tools
+        self.children = children
+        self.cleanup_hooks = cleanup_hooks
+        self.resolve = resolve
+        self.secondary: list[str] = []
+        self.late_results = 0
+        self.cleanup_reports: list[CleanupReport] = []
+        self.delivered_mono: float | None = None
+        self.oob_mono: float | None = None
+        self.stop_timer: asyncio.TimerHandle | None = None
+        self.finish_started = False
+        #: Set when nothing was running to stop (``before_start`` / ``after_end``).
+        self.fixed_outcome: Outcome | None = None
+
+    # ---------------------------------------------------------------- deliver
+
+    def deliver(self, first: InterruptRequest) -> None:
+        """Fan *first* out to every plane, audit it, arm the stop timeout."""
+        for plane in list(self.planes.values()):
+            try:
+                plane.deliver(first)
+            except Exception as exc:  # a plane must not stop the others from stopping
+                self.secondary.append(f"plane {type(plane).__name__}.deliver: {exc!r}")
+        assert self.delivered_mono is not None
+        self.host.record(
+            INTERRUPT_DELIVERED,
+            trigger=first.trigger,
+            details={
+                "tool_calls": self.tools.tool_calls_cancelled,
+                "children": [c.id for c in self.children],
+                "seconds": self.delivered_mono - first.requested_mono,
+            },
+        )
+        self.stop_timer = self.host.call_later(self.host.policy.stop_timeout, self._on_stop_timeout)
+
+    def _on_stop_timeout(self) -> None:
+        self.stop_timer = None
+        if not self.host.handle.done() and not self.finish_started:
+            self.loop_host.spawn(self.finish)
+
+    # ------------------------------------------------------------------ settle
+
+    def quiescent(self) -> bool:
+        return all(p.quiescent() for p in self.planes.values())
+
+    async def wait_quiet(self, deadline: float) -> None:
+        """Wait (shielded, bounded by *deadline*) until every plane is quiet; the planes
+        settle concurrently."""
+        # Only planes with something left to settle get a task, and one alone is awaited
+        # directly: a task group costs ~150 us on the stop's path
+        # (benchmarks/bench_threads.py).
+        pending = [p for p in self.planes.values() if not p.quiescent()]
+        if not pending:
+            return
+        with anyio.move_on_after(max(0.0, deadline - time.monotonic()), shield=True):
+            if len(pending) == 1:
+                await pending[0].settle(deadline)
+                return
+            async with anyio.create_task_group() as tg:
+                for plane in pending:
+                    tg.start_soon(plane.settle, deadline)
+
+    def exit_budget(self) -> float:
+        """The most the block's exit may take: the stop, each cleanup hook, the audit."""
+        p = self.host.policy
+        hooks = len(self.cleanup_hooks) + 1
+        return p.stop_timeout + hooks * p.cleanup_timeout + p.audit_timeout + 1.0
+
+    async def run_cleanup(self) -> None:
+        """Run the cleanup hooks still registered (shielded, each bounded)."""
+        if self.cleanup_hooks:
+            self.cleanup_reports.extend(await run_hooks(self.host, self.cleanup_hooks, "cleanup"))
+
+    # ------------------------------------------------------------------ finish
+
+    async def finish(self, *, cleanup: bool = False) -> None:
+        """Build the report, audit it, resolve the handle. Bounded; runs once.
+
+        With *cleanup*, the session's cleanup hooks run (shielded, each bounded) once
+        everything is quiet and before the report is built, so it holds their outcomes.
+        """
+        host = self.host
+        if self.finish_started:
+            with anyio.move_on_after(host.policy.stop_timeout + 1.0, shield=True):
+                await host.handle
+            return
+        self.finish_started = True
+        first = self.requests[0]
+        assert self.delivered_mono is not None
+        outcome = self.fixed_outcome
+        if outcome is None:
+            await self.wait_quiet(self.delivered_mono + host.policy.stop_timeout)
+            outcome = "stopped" if self.quiescent() else "unresponsive"
+            if cleanup:
+                await self.run_cleanup()
+        if self.stop_timer is not None:
+            self.stop_timer.cancel()
+            self.stop_timer = None
+        quiescent = outcome != "unresponsive"
+        if outcome == "unresponsive":
+            tools = self.tools
+            host.record(
+                ESCALATED,
+                trigger=first.trigger,
+                details={
+                    "status": "unresponsive",
+                    "body_exited": tools.body_done,
+                    "calls_in_flight": tools.calls_in_flight,
+                    "tool_tasks": len(tools.tool_tasks),
+                },
+            )
+        if self.late_results:
+            host.record(LATE_RESULT, details={"count": self.late_results})
+        report = self.build_report(outcome, quiescent=quiescent, audit="pending")
+        # An unresponsive session is never said to have completed: its last word in
+        # the audit is ``escalated``.
+        if quiescent:
+            host.record(
+                INTERRUPT_COMPLETED,
+                trigger=first.trigger,
+                details={
+                    "outcome": outcome,
+                    "quiescent": quiescent,
+                    "tool_calls_cancelled": report.tool_calls_cancelled,
+                    "leaked_tasks": len(report.leaked_tasks),
+                    "seconds": report.latency.total,
+                },
+            )
+        status = await self.loop_host.flush()
+        self.resolve(attrs.evolve(report, audit=status))
+
+    def build_report(self, outcome: Outcome, *, quiescent: bool, audit: AuditStatus) -> StopReport:
+        first = self.requests[0]
+        now = time.monotonic()
+        delivered = self.delivered_mono
+        quiet = self.tools.quiet_mono
+        fields = StopFields.merge([p.stop_fields() for p in self.planes.values()])
+        return StopReport(
+            session_id=self.host.id,
+            agent=self.host.agent,
+            interrupt_id=self.host.handle.interrupt_id,
+            trigger=first.trigger,
+            reason=first.reason,
+            operator=first.operator,
+            requested_at=first.requested_at,
+            outcome=outcome,
+            quiescent=quiescent,
+            later=tuple(self.requests[1:]),
+            tool_calls_cancelled=fields.tool_calls_cancelled,
+            late_results=self.late_results,
+            leaked_tasks=fields.leaked_tasks,
+            secondary_errors=tuple(self.secondary),
+            # Every child still listed was cascaded to (or will be: see interrupt()).
+            children=tuple(c.id for c in self.children),
+            cleanup=tuple(self.cleanup_reports),
+            out_of_band=self.oob_mono is not None,
+            audit=audit,
+            latency=Latency(
+                delivered=None if delivered is None else delivered - first.requested_mono,
+                quiescent=None if quiet is None else quiet - first.requested_mono,
+                total=now - first.requested_mono,
+            ),
+            processes=fields.processes,
+            threads=fields.threads,
+        )
+
+    # ------------------------------------------------------------ out of band
+
+    def go_out_of_band(self) -> None:
+        """The loop did not deliver the interrupt in time (the monitor's thread)."""
+        if self.oob_mono is not None or self.delivered_mono is not None:
+            return
+        self.oob_mono = time.monotonic()
+        first = self.requests[0]
+        self.host.record(
+            OUT_OF_BAND,
+            trigger=first.trigger,
+            details={
+                "seconds_since_request": self.oob_mono - first.requested_mono,
+                "planes": [type(p).__name__ for p in list(self.planes.values())],
+            },
+        )
+        self.force("out_of_band")
+
+    def force(self, path: ForcePath) -> None:
+        """Stop, from any thread, every plane that can be stopped without the loop."""
+        for plane in list(self.planes.values()):
+            try:
+                plane.force(path)
+            except Exception as exc:  # one plane's failure must not spare the others
+                self.secondary.append(f"plane {type(plane).__name__}.force: {exc!r}")
