@@ -21,7 +21,7 @@ import attrs
 if TYPE_CHECKING:
     import asyncio
     import contextvars
-    from collections.abc import Callable, Coroutine, Iterable
+    from collections.abc import Awaitable, Callable, Coroutine, Iterable
     from typing import Any
 
     from ._audit import AuditEvent
@@ -38,7 +38,6 @@ if TYPE_CHECKING:
         ProcessReport,
         ThreadReport,
     )
-    from ._runtime import Runtime
 
 P = TypeVar("P", bound="Plane")
 
@@ -104,6 +103,25 @@ class Plane(Protocol):
     def stop_fields(self) -> StopFields:
         """This plane's rows of the ``StopReport``."""
         return NO_FIELDS
+
+
+class CallGuard(Protocol):
+    """What the tool plane needs of the guard to start a tool task's call."""
+
+    #: The session's request list: non-empty once interrupted. Any thread.
+    requests: list[InterruptRequest]
+    #: What runs an admitted call (``None``: a plain await).
+    meter: Callable[..., Awaitable[Any]] | None
+
+    def admit(
+        self, tool: str, args: tuple[Any, ...], kwargs: dict[str, Any], cost: float
+    ) -> Decision | None:
+        """``None`` if the call may go ahead (and is counted), else why not."""
+        ...
+
+    def blocked(self, decision: Decision, tool: str) -> ToolBlocked:
+        """Audit a refused call and return what to raise."""
+        ...
 
 
 class PlaneHost(Protocol):
@@ -218,9 +236,9 @@ class LoopHost(Protocol):
     """What a session needs from its runtime (``Runtime`` hands one to each session)."""
 
     @property
-    def runtime(self) -> Runtime:
-        """The runtime itself (its public API only; per-runtime state of a plane is
-        kept under it)."""
+    def runtime(self) -> object:
+        """The runtime itself (a ``Runtime``: the session hands it to users; planes key
+        per-runtime state under it)."""
         ...
 
     @property

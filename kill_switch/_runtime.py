@@ -412,7 +412,7 @@ class _RuntimeHost:
         self._runtime = runtime
 
     @property
-    def runtime(self) -> Runtime:
+    def runtime(self) -> object:
         return self._runtime
 
     @property

@@ -7,64 +7,46 @@ The session is a facade over its parts, each of which an interrupt reaches:
   threads (``_threads``), the process trees (``_processes``), the limits' timers
   (``_limits.Ledger``), each seeing the session only as a ``PlaneHost``;
 * the **guard** (``_guard``): every later ``call()`` / ``guard()`` is blocked, from any
-  thread, once ``_requests`` is non-empty — before the loop has even run the fan-out;
+  thread, once the session has a request — before the loop has even run the fan-out;
 * the **stop** (``_stop``): fan-out, settling, quiescence, the report and its audit.
 
-Invariant: every state transition happens on the loop thread. ``interrupt()`` only
-appends to ``_requests`` (atomic under the GIL: the first element wins, with no lock a
-signal handler could deadlock on), sets the flag and schedules ``_deliver``.
+What the parts share, the interrupt, and the ``PlaneHost`` contract are in
+``_session_host``; this module holds the public verbs.
 """
 
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
-import types
 from typing import TYPE_CHECKING, Any, TypeVar, Unpack, cast
 
 import anyio
 
 from . import _block, _processes, _threads
 from ._audit import (
-    CANCELLED_BEFORE_START,
-    INTERRUPT_REPEATED,
-    INTERRUPT_REQUESTED,
     SESSION_FINISHED,
     SESSION_STARTED,
-    AuditEvent,
-    new_id,
 )
 from ._cleanup import Hook, Transaction, _hook_name, check_hook
 from ._current import _current_session
 from ._exceptions import Interrupted
-from ._guard import Guard, ToolPolicy
-from ._handle import InterruptHandle
-from ._info import CallInfo, ProcessInfo, SessionInfo, State, ThreadInfo
-from ._report import InterruptRequest, StopReport
-from ._stop import Stop
-from ._tool_tasks import ToolTasks, current_task, tool_name
-from ._triggers import bound_operator, bound_reason, check_trigger
+from ._guard import ToolPolicy
+from ._session_host import SessionHost
+from ._tool_tasks import current_task, tool_name
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Iterable, Mapping
-    from contextvars import Token
+    import types
+    from collections.abc import Awaitable, Callable, Mapping
 
     from ._decision import Decision
-    from ._exceptions import ToolBlocked
-    from ._limits import Limits, LimitWarning
-    from ._plane import LoopHost, P, Plane, PlaneHost
-    from ._policy import StopPolicy
-    from ._report import CleanupReport
-    from ._runtime import Runtime
-    from ._sentinel import Sentinel
 
 T = TypeVar("T")
 
-__all__ = ["Session", "ToolPolicy"]
+
+__all__ = ["Session", "ToolPolicy", "current_session"]
 
 
-class Session:
+class Session(SessionHost):
     """One agent's run: its body, its tool calls, and the single way to stop them.
 
     Create it with ``runtime.session(...)`` and enter it with ``async with``. The block
@@ -72,192 +54,7 @@ class Session:
     cancellation, and ``Interrupted`` / terminal ``ToolBlocked`` raised because of it).
     """
 
-    __slots__ = (
-        "__weakref__",
-        "_body_task",
-        "_children",
-        "_cleanup_hooks",
-        "_ctx_token",
-        "_flag",
-        "_guard",
-        "_handle",
-        "_host",
-        "_loop",
-        "_planes",
-        "_requests",
-        "_scope",
-        "_started_at",
-        "_state",
-        "_stop",
-        "_tools",
-        "agent",
-        "id",
-        "labels",
-        "parent",
-        "policy",
-        "report",
-    )
-
-    def __init__(
-        self,
-        host: LoopHost,
-        agent: str,
-        *,
-        session_id: str,
-        labels: Mapping[str, str],
-        parent: Session | None,
-        policy: StopPolicy,
-        tool_policy: ToolPolicy | None,
-        limits: Limits | None = None,
-        sentinel: Sentinel | None = None,
-        on_limit_warning: Callable[[LimitWarning], None] | None = None,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self._host = host
-        self._loop = host.loop
-        self.id = session_id
-        self.agent = agent
-        self.labels: Mapping[str, str] = types.MappingProxyType(dict(labels))
-        self.parent = parent
-        self.policy = policy
-        #: The ``StopReport`` of this session's interrupt, once it has one.
-        self.report: StopReport | None = None
-        self._state: State = "created"
-        self._requests: list[InterruptRequest] = []
-        self._handle = InterruptHandle(new_id(), session_id)
-        self._flag = threading.Event()
-        self._scope = anyio.CancelScope()
-        self._body_task: asyncio.Task[Any] | None = None
-        self._ctx_token: Token[PlaneHost | None] | None = None
-        self._children: list[Session] = []
-        self._cleanup_hooks: list[tuple[str, Hook]] = []
-        self._started_at: float | None = None
-        self._guard: Guard = Guard(
-            self,
-            self._requests,
-            tool_policy=tool_policy,
-            limits=limits,
-            parent=parent._guard if parent is not None else None,
-            sentinel=sentinel,
-            on_limit_warning=on_limit_warning,
-            clock=clock,
-        )
-        self._tools = ToolTasks(self, self._guard, self._scope.cancel)
-        # The tool plane is first: the fan-out cancels the calls before anything slower.
-        self._planes: dict[type[Plane], Plane] = {ToolTasks: self._tools}
-        self._stop = Stop(
-            self,
-            host,
-            requests=self._requests,
-            planes=self._planes,
-            tools=self._tools,
-            children=self._children,
-            cleanup_hooks=self._cleanup_hooks,
-            resolve=self._resolve,
-        )
-        if parent is not None:
-            parent._adopt(self)
-
-    def __repr__(self) -> str:
-        return f"<Session {self.id} agent={self.agent!r} state={self.state}>"
-
-    # ------------------------------------------------------------------ state
-
-    @property
-    def state(self) -> State:
-        """``created`` → ``running`` → ``interrupting`` → ``terminated``, or ``finished``
-        / ``failed`` when the block ended by itself."""
-        return self._state
-
-    def _set_state(self, state: State) -> None:
-        self._state = state
-        self._guard.running = state == "running"
-
-    @property
-    def runtime(self) -> Runtime:
-        """The runtime this session belongs to."""
-        return self._host.runtime
-
-    @property
-    def interrupted(self) -> bool:
-        """Whether ``interrupt()`` has been called (from any thread). Never reset."""
-        return bool(self._requests)
-
-    @property
-    def handle(self) -> InterruptHandle:
-        """The handle every ``interrupt()`` of this session returns."""
-        return self._handle
-
-    def info(self) -> SessionInfo:
-        """A frozen snapshot of this session for inventories, APIs and dashboards."""
-        first = self._requests[0] if self._requests else None
-        guard = self._guard
-        return SessionInfo(
-            session_id=self.id,
-            agent=self.agent,
-            labels=dict(self.labels),
-            parent_id=self.parent.id if self.parent is not None else None,
-            state=self._state,
-            started_at=self._started_at,
-            actions=guard.actions,
-            cost=guard.cost,
-            calls_in_flight=self._tools.calls_in_flight,
-            tool_tasks=len(self._tools.tool_tasks),
-            interrupt_id=self._handle.interrupt_id if first else None,
-            interrupt_trigger=first.trigger if first else None,
-            interrupt_reason=first.reason if first else None,
-        )
-
-    def calls(self) -> tuple[CallInfo, ...]:
-        """Snapshots of the tool calls in flight in tasks other than the body (tool
-        tasks, tasks of a task group, tasks outside the block); the body's own call, if
-        any, counts in ``info().calls_in_flight`` only."""
-        return self._tools.calls()
-
-    def running_tasks(self) -> tuple[CallInfo, ...]:
-        """Snapshots of every task created in this session's context (by the runtime's
-        task factory) that has not finished: tool tasks, task groups' tasks, and tasks a
-        tool started with a raw ``create_task``. Loop thread only."""
-        return self._tools.running_tasks()
-
-    def processes(self) -> tuple[ProcessInfo, ...]:
-        """Snapshots of the processes this session tracks now: running, or being stopped
-        (a reaped process is no longer tracked; the ``StopReport`` holds its story).
-        Loop thread only."""
-        plane = self._planes.get(_processes.ProcessPlane)
-        return plane.info() if isinstance(plane, _processes.ProcessPlane) else ()
-
-    def threads(self) -> tuple[ThreadInfo, ...]:
-        """Snapshots of the worker threads of this session's sync tools still running.
-        Loop thread only."""
-        plane = self._planes.get(_threads.ThreadPlane)
-        return plane.info() if isinstance(plane, _threads.ThreadPlane) else ()
-
-    def add_plane(self, plane: Plane) -> None:
-        """Register a part of the session an interrupt must also stop.
-
-        Raises:
-            RuntimeError: the session was already interrupted or has ended, or a plane
-                of that type is registered already.
-        """
-        if type(plane) in self._planes:
-            raise RuntimeError(f"session {self.id} has a {type(plane).__name__} already")
-        self.plane(type(plane), lambda: plane)
-
-    def plane(self, kind: type[P], make: Callable[[], P]) -> P:
-        """The session's plane of *kind*, made by *make* and registered on first use.
-
-        Raises:
-            RuntimeError: the session was already interrupted or has ended.
-        """
-        plane = self._planes.get(kind)
-        if plane is not None:
-            return plane  # type: ignore[return-value]  # keyed by its own type
-        if self._requests or self._state in ("terminated", "finished", "failed"):
-            raise RuntimeError(f"session {self.id} can no longer take new planes")
-        new = make()
-        self._planes[kind] = new
-        return new
+    __slots__ = ()
 
     # -------------------------------------------------------------- the block
 
@@ -378,125 +175,7 @@ class Session:
 
     def _leave(self) -> None:
         self._host.leave(self)
-        parent = self.parent
-        # A child stays on an interrupted parent's list: the parent's interrupt (from
-        # another thread) may have ended this block — its flag wakes a sync tool running
-        # in it — before its cascade reached the list. Once the parent has a request,
-        # every child that leaves is one the cascade must still see.
-        if parent is not None and not self._requests and not parent._requests:
-            parent._disown(self)
-
-    def _adopt(self, child: Session) -> None:
-        """*child* was created under this session: cascade to it (now, if interrupted)."""
-        self._children.append(child)
-        if self._requests:
-            first = self._requests[0]
-            child.interrupt(
-                f"parent session {self.id} interrupted: {first.reason}",
-                trigger="parent",
-                operator=first.operator,
-            )
-
-    def _disown(self, child: Session) -> None:
-        if child in self._children:
-            self._children.remove(child)
-
-    # ------------------------------------------------------------- interrupt
-
-    def interrupt(
-        self, reason: str, *, trigger: str, operator: str | None = None
-    ) -> InterruptHandle:
-        """Stop this session: its body, its tool calls, and every plane registered.
-
-        Synchronous, thread-safe and cheap: it records the request, sets the flag that
-        sync tools poll, cascades to child sessions and schedules the fan-out on the
-        loop. Idempotent: the first reason wins, later ones are kept in the report.
-        Never blocks, never raises for a session that has ended.
-
-        Raises:
-            TypeError / ValueError: bad reason, trigger or operator.
-        """
-        reason = bound_reason(reason)
-        trigger = check_trigger(trigger)
-        operator = bound_operator(operator)
-        req = InterruptRequest(trigger, reason, operator, time.time(), time.monotonic())
-        requests = self._requests
-        requests.append(req)
-        if requests[0] is not req:
-            self.record(INTERRUPT_REPEATED, trigger=trigger, reason=reason, operator=operator)
-            return self._handle
-        # Children first, before our own flag: a sync tool of this session woken by the
-        # flag may end this block, and with it the children's, before the cascade reads
-        # the list. (A child leaving an interrupted parent stays on its list: _leave.)
-        for child in list(self._children):
-            child.interrupt(
-                f"parent session {self.id} interrupted: {req.reason}",
-                trigger="parent",
-                operator=req.operator,
-            )
-        self._flag.set()
-        self.record(
-            INTERRUPT_REQUESTED, trigger=req.trigger, reason=req.reason, operator=req.operator
-        )
-        host = self._host
-        stop = self._stop
-        host.watch_delivery(
-            self._check_delivered, req.requested_mono + self.policy.out_of_band_after
-        )
-        try:
-            if host.loop_thread == threading.get_ident():
-                self._loop.call_soon(self._deliver, context=host.context)
-            else:
-                self._loop.call_soon_threadsafe(self._deliver, context=host.context)
-        except RuntimeError:
-            # The loop is closed: nothing of this session can still run.
-            self._resolve(stop.build_report("after_end", quiescent=True, audit="disabled"))
-        return self._handle
-
-    def _check_delivered(self) -> None:
-        """The loop monitor's thread, ``out_of_band_after`` past the request: if the loop
-        has not delivered the interrupt, stop what can be stopped without it."""
-        if self._state != "created":
-            self._stop.go_out_of_band()
-
-    def _deliver(self) -> None:
-        """Fan the interrupt out. Loop thread only; idempotent."""
-        stop = self._stop
-        if stop.delivered_mono is not None:
-            return
-        stop.delivered_mono = time.monotonic()
-        first = self._requests[0]
-        state = self._state
-        host = self._host
-        if state == "created":
-            self._set_state("terminated")
-            host.note_terminated(self.id)
-            self.record(CANCELLED_BEFORE_START, trigger=first.trigger, reason=first.reason)
-            stop.fixed_outcome = "before_start"
-            host.spawn(stop.finish)
-            return
-        if state in ("finished", "failed"):
-            stop.fixed_outcome = "after_end"
-            host.spawn(stop.finish)
-            return
-        self._set_state("interrupting")
-        host.note_terminated(self.id)
-        self._scope.cancel()
-        stop.deliver(first)
-
-    def _resolve(self, report: StopReport) -> None:
-        self.report = report
-        self._handle._set(report)
-
-    def check(self) -> None:
-        """Raise ``Interrupted`` if this session was interrupted. Any thread; a fence
-        for commit points (nothing commits after the kill).
-
-        Raises:
-            Interrupted: the session was interrupted.
-        """
-        if self._requests:
-            raise self.interrupted_error()
+        self._unlink()
 
     # ----------------------------------------------------- guard and limits
 
@@ -765,106 +444,6 @@ class Session:
             TypeError: *fn* is not callable, or is a coroutine function.
         """
         return await _threads.run_sync(self, fn, *args, tool=tool, cost=cost)
-
-    # ------------------------------------------- the PlaneHost contract
-    # What planes, the ledger, the sentinel's watch and cleanup runs may use of their
-    # session (kill_switch._plane.PlaneHost); not meant for agent code.
-
-    @property
-    def loop(self) -> asyncio.AbstractEventLoop:
-        """The event loop the session runs on."""
-        return self._loop
-
-    @property
-    def request(self) -> InterruptRequest | None:
-        """The first interrupt request, or ``None``. Any thread."""
-        requests = self._requests
-        return requests[0] if requests else None
-
-    @property
-    def runtime_closed(self) -> bool:
-        """Whether the session's runtime has closed."""
-        return self._host.closed
-
-    def interrupted_error(self) -> Interrupted:
-        """The ``Interrupted`` for this session's interrupt (it must have one)."""
-        first = self._requests[0]
-        return Interrupted(
-            first.reason,
-            session_id=self.id,
-            interrupt_id=self._handle.interrupt_id,
-            trigger=first.trigger,
-        )
-
-    def wait_interrupted(self, timeout: float | None) -> bool:
-        """Block the calling worker thread until interrupted or *timeout*; whether it was."""
-        return self._flag.wait(timeout)
-
-    def is_interrupted(self) -> bool:
-        """Whether the flag sync tools poll is set (any thread)."""
-        return self._flag.is_set()
-
-    def record(self, kind: str, **fields: Any) -> None:
-        """Audit an event of this session (any thread; never raises)."""
-        host = self._host
-        if not host.audible:
-            return  # nobody to tell: building the event would be the interrupt's cost
-        host.record(
-            AuditEvent(
-                kind,
-                self.id,
-                agent=self.agent,
-                interrupt_id=self._handle.interrupt_id if self._requests else None,
-                **fields,
-            )
-        )
-
-    def note_secondary(self, error: str) -> None:
-        """Keep an error raised while stopping (the report's ``secondary_errors``)."""
-        self._stop.secondary.append(error)
-
-    def note_late_result(self) -> None:
-        """A tool result arrived after the interrupt and was dropped."""
-        self._stop.late_results += 1
-
-    def note_cleanup(self, reports: Iterable[CleanupReport]) -> None:
-        """Keep cleanup or rollback outcomes (the report's ``cleanup``)."""
-        self._stop.cleanup_reports.extend(reports)
-
-    def note_task(self, task: asyncio.Task[Any]) -> None:
-        """A task was created in this session's context (the runtime's task factory)."""
-        self._tools.tasks.add(task)
-
-    def blocked(self, decision: Decision, tool: str) -> ToolBlocked:
-        """Audit a refused call and return the exception to raise for it."""
-        return self._guard.blocked(decision, tool)
-
-    def on_loop_thread(self) -> bool:
-        """Whether the caller runs on the session's loop thread (any thread)."""
-        return threading.get_ident() == self._host.loop_thread
-
-    def call_soon(self, fn: Callable[..., object], *args: Any) -> asyncio.Handle:
-        """Schedule *fn* on the loop in the runtime's service context."""
-        return self._loop.call_soon(fn, *args, context=self._host.context)
-
-    def call_soon_threadsafe(self, fn: Callable[..., object], *args: Any) -> asyncio.Handle:
-        """Schedule *fn* on the loop from any thread (``RuntimeError``: loop closed)."""
-        return self._loop.call_soon_threadsafe(fn, *args, context=self._host.context)
-
-    def call_later(
-        self, delay: float, fn: Callable[..., object], *args: Any
-    ) -> asyncio.TimerHandle:
-        """Schedule *fn* after *delay* seconds in the runtime's service context."""
-        return self._loop.call_later(delay, fn, *args, context=self._host.context)
-
-    def pile_key(self) -> object:
-        """A key that lives as long as the session's runtime (the runtime)."""
-        return self._host.runtime
-
-    def force(self, path: str) -> None:
-        """Stop, from any thread, every plane that can be stopped without the loop
-        (the watchdog's last resort, before it exits the process)."""
-        self._stop.force(path)  # type: ignore[arg-type]  # checked by the planes
 
 
 def current_session() -> Session | None:

@@ -36,8 +36,7 @@ from ._report import LeakedTask
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
-    from ._guard import Guard
-    from ._plane import PlaneHost
+    from ._plane import CallGuard, PlaneHost
     from ._report import InterruptRequest
 
 #: Re-delivery of the tool plane's cancellation to calls that swallowed it backs off
@@ -100,7 +99,7 @@ class ToolTasks(Plane):
         "tool_tasks",
     )
 
-    def __init__(self, host: PlaneHost, guard: Guard, cancel_body: Callable[[], None]) -> None:
+    def __init__(self, host: PlaneHost, guard: CallGuard, cancel_body: Callable[[], None]) -> None:
         self.host = host
         self.loop = host.loop
         self.guard = guard

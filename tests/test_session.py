@@ -928,3 +928,26 @@ async def test_sleep_in_thread_wakes_on_interrupt() -> None:
                 await anyio.to_thread.run_sync(started.wait)
                 session.interrupt("x", trigger="operator")
     assert woke == ["interrupted"]
+
+
+async def test_block_left_by_an_outer_cancellation_stops_its_tool_tasks() -> None:
+    """A block left by an enclosing scope's cancellation while start_soon tools run is
+    stopped as it ends (trigger parent, verified) and leaves the inventory; the
+    enclosing scope still catches its cancellation."""
+    # A stop timeout far beyond the test's own timeout: a stop that waited for it (the
+    # old behaviour) fails the test instead of passing slowly.
+    policy = ks.StopPolicy(stop_timeout=600.0)
+    async with ks.Runtime(policy=policy) as runtime:
+        with anyio.CancelScope() as outer:
+            async with runtime.session("a") as session:
+                session.start_soon(park, tool="parked")
+                await anyio.wait_all_tasks_blocked()
+                outer.cancel()
+                await anyio.sleep_forever()
+        assert outer.cancelled_caught
+        assert session.state == "terminated"
+        assert runtime.sessions() == ()
+    report = session.report
+    assert report is not None
+    assert (report.outcome, report.quiescent, report.trigger) == ("stopped", True, "parent")
+    assert report.tool_calls_cancelled == 1
