@@ -108,7 +108,6 @@ class Session(SessionHost):
             tools.body_done = True
             self._body_task = None
 
-        cancelled_from_outside = False
         if tools.tool_tasks and not self._requests:
             if exc is not None:
                 tools.fail()
@@ -117,17 +116,15 @@ class Session(SessionHost):
             # them bounded and shielded itself (see ToolTasks.wait_drained).
             try:
                 await tools.wait_drained(self.policy.stop_timeout)  # noqa: ASYNC102
-            # Cancelled from outside (an enclosing scope's deadline) while tool tasks
-            # ran: the block still ends here — stopped below, so it never lingers as
-            # "running" — and that cancellation, which replaces the body's outcome, is
-            # raised by _block.leave at the end.
+            # Cancelled from outside (an enclosing scope's deadline): the block still
+            # ends here — it never lingers as "running" — and that cancellation, which
+            # replaces the body's outcome, is raised by _block.leave at the end.
             except BaseException as wait_exc:  # noqa: ASYNC103
-                cancelled_from_outside = True
                 exc = wait_exc
 
         exit_stop = False
         if not self._requests and (
-            cancelled_from_outside or any(p.busy() for p in self._planes.values())
+            tools.tool_tasks or any(p.busy() for p in self._planes.values())
         ):
             # The block ended (an error, a cancellation from an enclosing scope, or a
             # plain return) while work of it still ran — a process tree, a tool task

@@ -930,24 +930,31 @@ async def test_sleep_in_thread_wakes_on_interrupt() -> None:
     assert woke == ["interrupted"]
 
 
-async def test_block_left_by_an_outer_cancellation_stops_its_tool_tasks() -> None:
-    """A block left by an enclosing scope's cancellation while start_soon tools run is
-    stopped as it ends (trigger parent, verified) and leaves the inventory; the
-    enclosing scope still catches its cancellation."""
-    # A stop timeout far beyond the test's own timeout: a stop that waited for it (the
-    # old behaviour) fails the test instead of passing slowly.
+async def test_block_left_by_an_outer_cancellation_ends_with_its_tool_tasks() -> None:
+    """A block left by an enclosing scope's cancellation while start_soon tools run
+    cancels them, ends (``failed``, out of the inventory) and lets the enclosing scope
+    have its cancellation — it does not linger as ``running``."""
+    # A stop timeout far beyond the test's own timeout: an exit that waited for it
+    # fails the test instead of passing slowly.
     policy = ks.StopPolicy(stop_timeout=600.0)
+    tool_exited = anyio.Event()
+
+    async def tool() -> None:
+        try:
+            await anyio.sleep_forever()
+        finally:
+            tool_exited.set()
+
     async with ks.Runtime(policy=policy) as runtime:
         with anyio.CancelScope() as outer:
             async with runtime.session("a") as session:
-                session.start_soon(park, tool="parked")
+                session.start_soon(tool)
                 await anyio.wait_all_tasks_blocked()
                 outer.cancel()
                 await anyio.sleep_forever()
         assert outer.cancelled_caught
-        assert session.state == "terminated"
+        assert tool_exited.is_set()
+        assert session.state == "failed"
         assert runtime.sessions() == ()
-    report = session.report
-    assert report is not None
-    assert (report.outcome, report.quiescent, report.trigger) == ("stopped", True, "parent")
-    assert report.tool_calls_cancelled == 1
+        assert runtime.get(session.id) is None
+    assert session.report is None  # nothing was interrupted: the block ended it all
