@@ -233,32 +233,23 @@ class PlaneHost(Protocol):
 
 
 class LoopHost(Protocol):
-    """What a session needs from its runtime (``Runtime`` hands one to each session)."""
+    """What a session needs from its runtime (``Runtime`` hands one to each session).
 
-    @property
-    def runtime(self) -> object:
-        """The runtime itself (a ``Runtime``: the session hands it to users; planes key
-        per-runtime state under it)."""
-        ...
+    Read on every interrupt and audit event: an implementation should hold these as
+    plain attributes."""
 
-    @property
-    def loop(self) -> asyncio.AbstractEventLoop: ...
-
-    @property
-    def loop_thread(self) -> int: ...
-
-    @property
-    def context(self) -> contextvars.Context:
-        """The runtime's service context (no current session in it)."""
-        ...
+    #: The runtime itself (a ``Runtime``: the session hands it to users; planes key
+    #: per-runtime state under it).
+    runtime: object
+    loop: asyncio.AbstractEventLoop
+    loop_thread: int
+    #: The runtime's service context (no current session in it).
+    context: contextvars.Context
+    #: Whether anybody listens to audit events (a sink or a listener).
+    audible: bool
 
     @property
     def closed(self) -> bool: ...
-
-    @property
-    def audible(self) -> bool:
-        """Whether anybody listens to audit events (a sink or a listener)."""
-        ...
 
     def record(self, event: AuditEvent) -> None:
         """Hand *event* to the sink and the listeners. Any thread; never raises."""

@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Coroutine, Mapping
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import anyio
 
@@ -88,7 +88,6 @@ class Runtime:
         self.policy = policy if policy is not None else StopPolicy()
         self._track_tasks = track_tasks
         self._sessions: dict[str, Session] = {}
-        self._host = _RuntimeHost(self)
         self._terminated: set[str] = set()
         self._service: set[asyncio.Task[Any]] = set()
         self._listeners: tuple[Callable[[AuditEvent], None], ...] = ()
@@ -100,6 +99,7 @@ class Runtime:
         self._context = contextvars.copy_context()
         self._factory: Callable[..., asyncio.Task[Any]] | None = None
         self._prev_factory: Any = None
+        self._host = _RuntimeHost(self)
 
     # --------------------------------------------------------------- lifetime
 
@@ -128,6 +128,9 @@ class Runtime:
         if self._track_tasks:
             self._install_task_factory()
         self._monitor = LoopMonitor()
+        host = self._host
+        host.loop, host.loop_thread, host.context = loop, self._loop_thread, ctx
+        host.monitor = self._monitor
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -360,9 +363,11 @@ class Runtime:
         raise (an exception is reported on stderr and the listener is kept).
         """
         self._listeners = (*self._listeners, listener)
+        self._host.audible = True
 
         def remove() -> None:
             self._listeners = tuple(x for x in self._listeners if x is not listener)
+            self._host.audible = self._sink is not None or bool(self._listeners)
 
         return remove
 
@@ -404,57 +409,49 @@ class Runtime:
 
 class _RuntimeHost:
     """What a session may use of its runtime (the ``LoopHost`` protocol): handed to each
-    session at construction instead of the session reading the runtime's fields."""
+    session at construction instead of the session reading the runtime's fields.
 
-    __slots__ = ("__weakref__", "_runtime")
+    Plain attributes, bound methods included, not properties: a session reads them on
+    every interrupt and every audit event, where a property call would be the cost.
+    The runtime fills in the loop's values when it is entered (no session exists
+    before) and keeps ``audible`` current as listeners come and go.
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "audible",
+        "context",
+        "enter",
+        "flush",
+        "leave",
+        "loop",
+        "loop_thread",
+        "monitor",
+        "record",
+        "runtime",
+        "spawn",
+    )
 
     def __init__(self, runtime: Runtime) -> None:
-        self._runtime = runtime
-
-    @property
-    def runtime(self) -> object:
-        return self._runtime
-
-    @property
-    def loop(self) -> asyncio.AbstractEventLoop:
-        return self._runtime._loop
-
-    @property
-    def loop_thread(self) -> int:
-        return self._runtime._loop_thread
-
-    @property
-    def context(self) -> contextvars.Context:
-        return self._runtime._context
+        self.runtime: object = runtime
+        self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set on entry
+        self.loop_thread = 0
+        self.context = runtime._context
+        self.monitor: LoopMonitor | None = None
+        self.audible = runtime._sink is not None
+        self.record = runtime._record
+        self.flush = runtime._flush_audit
+        self.spawn = runtime._spawn
+        self.enter = runtime._enter_session
+        self.leave = runtime._leave_session
 
     @property
     def closed(self) -> bool:
-        return self._runtime._closed
-
-    @property
-    def audible(self) -> bool:
-        rt = self._runtime
-        return rt._sink is not None or bool(rt._listeners)
-
-    def record(self, event: AuditEvent) -> None:
-        self._runtime._record(event)
-
-    async def flush(self) -> AuditStatus:
-        return await self._runtime._flush_audit()
-
-    def spawn(self, fn: Callable[[], Coroutine[Any, Any, None]]) -> None:
-        self._runtime._spawn(fn)
+        return cast("Runtime", self.runtime)._closed
 
     def watch_delivery(self, check: Callable[[], None], due_mono: float) -> None:
-        monitor = self._runtime._monitor
-        if monitor is not None:
-            monitor.watch(check, due_mono)
-
-    def enter(self, session: Session) -> None:
-        self._runtime._enter_session(session)
-
-    def leave(self, session: Session) -> None:
-        self._runtime._leave_session(session)
+        if self.monitor is not None:
+            self.monitor.watch(check, due_mono)
 
     def note_terminated(self, session_id: str) -> None:
-        self._runtime._terminated.add(session_id)
+        cast("Runtime", self.runtime)._terminated.add(session_id)
