@@ -241,7 +241,9 @@ async def call_strict(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
 ) -> Any:
-    """``run_tool`` for a framework: a stopped session's refusal leaves as ``Interrupted``."""
+    """``run_tool`` for a framework, with *session* current inside the tool (``check()``,
+    ``current_session()``); a stopped session's refusal leaves as ``Interrupted``."""
+    token = _current_session.set(session)
     try:
         return await run_tool(session, fn, is_async, name, 0.0, args, kwargs)
     except ToolBlocked as exc:
@@ -249,6 +251,8 @@ async def call_strict(
         if out is exc:
             raise
         raise out from None
+    finally:
+        _current_session.reset(token)
 
 
 def framework_tool(
