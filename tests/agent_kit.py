@@ -194,7 +194,7 @@ class Kit:
         """Let a stubborn thread end (it was abandoned; the test must not leak it)."""
         self.release.set()
         for t in threading.enumerate():
-            if t.name.startswith("kill_switch ") or t.name.startswith("asyncio_"):
+            if t.name.startswith("kill_switch "):
                 t.join(WAIT)
 
 
