@@ -76,10 +76,9 @@ async def run_tool(
 def _dress(guarded: Callable[..., Any], fn: Callable[..., Any], name: str | None) -> None:
     """Give *guarded* the tool's identity: name, doc, annotations, signature."""
     functools.update_wrapper(guarded, fn)
-    try:
+    # A builtin without a signature: frameworks fall back to their own reading.
+    with contextlib.suppress(TypeError, ValueError):
         guarded.__signature__ = inspect.signature(fn)  # type: ignore[attr-defined]
-    except (TypeError, ValueError):  # a builtin without one: frameworks fall back
-        pass
     if name is not None:
         guarded.__name__ = name
         guarded.__qualname__ = name
@@ -276,4 +275,3 @@ def framework_tool(
 
     _dress(guarded, fn, name)
     return guarded
-

@@ -21,7 +21,7 @@ import anyio
 import kill_switch as ks
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
+    from collections.abc import Callable, Coroutine
     from pathlib import Path
 
 WAIT = 10.0  # bound on every wait for a state change (a hang guard, never a timing claim)
@@ -135,7 +135,7 @@ class Kit:
     async def run(
         self,
         runtime: ks.Runtime,
-        agent: Callable[[ks.Session | None], Awaitable[Any]],
+        agent: Callable[[ks.Session | None], Coroutine[Any, Any, Any]],
         *,
         how: Literal["task", "thread"],
         where: Literal["inside", "outside"],
@@ -146,6 +146,7 @@ class Kit:
         inside the block, whose exit absorbs the kill) and what it returned.
         """
         outcome: list[Any] = [None, None]
+        task: asyncio.Task[Any] | None = None
         async with runtime.session("agent", policy=POLICY) as session:
             self.session = session
             if where == "inside":
@@ -159,7 +160,7 @@ class Kit:
                 )
                 await self.kill(session, how)
                 await asyncio.wait([task])
-        if where == "outside":
+        if task is not None:
             await asyncio.wait([task])
             if task.cancelled():
                 outcome[0] = asyncio.CancelledError()
@@ -198,7 +199,7 @@ class Kit:
                 t.join(WAIT)
 
 
-def check_stopped(kit: Kit, kind: Kind, report: ks.StopReport) -> None:
+def check_stopped(kit: Kit, kind: str, report: ks.StopReport) -> None:
     """The report is honest and nothing of the tool runs any more (but an unpolled thread)."""
     assert report.outcome == "stopped", report.summary()
     assert kit.model_calls == 1, kit.model_calls
@@ -208,7 +209,8 @@ def check_stopped(kit: Kit, kind: Kind, report: ks.StopReport) -> None:
     if kind == "tree":
         assert len(kit.pids) == 3
         assert kit.alive() == []
-        assert report.processes and all(p.returncode is not None for p in report.processes)
+        assert report.processes
+        assert all(p.returncode is not None for p in report.processes)
     if kind == "sync_poll":
         assert [t.outcome for t in report.threads] == ["interrupted"], report.summary()
     if kind == "sync_stubborn":

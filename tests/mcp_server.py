@@ -14,8 +14,9 @@ server = MCPServer("tree")
 @server.tool()
 async def tree(width: int, pidfile: str) -> str:
     """Start *width* sleeping children, note their pids, and wait."""
-    kids = [subprocess.Popen(["sleep", "300"]) for _ in range(width)]
-    with open(pidfile, "w") as f:
+    # Blocking on purpose: a tool that starts processes the way tools usually do.
+    kids = [subprocess.Popen(["sleep", "300"]) for _ in range(width)]  # noqa: ASYNC220
+    with open(pidfile, "w") as f:  # noqa: ASYNC230
         f.write("\n".join(str(p.pid) for p in kids) + "\n")
     await anyio.sleep(300)
     return "late"

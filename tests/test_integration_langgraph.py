@@ -4,6 +4,7 @@ a thread, the graph inside and outside the block."""
 
 from __future__ import annotations
 
+import inspect
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -70,23 +71,23 @@ async def invoke(kit: Kit, kind: str, session: ks.Session | None, integrated: bo
         tools = [tool(f, session=session) for f in kit.tools().values()]
         config: Any = {"callbacks": [KillSwitchCallback(session)]}
     else:
-        tools = [StructuredTool.from_function(f) if not _is_async(f) else
-                 StructuredTool.from_function(coroutine=f) for f in kit.tools().values()]  # fmt: skip
+        tools = [
+            StructuredTool.from_function(coroutine=f)
+            if inspect.iscoroutinefunction(f)
+            else StructuredTool.from_function(f)
+            for f in kit.tools().values()
+        ]
         config = {}
     out = await make_graph(kit, kind, tools).ainvoke({"messages": [("user", "go")]}, config)
     return out["messages"][-1].content
 
 
-def _is_async(f: Any) -> bool:
-    import inspect
-
-    return inspect.iscoroutinefunction(f)
-
-
 @pytest.mark.parametrize("where", ["inside", "outside"])
 @pytest.mark.parametrize("how", ["task", "thread"])
 @pytest.mark.parametrize("kind", KINDS)
-async def test_a_kill_mid_tool_stops_the_graph(tmp_path: Path, kind: str, how: Any, where: Any) -> None:
+async def test_a_kill_mid_tool_stops_the_graph(
+    tmp_path: Path, kind: str, how: Any, where: Any
+) -> None:
     """Killed mid-tool: no model call after it, nothing left running, an honest report."""
     kit = Kit(tmp_path)
     try:
@@ -129,7 +130,8 @@ async def test_without_the_integration_the_kill_reaches_the_model_as_text(
 
             report, raised, returned = await kit.run(runtime, agent, how="task", where="outside")
             assert report.threads == ()
-            assert raised is None and returned == "done"
+            assert raised is None
+            assert returned == "done"
             assert kit.model_calls_after_kill == 1
     finally:
         kit.finish()

@@ -49,14 +49,16 @@ def make_agent(
         return agents.Agent(
             name="a", model=model, tools=[agents.function_tool(f) for f in kit.tools().values()]
         )
-    tools = [function_tool(f, session=session) for f in kit.tools().values()]
+    tools: list[agents.Tool] = [function_tool(f, session=session) for f in kit.tools().values()]
     return agents.Agent(name="a", model=guard_model(model, session=session), tools=tools)
 
 
 @pytest.mark.parametrize("where", ["inside", "outside"])
 @pytest.mark.parametrize("how", ["task", "thread"])
 @pytest.mark.parametrize("kind", KINDS)
-async def test_a_kill_mid_tool_stops_the_run(tmp_path: Path, kind: str, how: Any, where: Any) -> None:
+async def test_a_kill_mid_tool_stops_the_run(
+    tmp_path: Path, kind: str, how: Any, where: Any
+) -> None:
     """Killed mid-tool: no model call after it, nothing left running, an honest report."""
     kit = Kit(tmp_path)
     try:
@@ -105,7 +107,8 @@ async def test_without_the_integration_the_model_is_called_after_the_kill(
 
             report, raised, returned = await kit.run(runtime, agent, how="task", where="outside")
             assert report.threads == ()
-            assert raised is None and returned == "done"
+            assert raised is None
+            assert returned == "done"
             assert kit.model_calls_after_kill == 1
     finally:
         kit.finish()

@@ -16,7 +16,7 @@ from pydantic_ai.models.function import AgentInfo, FunctionModel
 import kill_switch as ks
 from kill_switch.integrations.pydantic_ai import KillSwitch
 
-from .agent_kit import KINDS, SECRET, Kit, check_stopped, is_kill
+from .agent_kit import ARGS, KINDS, SECRET, Kit, check_stopped, is_kill
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -24,9 +24,7 @@ if TYPE_CHECKING:
 
 def scripted(kit: Kit, kind: str) -> FunctionModel:
     """First call: run the tool; later calls: answer. Every call is noted."""
-    args = {"long_async": {"seconds": 300.0}, "tree": {"width": 2}}.get(kind, {"steps": 100_000})
-    if kind == "sync_stubborn":
-        args = {"steps": 1_000}
+    args = ARGS[kind]
 
     def respond(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
         kit.model_called(repr(messages))
@@ -48,7 +46,9 @@ def make_agent(kit: Kit, kind: str, capability: KillSwitch | None) -> Agent[None
 @pytest.mark.parametrize("where", ["inside", "outside"])
 @pytest.mark.parametrize("how", ["task", "thread"])
 @pytest.mark.parametrize("kind", KINDS)
-async def test_a_kill_mid_tool_stops_the_run(tmp_path: Path, kind: str, how: Any, where: Any) -> None:
+async def test_a_kill_mid_tool_stops_the_run(
+    tmp_path: Path, kind: str, how: Any, where: Any
+) -> None:
     """Killed mid-tool: no model call after it, nothing left running, an honest report."""
     kit = Kit(tmp_path)
     try:

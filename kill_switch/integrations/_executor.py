@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from .._session import Session
+    from kill_switch._session import Session
 
 T = TypeVar("T")
 
@@ -40,7 +40,7 @@ class SessionExecutor(concurrent.futures.Executor):
         self._session = session
         self._relays: set[asyncio.Task[None]] = set()
 
-    def submit(  # type: ignore[override]  # positional-only fn, as the base's own
+    def submit(
         self, fn: Callable[..., T], /, *args: Any, **kwargs: Any
     ) -> concurrent.futures.Future[T]:
         loop = asyncio.get_running_loop()
@@ -49,9 +49,7 @@ class SessionExecutor(concurrent.futures.Executor):
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
         name = tool_name.get() or getattr(fn, "__name__", None) or repr(fn)
         target = functools.partial(fn, *args, **kwargs)
-        task = loop.create_task(
-            self._relay(target, name, future), context=contextvars.Context()
-        )
+        task = loop.create_task(self._relay(target, name, future), context=contextvars.Context())
         self._relays.add(task)
         task.add_done_callback(self._relays.discard)
         return future
@@ -61,13 +59,15 @@ class SessionExecutor(concurrent.futures.Executor):
     ) -> None:
         try:
             result = await self._session.run_sync(target, tool=name)
-        except BaseException as exc:  # handed to the awaiting side, whatever it is
+        except asyncio.CancelledError:
+            if not future.cancelled():
+                future.cancel()
+            raise
+        # Anything else (Interrupted included) goes to the awaiting side, or it had
+        # gone: nothing else waits for this relay.
+        except BaseException as exc:  # noqa: ASYNC103
             if not future.cancelled():
                 future.set_exception(exc)
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-            # Anything else (Interrupted included) the awaiting side has been told, or
-            # had gone: nothing else waits for this relay.
         else:
             if not future.cancelled():
                 future.set_result(result)

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .. import _tools
+from kill_switch import _tools
+
 from . import missing
 
 try:
@@ -35,7 +36,7 @@ except ImportError as exc:  # pragma: no cover - exercised without the extra
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from .._session import Session
+    from kill_switch._session import Session
 
 __all__ = ["KillSwitchCallback", "guard_tool", "tool"]
 
@@ -56,9 +57,7 @@ def tool(
         TypeError: *fn* is not callable.
     """
     guarded = _tools.framework_tool(fn, session, name)
-    return StructuredTool.from_function(
-        coroutine=guarded, name=name or guarded.__name__, **options
-    )
+    return StructuredTool.from_function(coroutine=guarded, name=name or guarded.__name__, **options)
 
 
 def guard_tool(base: BaseTool, *, session: Session | None = None) -> StructuredTool:

@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from .. import _tools
+from kill_switch import _tools
+
 from . import missing
 
 try:
@@ -42,7 +43,7 @@ if TYPE_CHECKING:
 
     from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-    from .._session import Session
+    from kill_switch._session import Session
 
 __all__ = ["ClientSession", "stdio_client"]
 
@@ -71,7 +72,8 @@ async def stdio_client(
     env = get_default_environment() | (server.env or {})
     cwd = None if server.cwd is None else str(server.cwd)
     proc = await owner.open_process([server.command, *server.args], env=env, cwd=cwd)
-    assert proc.stdin is not None and proc.stdout is not None
+    assert proc.stdin is not None
+    assert proc.stdout is not None
     stdin, stdout = proc.stdin, proc.stdout
     read_writer, read_stream = anyio.create_memory_object_stream[SessionMessage | Exception](0)
     write_stream, write_reader = anyio.create_memory_object_stream[SessionMessage](0)
@@ -122,11 +124,13 @@ class ClientSession(mcp.ClientSession):
     each call is used.
     """
 
-    def __init__(self, *args: Any, kill_switch_session: Session | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, kill_switch_session: Session | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self._ks_session = kill_switch_session
 
-    async def call_tool(self, name: str, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]  # same parameters, passed through
+    async def call_tool(self, name: str, *args: Any, **kwargs: Any) -> Any:
         session = _tools.resolve(self._ks_session)
         _tools.refuse_if_interrupted(session)
         call = super().call_tool

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .. import _tools
+from kill_switch import _tools
+
 from . import missing
 
 try:
@@ -34,7 +35,7 @@ except ImportError as exc:  # pragma: no cover - exercised without the extra
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
 
-    from .._session import Session
+    from kill_switch._session import Session
 
 __all__ = ["KillSwitchModel", "function_tool", "guard_model"]
 
@@ -72,7 +73,7 @@ class KillSwitchModel(Model):
         _tools.refuse_if_interrupted(session)  # a response after the kill is dropped
         return response
 
-    async def stream_response(self, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:  # type: ignore[override]  # an async generator, as the SDK's own models
+    async def stream_response(self, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
         session = _tools.resolve(self.session)
         _tools.refuse_if_interrupted(session)
         async for event in self.model.stream_response(*args, **kwargs):

@@ -23,9 +23,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .. import _tools
-from .._current import _current_session
-from .._exceptions import ToolBlocked
+from kill_switch import _tools
+from kill_switch._current import _current_session
+from kill_switch._exceptions import ToolBlocked
+
 from . import missing
 from ._executor import SessionExecutor, tool_name
 
@@ -48,7 +49,7 @@ if TYPE_CHECKING:
     from pydantic_ai.run import AgentRunResult
     from pydantic_ai.tools import ToolDefinition
 
-    from .._session import Session
+    from kill_switch._session import Session
 
 __all__ = ["KillSwitch"]
 
@@ -73,7 +74,9 @@ class KillSwitch(AbstractCapability[Any]):
     def _session(self) -> Session:
         return _tools.resolve(self.session)
 
-    async def wrap_run(self, ctx: RunContext[Any], *, handler: WrapRunHandler) -> AgentRunResult[Any]:
+    async def wrap_run(
+        self, ctx: RunContext[Any], *, handler: WrapRunHandler
+    ) -> AgentRunResult[Any]:
         # The session is bound only around each tool call (wrap_tool_execute), not here:
         # the framework's own tasks are not the agent's tools, and a stop must not sweep
         # them as tasks a tool leaked.
