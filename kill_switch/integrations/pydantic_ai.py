@@ -106,9 +106,11 @@ class KillSwitch(AbstractCapability[Any]):
         args: ValidatedToolArgs,
         handler: WrapToolExecuteHandler,
     ) -> Any:
-        session = self._session()
-        token = tool_name.set(call.tool_name)
-        bound = _current_session.set(session)
+        current = _current_session.get()
+        session = self.session if self.session is not None else _tools.resolve(current)
+        token = tool_name.set(call.tool_name)  # names a sync tool's session thread
+        # Bound for the tool (check(), current_session()) when the run is outside the block.
+        bound = _current_session.set(session) if session is not current else None
         try:
             return await session.call(handler, args, tool=call.tool_name)
         except ToolBlocked as exc:
@@ -117,5 +119,6 @@ class KillSwitch(AbstractCapability[Any]):
                 raise
             raise out from None
         finally:
-            _current_session.reset(bound)
+            if bound is not None:
+                _current_session.reset(bound)
             tool_name.reset(token)
