@@ -105,6 +105,8 @@ async def test_a_kill_mid_tool_stops_the_graph(
             with pytest.raises(ks.Interrupted):
                 await invoke(kit, kind, kit.session)
             assert kit.model_calls == 1
+            with pytest.raises(ks.Interrupted):
+                await tool(kit.tools()[kind], session=kit.session).ainvoke(ARGS[kind])
     finally:
         kit.finish()
 

@@ -13,6 +13,7 @@ import agents
 from agents.testing import ScriptedModel, assistant_message, function_call
 
 import kill_switch as ks
+from kill_switch._tools import framework_tool
 from kill_switch.integrations.openai_agents import function_tool, guard_model
 
 from .agent_kit import ARGS, KINDS, Kit, check_stopped, is_kill
@@ -77,6 +78,9 @@ async def test_a_kill_mid_tool_stops_the_run(
             with pytest.raises(ks.Interrupted):
                 await agents.Runner.run(make_agent(kit, kind, kit.session), "again")
             assert kit.model_calls == 1
+            # The next tool call (the function function_tool hands the SDK) is refused.
+            with pytest.raises(ks.Interrupted):
+                await framework_tool(kit.tools()[kind], kit.session)(**ARGS[kind])
     finally:
         kit.finish()
 

@@ -35,6 +35,11 @@ def scripted(kit: Kit, kind: str) -> FunctionModel:
     return FunctionModel(respond)
 
 
+async def refused_handler(args: Any) -> Any:
+    """Never reached: the stopped session refuses the call first."""
+    raise AssertionError("a tool ran after the kill")
+
+
 def make_agent(kit: Kit, kind: str, capability: KillSwitch | None) -> Agent[None, str]:
     return Agent(
         scripted(kit, kind),
@@ -64,10 +69,18 @@ async def test_a_kill_mid_tool_stops_the_run(
             assert where == "inside" or is_kill(raised), raised
             if kind != "sync_stubborn":
                 assert await kit.settle_writes() == 0
-            # The next run is refused before its first model request.
+            # The next run is refused before its first model request, the next tool too.
             with pytest.raises(ks.Interrupted):
                 await make_agent(kit, kind, KillSwitch(kit.session)).run("again")
             assert kit.model_calls == 1
+            with pytest.raises(ks.Interrupted):
+                await KillSwitch(kit.session).wrap_tool_execute(
+                    None,  # type: ignore[arg-type]  # the hook reads call.tool_name only
+                    call=ToolCallPart(kind, ARGS[kind]),
+                    tool_def=None,  # type: ignore[arg-type]
+                    args=ARGS[kind],
+                    handler=refused_handler,
+                )
     finally:
         kit.finish()
 
