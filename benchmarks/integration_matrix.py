@@ -1,4 +1,4 @@
-"""The closing table of the framework integrations: framework × tool kind × where the
+"""The closing table of the framework integrations: framework by tool kind by where the
 agent runs → stop time (``interrupt()`` → ``StopReport``) and outcome, one kill each.
 
 Runs the integration tests' own agents and tools (``tests/agent_kit.py``), killed
