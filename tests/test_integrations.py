@@ -22,7 +22,10 @@ def test_without_the_extra_the_import_error_names_it(
 ) -> None:
     """With the framework missing, importing the integration says which extra to install."""
     framework, extra = MODULES[name]
-    monkeypatch.setitem(sys.modules, framework, None)  # an import of it now fails
+    # An import of it (or of a submodule another test already loaded) now fails.
+    for loaded in [m for m in sys.modules if m == framework or m.startswith(framework + ".")]:
+        monkeypatch.setitem(sys.modules, loaded, None)
+    monkeypatch.setitem(sys.modules, framework, None)
     monkeypatch.delitem(sys.modules, f"kill_switch.integrations.{name}", raising=False)
     with pytest.raises(ImportError, match=rf"pip install 'kill-switch\[{extra}\]'"):
         importlib.import_module(f"kill_switch.integrations.{name}")
