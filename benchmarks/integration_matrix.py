@@ -24,9 +24,10 @@ if __package__ in (None, ""):  # run as a file: make `tests` importable
 
 import kill_switch as ks
 from tests import test_integration_langgraph as lg
+from tests import test_integration_mcp as mc
 from tests import test_integration_openai_agents as oa
 from tests import test_integration_pydantic_ai as pa
-from tests.agent_kit import KINDS, Kit
+from tests.agent_kit import KINDS, Kit, is_kill
 
 
 def agents_for(kit: Kit, kind: str) -> dict[str, Any]:
@@ -39,7 +40,15 @@ def agents_for(kit: Kit, kind: str) -> dict[str, Any]:
     async def langgraph(session: ks.Session | None) -> Any:
         return await lg.invoke(kit, kind, session)
 
-    return {"pydantic-ai": pydantic_ai, "openai-agents": openai_agents, "langgraph": langgraph}
+    async def mcp_stdio(session: ks.Session | None) -> Any:
+        return await mc.client_loop(kit, session, kit.out.with_name("pids"), own=True)
+
+    return {
+        "pydantic-ai": pydantic_ai,
+        "openai-agents": openai_agents,
+        "langgraph": langgraph,
+        "mcp (stdio)": mcp_stdio,
+    }
 
 
 async def cell(framework: str, kind: str, where: str, how: str) -> str:
@@ -53,11 +62,15 @@ async def cell(framework: str, kind: str, where: str, how: str) -> str:
         finally:
             kit.finish()
     threads = ",".join(t.outcome for t in report.threads) or "-"
-    ended = "absorbed" if where == "inside" else type(raised).__name__
+    if where == "inside":
+        ended = "absorbed"
+    else:
+        ended = "Interrupted" if is_kill(raised) else f"NOT the kill: {raised!r}"
     return (
         f"{framework:14} {kind:14} {where:8} {report.latency.total * 1e3:8.2f} ms  "
         f"{report.outcome:8} quiescent={report.quiescent!s:5} threads={threads:11} "
         f"procs={len(report.processes)} alive={len(kit.alive())} "
+        f"leaked={len(report.leaked_tasks)} "
         f"model_after_kill={kit.model_calls_after_kill} writes_after={later:3} agent={ended}"
     )
 
@@ -68,6 +81,9 @@ async def main(how: str) -> None:
         for kind in KINDS:
             for where in ("inside", "outside"):
                 print(await cell(framework, kind, where, how), flush=True)
+    # MCP: the server's tool starts the tree (the only kind a stdio server has here).
+    for where in ("inside", "outside"):
+        print(await cell("mcp (stdio)", "server tree", where, how), flush=True)
 
 
 if __name__ == "__main__":
