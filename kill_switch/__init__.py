@@ -73,6 +73,8 @@ from ._supervisor import Supervisor as Supervisor
 from ._supervisor import supervise as supervise
 from ._threads import abandoned_threads as abandoned_threads
 from ._threads import from_thread as from_thread
+from ._tools import bind_session as bind_session
+from ._tools import tool as tool
 from ._triggers import TRIGGERS as TRIGGERS
 from ._triggers import Trigger as Trigger
 from ._watchdog import EXIT_FORCED as EXIT_FORCED
@@ -145,6 +147,7 @@ __all__ = [
     "Watchdog",
     "abandoned_threads",
     "bind",
+    "bind_session",
     "check",
     "current_session",
     "default_detectors",
@@ -155,6 +158,7 @@ __all__ = [
     "run_drills",
     "sleep",
     "supervise",
+    "tool",
     "verify_audit",
 ]
 

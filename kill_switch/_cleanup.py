@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Literal
 
 import anyio
 
+from ._exceptions import Interrupted
 from ._report import CleanupReport
 
 if TYPE_CHECKING:
@@ -60,7 +61,8 @@ async def run_hooks(
                     result = await anyio.to_thread.run_sync(fn, abandon_on_cancel=True)
                     if inspect.isawaitable(result):
                         await result
-            except Exception as exc:  # reported, and the next hook still runs
+            # Interrupted too (a BaseException): a hook that checks the stopped session.
+            except (Exception, Interrupted) as exc:  # reported, and the next hook still runs
                 outcome, error = "failed", repr(exc)
         if scope.cancelled_caught:
             outcome, error = "timed_out", f"still running after {timeout} s; left behind"

@@ -2,16 +2,22 @@
 
 The hierarchy::
 
-    Exception
-    └── KillSwitchError             base of every exception kill_switch raises
-        ├── Interrupted             the current session was interrupted (carries the reason)
-        ├── ToolBlocked             the guard refused a tool call (carries the Decision)
-        │   └── LimitExceeded       ... because a budget or deadline was exhausted
-        └── SessionRefused          a session could not start (terminated id, duplicate id)
+    BaseException
+    ├── Interrupted                 the current session was interrupted (carries the reason)
+    └── Exception
+        └── KillSwitchError         base of every *error* kill_switch raises
+            ├── ToolBlocked         the guard refused a tool call (carries the Decision)
+            │   └── LimitExceeded   ... because a budget or deadline was exhausted
+            └── SessionRefused      a session could not start (terminated id, duplicate id)
 
-None of them derives from ``BaseException`` directly: cancellation stays the business of
-the event loop's own cancellation exception, which kill_switch never swallows outside the
-one scope that owns it (a session's block).
+``Interrupted`` is a cancellation, not an error: like ``asyncio.CancelledError`` (moved out
+of ``Exception`` in Python 3.8 for this reason), ``trio.Cancelled`` and anyio's cancel
+class, it derives from ``BaseException`` so that no catch-all ``except Exception`` — in a
+tool, in user code or in an agent framework's tool-error handler — turns a kill into a
+value the agent loop carries on with. Code that handles both catches
+``(Interrupted, KillSwitchError)``. Leaving the session's own block absorbs it; nothing
+else of kill_switch swallows it. Its ``str()`` carries the operator's reason: never hand
+it to a model (the integrations never do).
 """
 
 from __future__ import annotations
@@ -27,11 +33,13 @@ class KillSwitchError(Exception):
     """Base class of every exception raised by kill_switch."""
 
 
-class Interrupted(KillSwitchError):
+class Interrupted(BaseException):
     """The session this code runs for was interrupted.
 
     Raised by ``check()``, ``sleep()`` and by a tool call whose task was cancelled by the
     interrupt outside the session's own block. Leaving the session's block absorbs it.
+    A ``BaseException``, like ``asyncio.CancelledError``: ``except Exception`` does not
+    catch it. Re-raise it if you catch it.
     """
 
     def __init__(

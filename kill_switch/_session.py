@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, Unpack, cast
 
 import anyio
 
-from . import _block, _processes, _threads
+from . import _block, _processes, _threads, _tools
 from ._audit import (
     SESSION_FINISHED,
     SESSION_STARTED,
@@ -304,18 +304,11 @@ class Session(SessionHost):
         return result
 
     def wrap(
-        self, fn: Callable[..., Awaitable[T]], *, tool: str | None = None
-    ) -> Callable[..., Awaitable[T]]:
-        """Return *fn* as a guarded tool of this session (``session.call`` on each call)."""
-        name = tool if tool is not None else tool_name(fn)
-
-        async def guarded(*args: Any, **kwargs: Any) -> T:
-            return await self.call(fn, *args, tool=name, **kwargs)
-
-        guarded.__name__ = name
-        guarded.__qualname__ = name
-        guarded.__doc__ = fn.__doc__
-        return guarded
+        self, fn: Callable[..., Any], *, tool: str | None = None
+    ) -> Callable[..., Awaitable[Any]]:
+        """Return *fn* as a guarded tool of this session, keeping its name, docstring and
+        signature; a sync *fn* runs through ``run_sync`` (see ``kill_switch.tool``)."""
+        return _tools.wrap(self, fn, tool=tool)
 
     def start_soon(
         self,

@@ -233,7 +233,7 @@ class ThreadPlane(Plane):
             error: BaseException | None = None
             try:
                 result = ctx.run(fn, *args)
-            except Exception as exc:  # handed to the awaiting side
+            except (Exception, Interrupted) as exc:  # handed to the awaiting side
                 error = exc
             except BaseException as exc:
                 # SystemExit / KeyboardInterrupt end this thread as they end any thread;
@@ -559,7 +559,7 @@ async def _callback(
 ) -> None:
     try:
         done.set_result(await fn(*args))
-    except Exception as exc:  # handed to the waiting thread
+    except (Exception, Interrupted) as exc:  # handed to the waiting thread
         done.set_exception(exc)
     finally:
         if not done.done():

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPTS = ["bench_fanout", "bench_interrupt", "bench_guard", "bench_scale"]
+SCRIPTS = ["bench_fanout", "bench_interrupt", "bench_guard", "bench_scale", "bench_integrations"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 ROW_KEYS = {
     "benchmark",

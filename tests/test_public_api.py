@@ -34,12 +34,13 @@ def test_design_contract_names_exist() -> None:
 
 
 def test_exception_hierarchy() -> None:
-    """Every exception derives from KillSwitchError and none from BaseException alone."""
-    assert issubclass(ks.Interrupted, ks.KillSwitchError)
+    """Every error derives from KillSwitchError; Interrupted, a cancellation, from BaseException."""
     assert issubclass(ks.ToolBlocked, ks.KillSwitchError)
     assert issubclass(ks.LimitExceeded, ks.ToolBlocked)
     assert issubclass(ks.SessionRefused, ks.KillSwitchError)
     assert issubclass(ks.KillSwitchError, Exception)
+    assert issubclass(ks.Interrupted, BaseException)
+    assert not issubclass(ks.Interrupted, Exception)
 
 
 def test_version_is_a_string() -> None:
