@@ -41,6 +41,7 @@ from ._current import sleep as ks_sleep
 from ._policy import StopPolicy
 from ._processes import TRACKING_ENV, _scan
 from ._session import Session
+from ._validate import attrs_check, count, non_negative, positive, positive_int, seconds
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Sequence
@@ -67,20 +68,10 @@ _CLK_TCK: Final = os.sysconf("SC_CLK_TCK")
 _START_SLACK: Final = 2.0 / _CLK_TCK
 
 
-def _finite_positive_or_none(_inst: Any, attr: attrs.Attribute[Any], value: object) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{attr.name} must be a number, not {type(value).__name__}")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{attr.name} must be a finite number > 0, got {value!r}")
-
-
-def _count(_inst: Any, attr: attrs.Attribute[Any], value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{attr.name} must be an int, not {type(value).__name__}")
-    if value < 0:
-        raise ValueError(f"{attr.name} must be >= 0, got {value!r}")
+_positive_or_none = attrs.validators.optional(attrs_check(positive))
+_positive = attrs_check(positive)
+_seconds = attrs_check(seconds)
+_count = attrs_check(count)
 
 
 def _to_leaks(value: Iterable[Leak]) -> tuple[Leak, ...]:
@@ -169,10 +160,10 @@ class DrillObjectives:
         TypeError, ValueError: an objective is not a finite number > 0.
     """
 
-    p50_ms: float | None = attrs.field(default=None, validator=_finite_positive_or_none)
-    p99_ms: float | None = attrs.field(default=None, validator=_finite_positive_or_none)
-    max_ms: float | None = attrs.field(default=None, validator=_finite_positive_or_none)
-    quiesce_ms: float = attrs.field(default=2000.0, validator=_finite_positive_or_none)
+    p50_ms: float | None = attrs.field(default=None, validator=_positive_or_none)
+    p99_ms: float | None = attrs.field(default=None, validator=_positive_or_none)
+    max_ms: float | None = attrs.field(default=None, validator=_positive_or_none)
+    quiesce_ms: float = attrs.field(default=2000.0, validator=_positive)
 
 
 @attrs.frozen
@@ -198,9 +189,9 @@ class DrillShape:
     processes: int = attrs.field(default=2, validator=_count)
     threads: int = attrs.field(default=2, validator=_count)
     blocking_threads: int = attrs.field(default=0, validator=_count)
-    term_grace: float = attrs.field(default=0.02, validator=_finite_positive_or_none)
-    thread_grace: float = attrs.field(default=0.02, validator=_finite_positive_or_none)
-    stop_timeout: float = attrs.field(default=2.0, validator=_finite_positive_or_none)
+    term_grace: float = attrs.field(default=0.02, validator=_seconds)
+    thread_grace: float = attrs.field(default=0.02, validator=_seconds)
+    stop_timeout: float = attrs.field(default=2.0, validator=_seconds)
     leak: tuple[Leak, ...] = attrs.field(default=(), converter=_to_leaks, validator=_leaks)
 
 
@@ -570,13 +561,7 @@ async def drill(
     """
     if not isinstance(session, Session):
         raise TypeError(f"drill needs a Session, not {type(session).__name__}")
-    if (
-        isinstance(quiesce_within, bool)
-        or not isinstance(quiesce_within, (int, float))
-        or not math.isfinite(quiesce_within)
-        or quiesce_within < 0
-    ):
-        raise ValueError(f"quiesce_within must be a finite number >= 0, got {quiesce_within!r}")
+    non_negative("quiesce_within", quiesce_within)
     try:
         loop = asyncio.get_running_loop()
     except RuntimeError:
@@ -797,10 +782,7 @@ async def run_drills(
     Raises:
         TypeError, ValueError: *runs* is not an int ≥ 1.
     """
-    if isinstance(runs, bool) or not isinstance(runs, int):
-        raise TypeError(f"runs must be an int, not {type(runs).__name__}")
-    if runs < 1:
-        raise ValueError(f"runs must be >= 1, got {runs}")
+    positive_int("runs", runs)
     shape = shape if shape is not None else DrillShape()
     objectives = objectives if objectives is not None else DrillObjectives()
     results: list[DrillResult] = []

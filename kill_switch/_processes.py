@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import math
 import os
 import signal
 import subprocess
@@ -48,6 +47,7 @@ import attrs
 from ._cgroup import CgroupUnavailable, SessionCgroup, read_file
 from ._info import ProcessInfo
 from ._report import ProcessReport
+from ._validate import attrs_check, positive_int, seconds
 
 if TYPE_CHECKING:
     import asyncio
@@ -89,21 +89,8 @@ class EscalationWarning(RuntimeWarning):
     """A tracked process group ignored SIGTERM for its whole grace and was SIGKILLed."""
 
 
-def _check_seconds(name: str, value: object, *, zero_ok: bool) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
-    if math.isnan(value) or math.isinf(value) or value < 0 or (value == 0 and not zero_ok):
-        bound = ">= 0" if zero_ok else "> 0"
-        raise ValueError(f"{name} must be a finite number of seconds {bound}, got {value!r}")
-
-
-def _grace_validator(_inst: Any, attr: attrs.Attribute[Any], value: object) -> None:
-    if value is not None:
-        _check_seconds(attr.name, value, zero_ok=True)
-
-
-def _positive_validator(_inst: Any, attr: attrs.Attribute[Any], value: object) -> None:
-    _check_seconds(attr.name, value, zero_ok=False)
+_grace_validator = attrs.validators.optional(attrs_check(seconds, zero_ok=True))
+_positive_validator = attrs_check(seconds)
 
 
 def _bool_validator(_inst: Any, attr: attrs.Attribute[Any], value: object) -> None:
@@ -1348,8 +1335,7 @@ def track_pid(session: Session, pid: int, *, escalation: EscalationPolicy | None
         ProcessLookupError: no such process.
         Interrupted: the session was interrupted.
     """
-    if isinstance(pid, bool) or not isinstance(pid, int):
-        raise TypeError(f"pid must be an int, not {type(pid).__name__}")
+    positive_int("pid", pid)
     if pid <= 1 or pid == os.getpid():
         raise ValueError(f"cannot track pid {pid}")
     policy = _check_policy(escalation)

@@ -22,7 +22,6 @@ signal handler could deadlock on), sets the flag and schedules ``_deliver``.
 from __future__ import annotations
 
 import asyncio
-import math
 import sys
 import threading
 import time
@@ -75,6 +74,7 @@ from ._report import (
     StopReport,
 )
 from ._triggers import bound_operator, bound_reason, check_trigger
+from ._validate import non_negative
 
 if TYPE_CHECKING:
     from contextvars import Token
@@ -142,14 +142,6 @@ def _busy(plane: Plane) -> bool:
 def _tool_name(fn: object) -> str:
     name = getattr(fn, "__name__", None)
     return name if isinstance(name, str) else repr(fn)
-
-
-def _check_cost(cost: object) -> float:
-    if isinstance(cost, bool) or not isinstance(cost, (int, float)):
-        raise TypeError(f"cost must be a number, not {type(cost).__name__}")
-    if math.isnan(cost) or math.isinf(cost) or cost < 0:
-        raise ValueError(f"cost must be a finite number >= 0, got {cost!r}")
-    return float(cost)
 
 
 def _coro_name(task: asyncio.Task[Any]) -> str:
@@ -866,7 +858,7 @@ class Session:
                     self._watch.on_denied(tool)
                 return verdict
         if cost:
-            cost = _check_cost(cost)
+            cost = non_negative("cost", cost)
         # Order of the automatic checks (the determinism rule when several fire on one
         # call): deadline, then budget (actions, cost; this session first, then each
         # ancestor), then the sentinel. The first to interrupt gives the primary reason.
@@ -985,7 +977,7 @@ class Session:
         Raises:
             TypeError / ValueError: *amount* is not a finite number >= 0.
         """
-        amount = _check_cost(amount)
+        amount = non_negative("cost", amount)
         self._cost += amount
         if self._ledger is not None:
             over = self._ledger.charge(amount)

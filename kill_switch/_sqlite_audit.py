@@ -50,6 +50,7 @@ from ._audit_chain import (
     values_from_json,
     values_to_json,
 )
+from ._validate import positive_int, seconds
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -475,21 +476,12 @@ class SqliteAudit:
     ) -> None:
         if not isinstance(path, (str, os.PathLike)):
             raise TypeError(f"path must be a str or os.PathLike, not {type(path).__name__}")
-        for name, value in (
-            ("busy_timeout", busy_timeout),
-            ("retry_interval", retry_interval),
-            ("close_timeout", close_timeout),
-        ):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError(f"{name} must be a number of seconds")
-            if not (value >= 0 and value < float("inf")):
-                raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
-        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
-            raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
-        if max_bytes is not None and (
-            isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1
-        ):
-            raise ValueError(f"max_bytes must be an int >= 1 or None, got {max_bytes!r}")
+        seconds("busy_timeout", busy_timeout, zero_ok=True)
+        seconds("retry_interval", retry_interval, zero_ok=True)
+        seconds("close_timeout", close_timeout, zero_ok=True)
+        positive_int("max_batch", max_batch)
+        if max_bytes is not None:
+            positive_int("max_bytes", max_bytes)
         db = os.path.abspath(os.fspath(path))
         spool_path = os.path.abspath(os.fspath(spool)) if spool is not None else db + ".spool.jsonl"
         if anchor == "default":
