@@ -44,8 +44,21 @@ import anyio.abc
 import anyio.lowlevel
 import attrs
 
-from ._cgroup import CgroupUnavailable, SessionCgroup, read_file
+from ._audit import (
+    PROCESS_CONTAINMENT,
+    PROCESS_ESCAPED,
+    PROCESS_EXITED,
+    PROCESS_SIGNAL,
+    PROCESS_STARTED,
+)
+from ._cgroup import CgroupUnavailable, SessionCgroup
 from ._info import ProcessInfo
+from ._procfs import alive as _alive
+from ._procfs import cmdline as _cmdline
+from ._procfs import descendants as _descendants
+from ._procfs import has_in_environ
+from ._procfs import scan as _scan
+from ._procfs import stat as _stat
 from ._report import ProcessReport
 from ._validate import attrs_check, positive_int, seconds
 
@@ -62,13 +75,6 @@ DEVNULL: Final = subprocess.DEVNULL
 #: Environment variable carrying the session id into every process the session starts;
 #: descendants inherit it, which finds escapees when no cgroup is available.
 TRACKING_ENV: Final = "KILL_SWITCH_SESSION"
-
-# Audit event kinds of the process plane.
-PROCESS_STARTED: Final = "process_started"
-PROCESS_SIGNAL: Final = "process_signal"
-PROCESS_EXITED: Final = "process_exited"
-PROCESS_ESCAPED: Final = "process_escaped"
-PROCESS_CONTAINMENT: Final = "process_containment"
 
 Containment = Literal["cgroup", "process_group"]
 
@@ -119,75 +125,6 @@ class EscalationPolicy:
     kill_timeout: float = attrs.field(default=5.0, validator=_positive_validator)
     cgroup: bool = attrs.field(default=True, validator=_bool_validator)
     find_escapees: bool = attrs.field(default=True, validator=_bool_validator)
-
-
-# --------------------------------------------------------------------- /proc helpers
-
-
-def _stat(pid: int) -> tuple[str, int, int] | None:
-    """``(state, ppid, pgid)`` of *pid*, or ``None`` if it is gone."""
-    data = read_file(f"/proc/{pid}/stat")
-    if not data:
-        return None
-    # "pid (comm) state ppid pgrp ..."; comm may hold spaces and parentheses.
-    fields = data[data.rfind(b")") + 2 :].split(b" ", 3)
-    if len(fields) < 3:
-        return None
-    return fields[0].decode(), int(fields[1]), int(fields[2])
-
-
-def _alive(pid: int) -> bool:
-    st = _stat(pid)
-    return st is not None and st[0] not in ("Z", "X")
-
-
-def _children(pid: int) -> list[int]:
-    """Direct children of *pid* (``/proc/<pid>/task/*/children``)."""
-    out: list[int] = []
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return out
-    for tid in tids:
-        out.extend(int(x) for x in read_file(f"/proc/{pid}/task/{tid}/children").split())
-    return out
-
-
-def _descendants(pid: int) -> list[int]:
-    seen: list[int] = []
-    todo = _children(pid)
-    while todo:
-        child = todo.pop()
-        if child in seen:
-            continue
-        seen.append(child)
-        todo.extend(_children(child))
-    return seen
-
-
-def _has_marker(pid: int, marker: bytes) -> bool:
-    return marker in read_file(f"/proc/{pid}/environ")
-
-
-def _scan(*, zombies: bool = False) -> dict[int, tuple[str, int, int]]:
-    """Every live process (and every zombie, with *zombies*): pid → (state, ppid, pgid)."""
-    out: dict[int, tuple[str, int, int]] = {}
-    try:
-        names = os.listdir("/proc")
-    except OSError:
-        return out
-    for name in names:
-        if name.isdigit():
-            pid = int(name)
-            st = _stat(pid)
-            if st is not None and st[0] != "X" and (zombies or st[0] != "Z"):
-                out[pid] = st
-    return out
-
-
-def _cmdline(pid: int) -> tuple[str, ...]:
-    data = read_file(f"/proc/{pid}/cmdline")
-    return tuple(os.fsdecode(a) for a in data.split(b"\0") if a)
 
 
 def _result(exc: OSError) -> str:
@@ -806,14 +743,14 @@ class ProcessPlane:
             if (
                 pgid in pgids
                 or self._descends(pid, ppid, roots, table)
-                or (_has_marker(pid, self._marker))
+                or (has_in_environ(pid, self._marker))
             ):
                 found[pid] = pgid
         return found
 
     @staticmethod
     def _descends(
-        pid: int, ppid: int, roots: set[int], table: dict[int, tuple[str, int, int]]
+        pid: int, ppid: int, roots: set[int], table: Mapping[int, tuple[str, int, int]]
     ) -> bool:
         seen = 0
         while ppid > 1 and seen < 64:

@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -19,6 +19,8 @@ import kill_switch as ks
 from kill_switch import _cgroup, _processes
 from kill_switch._processes import EscalationPolicy, EscalationWarning
 from kill_switch.testing import MemoryAudit
+
+from ._procs import alive, kill_quietly, no_zombies_no_leaks, wait_gone
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterator
@@ -61,43 +63,11 @@ BOTH = pytest.mark.parametrize(
 )
 
 
-def alive(pid: int) -> bool:
-    """The pid runs (a zombie has stopped running)."""
-    try:
-        status: str = psutil.Process(pid).status()
-    except psutil.NoSuchProcess:
-        return False
-    return status != "zombie"
-
-
-def kill_quietly(pids: list[int]) -> None:
-    for pid in pids:
-        with suppress(OSError):
-            os.kill(pid, signal.SIGKILL)
-
-
-async def wait_gone(pids: list[int]) -> None:
-    """Wait until every pid has exited (pidfds: no polling; not only our children)."""
-    for pid in pids:
-        try:
-            fd = os.pidfd_open(pid)
-        except ProcessLookupError:
-            continue
-        try:
-            await anyio.wait_readable(fd)
-        finally:
-            os.close(fd)
-
-
 @pytest.fixture(autouse=True)
-def no_zombies_no_leaks() -> Iterator[None]:
+def clean_after() -> Iterator[None]:
     """After every test: no <defunct> children, fd count back to baseline, no cgroup."""
-    me = psutil.Process()
-    before = me.num_fds()
-    yield
-    zombies = [c.pid for c in me.children(recursive=True) if c.status() == "zombie"]
-    assert zombies == [], f"zombie children left: {zombies}"
-    assert me.num_fds() == before, "file descriptors leaked"
+    with no_zombies_no_leaks():
+        yield
     mount = "/sys/fs/cgroup/unified"
     if os.path.isdir(mount):
         left = [d for d in os.listdir(mount) if d.startswith(f"kill_switch-{os.getpid()}-")]
