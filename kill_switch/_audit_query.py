@@ -12,7 +12,7 @@ from typing import IO, TYPE_CHECKING, Any, Literal
 
 import attrs
 
-from ._audit import INTERRUPT_DELIVERED, INTERRUPT_REQUESTED
+from ._audit import INTERRUPT_DELIVERED, INTERRUPT_REQUESTED, STICKY_KINDS
 from ._audit_chain import (
     COLUMN_SQL,
     COLUMNS,
@@ -26,7 +26,7 @@ from ._audit_chain import (
 if TYPE_CHECKING:
     from collections.abc import Iterator, Mapping
 
-_STICKY = ("interrupt_requested", "cancelled_before_start")
+_STICKY_MARKS = ", ".join("?" * len(STICKY_KINDS))
 _SELECT = f"SELECT seq, {COLUMN_SQL}, prev_hash, row_hash FROM events"
 
 
@@ -216,9 +216,9 @@ class AuditLog:
     def terminated_session_ids(self) -> set[str]:
         """Session ids with an ``interrupt_requested`` or ``cancelled_before_start`` row."""
         rows = self._conn.execute(
-            "SELECT DISTINCT session_id FROM events WHERE kind IN (?, ?) "
+            f"SELECT DISTINCT session_id FROM events WHERE kind IN ({_STICKY_MARKS}) "
             "AND session_id IS NOT NULL",
-            _STICKY,
+            tuple(STICKY_KINDS),
         )
         return {r[0] for r in rows}
 

@@ -23,7 +23,7 @@ import types
 import weakref
 from collections.abc import Callable, Collection, Mapping
 from contextvars import ContextVar
-from typing import TYPE_CHECKING, Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import attrs
 
@@ -38,10 +38,6 @@ if TYPE_CHECKING:
 
 Clock = Callable[[], float]
 LimitName = Literal["max_actions", "max_cost", "max_duration"]
-
-#: Audit event kinds written by the ledger.
-LIMIT_WARNING: Final = "limit_warning"
-LIMIT_EXCEEDED: Final = "limit_exceeded"
 
 
 # ------------------------------------------------------------------ validation

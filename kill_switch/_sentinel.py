@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 
 import attrs
 
+from ._audit import SENTINEL_ALERT, SENTINEL_ERROR
 from ._validate import attrs_check, positive, positive_int, seconds
 
 if TYPE_CHECKING:
@@ -36,10 +37,6 @@ Severity = Literal["info", "warning", "critical"]
 Mode = Literal["observe", "enforce"]
 
 _RANK: Final = {"info": 0, "warning": 1, "critical": 2}
-
-#: Audit event kinds written by the sentinel.
-SENTINEL_ALERT: Final = "sentinel_alert"
-SENTINEL_ERROR: Final = "sentinel_error"
 
 
 @attrs.frozen

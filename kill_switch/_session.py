@@ -43,6 +43,8 @@ from ._audit import (
     INTERRUPT_REQUESTED,
     LATE_RESULT,
     LEAKED_TASK,
+    LIMIT_EXCEEDED,
+    LIMIT_WARNING,
     OUT_OF_BAND,
     SESSION_FINISHED,
     SESSION_STARTED,
@@ -57,8 +59,6 @@ from ._exceptions import Interrupted, LimitExceeded, ToolBlocked
 from ._handle import InterruptHandle
 from ._info import CallInfo, ProcessInfo, SessionInfo, State, ThreadInfo
 from ._limits import (
-    LIMIT_EXCEEDED,
-    LIMIT_WARNING,
     Ledger,
     LedgerPlane,
     Limits,

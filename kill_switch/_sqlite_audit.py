@@ -35,7 +35,7 @@ import aiosqlite
 import anyio
 import attrs
 
-from ._audit import CANCELLED_BEFORE_START, INTERRUPT_REQUESTED, AuditEvent
+from ._audit import STICKY_KINDS, AuditEvent
 from ._audit_chain import (
     COLUMN_SQL,
     COLUMNS,
@@ -58,9 +58,6 @@ if TYPE_CHECKING:
     from ._report import AuditStatus
 
 T = TypeVar("T")
-
-#: Kinds that make a session id terminated for good (a kill is sticky across restarts).
-STICKY_KINDS: Final = frozenset({INTERRUPT_REQUESTED, CANCELLED_BEFORE_START})
 
 _INSERT: Final = (
     f"INSERT INTO events ({COLUMN_SQL}, prev_hash, row_hash) "
