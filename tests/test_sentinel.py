@@ -24,21 +24,12 @@ from kill_switch._sentinel import (
     Sentinel,
     default_detectors,
 )
+from kill_switch.testing import FakeClock
 
 if TYPE_CHECKING:
     from kill_switch.testing import MemoryAudit
 
 pytestmark = pytest.mark.both_loops
-
-
-class FakeClock:
-    """A monotonic clock the test moves by hand."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 async def noop(*args: Any, **kwargs: Any) -> None:
