@@ -26,12 +26,12 @@ if __package__ in (None, ""):  # run as a file: make `benchmarks` importable
 
 import kill_switch as ks
 from benchmarks import _harness as h
-from kill_switch._limits import Limits
-from kill_switch._sentinel import (
+from kill_switch import (
     CallRate,
     CostVelocity,
     DeniedCalls,
     ErrorStreak,
+    Limits,
     RepeatedCall,
     Sentinel,
 )

@@ -25,18 +25,11 @@ from typing import Any
 import anyio
 
 import kill_switch as ks
-from kill_switch._processes import EscalationPolicy, EscalationWarning
+from kill_switch import EscalationPolicy, EscalationWarning
+from kill_switch._procfs import children  # no public name: the bench reads the tree it built
 
 TREE = "sleep 1000 & sleep 1000 & sleep 1000 & echo ready; wait"
 STUBBORN = "trap '' TERM; echo ready; while :; do sleep 1; done"
-
-
-def _children(pid: int) -> list[int]:
-    out: list[int] = []
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{tid}/children") as f:
-            out.extend(int(x) for x in f.read().split())
-    return out
 
 
 async def _pidfd_wait(fds: list[int]) -> None:
@@ -64,9 +57,9 @@ async def raw_group_kill() -> float:
     )
     assert proc.stdout is not None
     proc.stdout.readline()
-    kids = _children(proc.pid)
+    kids = children(proc.pid)
     while len(kids) < 3:
-        kids = _children(proc.pid)
+        kids = children(proc.pid)
     fds = [os.pidfd_open(p) for p in (proc.pid, *kids)]
     t0 = time.perf_counter()
     os.killpg(proc.pid, signal.SIGTERM)
@@ -93,10 +86,10 @@ async def session_stop(
             assert proc.stdout is not None
             await proc.stdout.receive()
             # sh forked its jobs before it echoed; this only guards the bookkeeping.
-            while len(_children(proc.pid)) < children:  # noqa: ASYNC110
+            while len(children(proc.pid)) < children:  # noqa: ASYNC110
                 await anyio.sleep(0.001)
             holder["session"] = session
-            holder["pids"] = [proc.pid, *_children(proc.pid)]
+            holder["pids"] = [proc.pid, *children(proc.pid)]
             ready.set()
             await proc.wait()
 

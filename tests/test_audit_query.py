@@ -11,15 +11,14 @@ import anyio
 import pytest
 
 import kill_switch as ks
-from kill_switch._audit import AuditEvent
+from kill_switch import AuditEvent, AuditLog, SqliteAudit
 from kill_switch._audit_cli import main as cli
-from kill_switch._audit_query import AuditLog, open_readonly
-from kill_switch._sqlite_audit import SqliteAudit
+from kill_switch._audit_query import open_readonly
 
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from kill_switch._report import StopReport
+    from kill_switch import StopReport
 
 
 async def parent_and_child(db: Path) -> StopReport:

@@ -15,8 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import kill_switch as ks
-from kill_switch._limits import Limits, LimitWarning, report_cost
-from kill_switch._sentinel import Alert, Detector, Sentinel
+from kill_switch import Alert, Detector, Limits, LimitWarning, Sentinel, report_cost
 from kill_switch.testing import FakeClock
 
 if TYPE_CHECKING:

@@ -16,8 +16,7 @@ import psutil
 import pytest
 
 import kill_switch as ks
-from kill_switch import _cgroup, _processes
-from kill_switch._processes import EscalationPolicy, EscalationWarning
+from kill_switch import EscalationPolicy, EscalationWarning, _cgroup, _processes
 from kill_switch.testing import MemoryAudit
 
 from ._procs import alive, kill_quietly, no_zombies_no_leaks, wait_gone
@@ -82,7 +81,7 @@ async def running(
         yield rt
 
 
-async def read_lines(proc: _processes.TrackedProcess, n: int) -> list[str]:
+async def read_lines(proc: ks.TrackedProcess, n: int) -> list[str]:
     """Read *n* lines from the process's stdout (synchronising on its state)."""
     assert proc.stdout is not None
     buf = b""
@@ -93,7 +92,7 @@ async def read_lines(proc: _processes.TrackedProcess, n: int) -> list[str]:
 
 async def stop_with(
     runtime: ks.Runtime, command: list[str], escalation: EscalationPolicy, lines: int
-) -> tuple[ks.StopReport, list[str], _processes.TrackedProcess]:
+) -> tuple[ks.StopReport, list[str], ks.TrackedProcess]:
     """Start *command* in a session, read *lines* lines, interrupt, return the report."""
     holder: dict[str, Any] = {}
     ready = anyio.Event()

@@ -12,8 +12,7 @@ import anyio
 import pytest
 
 import kill_switch as ks
-from kill_switch._limits import ToolRules
-from kill_switch._sentinel import (
+from kill_switch import (
     Alert,
     CallRate,
     CostVelocity,
@@ -22,6 +21,7 @@ from kill_switch._sentinel import (
     ErrorStreak,
     RepeatedCall,
     Sentinel,
+    ToolRules,
     default_detectors,
 )
 from kill_switch.testing import FakeClock

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import kill_switch as ks
-from kill_switch._watchdog import EXIT_FORCED, EXIT_FORCED_C_LEVEL
+from kill_switch import EXIT_FORCED, EXIT_FORCED_C_LEVEL
 
 CHILD = Path(__file__).with_name("shutdown_child.py")
 
@@ -166,7 +166,7 @@ def test_graceful_shutdown_refuses_non_main_thread() -> None:
 
 def test_watchdog_validates_and_disarms() -> None:
     """Bad watchdog settings are refused; a disarmed watchdog never fires."""
-    from kill_switch._watchdog import Watchdog
+    from kill_switch import Watchdog
 
     with pytest.raises(ValueError, match="lead"):
         Watchdog(lead=0)

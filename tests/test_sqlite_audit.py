@@ -17,11 +17,10 @@ import anyio
 import pytest
 
 import kill_switch as ks
-from kill_switch._audit import AuditEvent
+from kill_switch import AuditEvent, AuditLog, AuditRecord, SqliteAudit
+from kill_switch import verify_audit as verify
 from kill_switch._audit_chain import MIGRATIONS, SCHEMA_VERSION, row_hash
 from kill_switch._audit_cli import main as cli
-from kill_switch._audit_query import AuditLog, AuditRecord, verify
-from kill_switch._sqlite_audit import SqliteAudit
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -604,8 +603,7 @@ def test_unclosed_sink_does_not_hang_exit(tmp_path: Path) -> None:
     script = textwrap.dedent(
         f"""
         import asyncio
-        from kill_switch._audit import AuditEvent
-        from kill_switch._sqlite_audit import SqliteAudit
+        from kill_switch import AuditEvent, SqliteAudit
 
         async def main():
             audit = SqliteAudit({str(tmp_path / "a.db")!r})

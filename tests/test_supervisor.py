@@ -8,7 +8,7 @@ import anyio
 import pytest
 
 import kill_switch as ks
-from kill_switch._supervisor import Supervisor, supervise
+from kill_switch import Supervisor, supervise
 from kill_switch.testing import FakeClock
 
 pytestmark = pytest.mark.both_loops
