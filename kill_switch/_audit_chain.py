@@ -8,6 +8,7 @@ functions here, so the two can never disagree about what a row's hash covers.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import math
@@ -207,3 +208,16 @@ def decode_head(raw: bytes) -> tuple[int, str] | None:
     if isinstance(count, int) and count >= 0 and isinstance(head, str):
         return count, head
     return None
+
+
+def read_anchor(path: str) -> tuple[int, str] | None:
+    """The head anchored in the file at *path*, or ``None`` (no file, or unreadable).
+
+    Read under a shared ``flock``: the writer rewrites it in place under an exclusive one.
+    """
+    try:
+        with open(path, "rb") as f:
+            fcntl.flock(f.fileno(), fcntl.LOCK_SH)
+            return decode_head(f.read(4096))
+    except FileNotFoundError:
+        return None

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import sqlite3
@@ -19,7 +18,7 @@ from ._audit_chain import (
     GENESIS,
     SCHEMA_VERSION,
     TRIGGERS,
-    decode_head,
+    read_anchor,
     row_hash,
 )
 
@@ -232,7 +231,7 @@ class AuditLog:
 
     def verify(self) -> VerifyResult:
         """Check every row's hash, the chain links, the sequence and the anchored head."""
-        anchored = _read_anchor(self.anchor_path) if self.anchor_path else None
+        anchored = read_anchor(self.anchor_path) if self.anchor_path else None
         conn = self._conn
         conn.execute("BEGIN")  # one snapshot, taken after reading the anchor
         try:
@@ -267,15 +266,6 @@ def _where(
         clauses.append("wall_time < ?")
         args.append(float(until))
     return (" WHERE " + " AND ".join(clauses) if clauses else ""), args
-
-
-def _read_anchor(path: str) -> tuple[int, str] | None:
-    try:
-        with open(path, "rb") as f:
-            fcntl.flock(f.fileno(), fcntl.LOCK_SH)
-            return decode_head(f.read(4096))
-    except FileNotFoundError:
-        return None
 
 
 def _bad(count: int, head: str | None, seq: int, problem: str, **kw: Any) -> VerifyResult:

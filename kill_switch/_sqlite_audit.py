@@ -25,7 +25,6 @@ import fcntl
 import json
 import os
 import sqlite3
-import sys
 import threading
 import time
 import urllib.parse
@@ -46,10 +45,12 @@ from ._audit_chain import (
     decode_head,
     encode_head,
     event_values,
+    read_anchor,
     row_hash,
     values_from_json,
     values_to_json,
 )
+from ._stderr import say
 from ._validate import positive_int, seconds
 
 if TYPE_CHECKING:
@@ -104,19 +105,11 @@ class _SchemaError(Exception):
     """The database was written by a newer kill_switch."""
 
 
-def _stderr(line: str) -> None:
-    try:
-        sys.stderr.write(line + "\n")
-        sys.stderr.flush()
-    except (OSError, ValueError):  # stderr closed: nothing left to tell
-        pass
-
-
 def _fallback_lines(events: Sequence[AuditEvent], why: str) -> None:
     """The last resort: one stderr line per event, carrying its event id."""
     for event in events:
         data = values_to_json(event_values(event))
-        _stderr(f"kill_switch audit fallback ({why}): {json.dumps(data, ensure_ascii=True)}")
+        say(f"kill_switch audit fallback ({why}): {json.dumps(data, ensure_ascii=True)}")
 
 
 def _describe(exc: BaseException) -> str:
@@ -262,14 +255,7 @@ class _Store:
     # ---------------------------------------------------------------- anchor
 
     def read_anchor(self) -> tuple[int, str] | None:
-        if self.anchor_path is None:
-            return None
-        try:
-            with open(self.anchor_path, "rb") as f:
-                fcntl.flock(f.fileno(), fcntl.LOCK_SH)
-                return decode_head(f.read(4096))
-        except FileNotFoundError:
-            return None
+        return None if self.anchor_path is None else read_anchor(self.anchor_path)
 
     def _anchor(
         self, conn: sqlite3.Connection, count: int, head: str, base: tuple[int, str]
@@ -280,7 +266,7 @@ class _Store:
         anchor equal to it is extended without a lookup.
         """
         if self.head_to_stderr:
-            _stderr(f"kill_switch audit head {self.path}: count={count} hash={head}")
+            say(f"kill_switch audit head {self.path}: count={count} hash={head}")
         if self.anchor_path is None:
             return
         try:
@@ -300,7 +286,7 @@ class _Store:
             finally:
                 fcntl.flock(fd, fcntl.LOCK_UN)
         except (OSError, sqlite3.Error) as exc:  # rows are committed; only the anchor lags
-            _stderr(f"kill_switch: could not anchor audit head of {self.path}: {exc!r}")
+            say(f"kill_switch: could not anchor audit head of {self.path}: {exc!r}")
 
     def _extends(self, conn: sqlite3.Connection, old: tuple[int, str]) -> bool:
         row = conn.execute("SELECT row_hash FROM events WHERE seq = ?", (old[0],)).fetchone()
@@ -308,7 +294,7 @@ class _Store:
             return True
         if not self.warned_fork:
             self.warned_fork = True
-            _stderr(
+            say(
                 f"kill_switch: audit chain {self.path} does not extend its anchored head "
                 f"(row {old[0]}): it was truncated or rewritten; the anchor is kept as "
                 "evidence. Run `kill-switch audit verify`."
@@ -363,7 +349,7 @@ class _Store:
         try:
             fd = os.open(self.spool_path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
         except OSError as exc:
-            _stderr(f"kill_switch: audit spool {self.spool_path} unavailable: {exc!r}")
+            say(f"kill_switch: audit spool {self.spool_path} unavailable: {exc!r}")
             return False
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
@@ -376,7 +362,7 @@ class _Store:
             os.fsync(fd)
             return True
         except OSError as exc:
-            _stderr(f"kill_switch: audit spool {self.spool_path} write failed: {exc!r}")
+            say(f"kill_switch: audit spool {self.spool_path} write failed: {exc!r}")
             return False
         finally:
             os.close(fd)  # closing drops the flock
@@ -393,7 +379,7 @@ def _parse_spool(raw: bytes, where: str) -> list[Values]:
         except (ValueError, KeyError, TypeError):
             bad += 1
     if bad:
-        _stderr(f"kill_switch: skipped {bad} unreadable line(s) in audit spool {where}")
+        say(f"kill_switch: skipped {bad} unreadable line(s) in audit spool {where}")
     return out
 
 
@@ -577,7 +563,7 @@ class SqliteAudit:
             with self._lock:
                 self._state = "closed"
             if task.done() and not task.cancelled() and task.exception() is not None:
-                _stderr(f"kill_switch: audit writer failed: {task.exception()!r}")
+                say(f"kill_switch: audit writer failed: {task.exception()!r}")
 
     def _spool_has_data(self) -> bool:
         try:
@@ -598,7 +584,7 @@ class SqliteAudit:
         try:
             return self._store.spool([event])
         except Exception as exc:  # the last word must never raise
-            _stderr(f"kill_switch: could not spool {event.kind} {event.event_id}: {exc!r}")
+            say(f"kill_switch: could not spool {event.kind} {event.event_id}: {exc!r}")
             return False
 
     def record(self, event: AuditEvent) -> None:
@@ -616,7 +602,7 @@ class SqliteAudit:
                 return
             self._wake_writer()
         except Exception as exc:  # the contract: a sink never raises into a stop
-            _stderr(f"kill_switch: audit record failed: {exc!r}")
+            say(f"kill_switch: audit record failed: {exc!r}")
 
     def _wake_writer(self) -> None:
         loop, wake = self._loop, self._wake
@@ -673,7 +659,7 @@ class SqliteAudit:
                 with AuditLog(self.path, anchor=None) as log:
                     ids |= log.terminated_session_ids()
             except (sqlite3.Error, OSError) as exc:
-                _stderr(f"kill_switch: could not read terminated sessions: {exc!r}")
+                say(f"kill_switch: could not read terminated sessions: {exc!r}")
             for values in self._store.read_spool():
                 if values[7] in STICKY_KINDS and values[3] is not None:
                     ids.add(values[3])
@@ -849,7 +835,7 @@ class SqliteAudit:
             if self._state == "durable":
                 self._state = "degraded"
         if first:
-            _stderr(
+            say(
                 f"kill_switch: audit database {self.path} failed ({self._last_error}); "
                 f"events go to {self.spool_path} until it works again"
             )
@@ -883,7 +869,7 @@ class SqliteAudit:
                 await db.close()
                 closed = True
             except Exception as exc:  # a broken connection may fail to close
-                _stderr(f"kill_switch: closing audit database failed: {exc!r}")
+                say(f"kill_switch: closing audit database failed: {exc!r}")
             # After a failed connect aiosqlite stops its thread without waiting for it; the
             # thread then posts to this loop, which must still be open (aiosqlite#241).
             thread = getattr(db, "_thread", None)

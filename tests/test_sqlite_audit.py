@@ -114,14 +114,14 @@ async def test_record_before_entry_is_written_on_entry(tmp_path: Path) -> None:
     assert len(rows(tmp_path / "a.db")) == 1
 
 
-async def test_record_never_raises(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+async def test_record_never_raises(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     """A wrong argument is reported on stderr, never raised into the caller."""
     async with SqliteAudit(tmp_path / "a.db") as audit:
         audit.record("not an event")  # type: ignore[arg-type]  # the point of the test
         unserialisable = ev(2, details={"obj": object(), "nan": float("nan")})
         audit.record(unserialisable)
         assert await audit.flush() == "durable"
-    assert "audit record failed" in capsys.readouterr().err
+    assert "audit record failed" in capfd.readouterr().err
     (stored,) = rows(tmp_path / "a.db")
     assert stored.event_id == unserialisable.event_id
     assert verify(tmp_path / "a.db").ok
@@ -536,7 +536,7 @@ async def test_corrupt_database_spools(tmp_path: Path) -> None:
 
 
 async def test_deleted_database_is_not_reported_durable(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
     """FAULT 46: a database deleted under an open connection is 'gone', not durable."""
     db = tmp_path / "d" / "a.db"
@@ -551,7 +551,7 @@ async def test_deleted_database_is_not_reported_durable(
         event = ev(1)
         audit.record(event)
         assert await audit.flush() == "degraded"
-        assert "a.db is gone" in capsys.readouterr().err
+        assert "a.db is gone" in capfd.readouterr().err
         # The anchor says a chain existed: the log is never silently started afresh.
         audit.record(ev(2))
         assert await audit.flush() == "degraded"
@@ -572,7 +572,7 @@ async def test_newer_schema_is_not_written(tmp_path: Path) -> None:
 
 
 async def test_no_spool_either_falls_back_to_stderr(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
     """Database and spool both unavailable: a stderr line per event, status degraded."""
     event = ev(1)
@@ -580,7 +580,7 @@ async def test_no_spool_either_falls_back_to_stderr(
     async with SqliteAudit(gone / "a.db", spool=gone / "s.jsonl", anchor=None) as audit:
         audit.record(event)
         assert await audit.flush() == "degraded"
-    err = capsys.readouterr().err
+    err = capfd.readouterr().err
     assert f'"event_id": "{event.event_id}"' in err
     assert "audit fallback" in err
 
