@@ -39,15 +39,17 @@ from ._audit_chain import (
     COLUMN_SQL,
     COLUMNS,
     GENESIS,
+    HEAD_SUFFIX,
     MIGRATIONS,
     SCHEMA_VERSION,
+    SPOOL_SUFFIX,
     Values,
     decode_head,
     encode_head,
     event_values,
+    parse_spool,
     read_anchor,
     row_hash,
-    values_from_json,
     values_to_json,
 )
 from ._stderr import say
@@ -369,15 +371,7 @@ class _Store:
 
 
 def _parse_spool(raw: bytes, where: str) -> list[Values]:
-    out: list[Values] = []
-    bad = 0
-    for line in raw.splitlines():
-        if not line.strip():
-            continue
-        try:
-            out.append(values_from_json(json.loads(line)))
-        except (ValueError, KeyError, TypeError):
-            bad += 1
+    out, bad = parse_spool(raw)
     if bad:
         say(f"kill_switch: skipped {bad} unreadable line(s) in audit spool {where}")
     return out
@@ -466,9 +460,9 @@ class SqliteAudit:
         if max_bytes is not None:
             positive_int("max_bytes", max_bytes)
         db = os.path.abspath(os.fspath(path))
-        spool_path = os.path.abspath(os.fspath(spool)) if spool is not None else db + ".spool.jsonl"
+        spool_path = os.path.abspath(os.fspath(spool)) if spool is not None else db + SPOOL_SUFFIX
         if anchor == "default":
-            anchor_path: str | None = db + ".head"
+            anchor_path: str | None = db + HEAD_SUFFIX
         else:
             anchor_path = os.path.abspath(os.fspath(anchor)) if anchor is not None else None
         self.path = db
@@ -680,7 +674,9 @@ class SqliteAudit:
         """
         from ._audit_query import verify
 
-        return await anyio.to_thread.run_sync(lambda: verify(self.path, anchor=self.anchor_path))
+        return await anyio.to_thread.run_sync(
+            lambda: verify(self.path, anchor=self.anchor_path, spool=self.spool_path)
+        )
 
     def statistics(self) -> AuditStatistics:
         """A snapshot of what this sink holds and where its events went."""

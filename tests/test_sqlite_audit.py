@@ -332,6 +332,7 @@ async def test_verify_detects_inserted_row(tmp_path: Path) -> None:
     db = tmp_path / "a.db"
     await write(db, 10)
     r2 = rows(db)[1]
+    assert r2.row_hash is not None  # a chained row
     forged = ("forged-id", 1.0, 1.0, None, None, None, None, "forged", None, "x", None, "{}")
     digest = row_hash(3, forged, r2.row_hash)
     conn = sqlite3.connect(db, isolation_level=None)
@@ -381,6 +382,7 @@ async def test_verify_detects_full_rewrite_by_anchor(tmp_path: Path) -> None:
             r.operator,
             "{}",
         )
+        assert r.seq is not None  # a chained row
         digest = row_hash(r.seq, values, prev)
         updates.append(
             f"UPDATE events SET reason='rewritten', details='{{}}', prev_hash='{prev}', "
