@@ -173,7 +173,11 @@ async def test_sigterm_ignoring_child_is_sigkilled_after_grace(
 ) -> None:
     """A child that ignores SIGTERM gets SIGKILL after term_grace, with a warning."""
     audit = MemoryAudit()
-    cmd = ["sh", "-c", "trap '' TERM; echo ready; while :; do sleep 1; done"]
+    # exec: the ignored SIGTERM carries over to sleep. A shell looping over `sleep 1`
+    # would fork into the group during the grace whenever the loop turned (more often
+    # on a loaded host), and that process, still exiting when the leader is reaped, is
+    # rightly reported as a second row (a member found late): not this test's subject.
+    cmd = ["sh", "-c", "trap '' TERM; echo ready; exec sleep 1000"]
     async with running(audit, term_grace=0.2) as rt:
         with pytest.warns(EscalationWarning, match="SIGKILL"):
             report, _, proc = await stop_with(rt, cmd, escalation, 1)
@@ -190,6 +194,35 @@ async def test_sigterm_ignoring_child_is_sigkilled_after_grace(
 
 
 # ------------------------------------------------------------ FAULT 26: escapees
+
+
+#: A member that leaves the group (setsid) when it gets SIGTERM, and keeps running.
+LEAVES_ON_TERM = """
+import os, signal, sys, time
+signal.signal(signal.SIGTERM, lambda *_: os.setsid())
+print(os.getpid(), flush=True)
+time.sleep(1000)
+"""
+
+
+@pytest.mark.xfail(
+    reason="known defect: a member that setsid()s after SIGTERM escapes the group's "
+    "SIGKILL; it is reported survived (quiescent=False) but not killed",
+    strict=True,
+)
+async def test_member_leaving_the_group_after_sigterm_is_killed() -> None:
+    """Without a cgroup, a member that leaves the group on SIGTERM is still SIGKILLed."""
+    cmd = ["sh", "-c", f"{PY} -c '{LEAVES_ON_TERM}' & wait"]
+    async with running(term_grace=0.05) as rt:
+        with pytest.warns(EscalationWarning):
+            report, lines, _ = await stop_with(rt, cmd, NO_CGROUP, 1)
+    member = int(lines[0])
+    try:
+        assert not alive(member)
+        assert report.quiescent
+    finally:
+        kill_quietly([member])
+        await wait_gone([member])
 
 
 @BOTH
