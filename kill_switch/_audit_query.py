@@ -216,7 +216,13 @@ class AuditLog:
             records = [_record(r) for r in rows]
             pending = _not_in_chain(self._conn, pending)
         room = None if limit is None else max(0, int(limit) - len(records))
-        wanted = _matching(pending, session_id, interrupt_id, trigger, kind, since, until)
+        equal = {
+            "session_id": session_id,
+            "interrupt_id": interrupt_id,
+            "trigger": trigger,
+            "kind": kind,
+        }
+        wanted = _matching(pending, equal, since, until)
         records.extend(_spooled_record(v) for v in wanted[:room])
         return records
 
@@ -346,18 +352,16 @@ def _not_in_chain(conn: sqlite3.Connection, values: list[Values]) -> list[Values
 
 def _matching(
     values: list[Values],
-    session_id: str | None,
-    interrupt_id: str | None,
-    trigger: str | None,
-    kind: str | None,
+    equal: Mapping[str, str | None],
     since: float | None,
     until: float | None,
 ) -> list[Values]:
-    """The filters of :func:`_where`, applied to spooled events (columns by position)."""
-    wanted = {3: session_id, 5: interrupt_id, 8: trigger, 7: kind}
+    """The filters of :func:`_where` (*equal*: column → wanted value, ``None`` for any),
+    applied to spooled events."""
+    wanted = [(COLUMNS.index(column), want) for column, want in equal.items() if want is not None]
     out = []
     for v in values:
-        if any(want is not None and v[i] != want for i, want in wanted.items()):
+        if any(v[i] != want for i, want in wanted):
             continue
         if (since is not None and v[1] < since) or (until is not None and v[1] >= until):
             continue

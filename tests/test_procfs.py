@@ -13,13 +13,15 @@ import pytest
 
 from kill_switch import _procfs
 
-from ._procs import kill_quietly
+from ._procs import killpg_quietly
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
 #: A child that prints its own pid once it runs (after its exec: its command line is final).
-CHILD = "import os, time; print(os.getpid(), flush=True); time.sleep(1000)"
+#: One os.write per line: two children share the pipe, and print() may split a line in
+#: two writes (unbuffered stdout), which would interleave.
+CHILD = 'import os, time; os.write(1, b"%d\\n" % os.getpid()); time.sleep(1000)'
 #: A leader (in a process group of its own) with two such children, waiting for them.
 #: The marker variable is inherited by all three.
 TREE = f"{sys.executable} -c '{CHILD}' & {sys.executable} -c '{CHILD}' & wait"
@@ -34,11 +36,11 @@ def tree() -> Iterator[tuple[subprocess.Popen[bytes], list[int]]]:
         ["sh", "-c", TREE], stdout=subprocess.PIPE, env=env, start_new_session=True
     )
     assert proc.stdout is not None
-    kids = [int(proc.stdout.readline()), int(proc.stdout.readline())]
     try:
+        kids = [int(proc.stdout.readline()), int(proc.stdout.readline())]
         yield proc, kids
     finally:
-        kill_quietly([*kids, proc.pid])
+        killpg_quietly(proc.pid)  # the whole tree: it has a session of its own
         proc.wait()
         proc.stdout.close()
 
