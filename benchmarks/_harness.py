@@ -405,6 +405,83 @@ def write_json(
     p.write_text(json.dumps(data, indent=2, allow_nan=True) + "\n", encoding="utf-8")
 
 
+# ------------------------------------------------------------ per-call overheads
+
+
+def per_call_rows(
+    benchmark: str,
+    loop: str,
+    batch: int,
+    samples: Mapping[str, list[float]],
+    baselines: Mapping[str, str],
+    *,
+    target: tuple[str, str, float] | None = None,
+) -> list[Row]:
+    """Per-call rows from batch timings, each with the extra ns per call over its baseline.
+
+    *samples* are ns per batch of *batch* calls, by variant; *baselines* maps a variant to
+    the variant it is compared to (baselines themselves are absent). *target* is
+    ``(variant, text, max extra p50 ns)``: that row states the target and whether it met it.
+    """
+    stats = {name: summarize([v / batch for v in vs]) for name, vs in samples.items()}
+    rows = []
+    for name, st in stats.items():
+        base = baselines.get(name)
+        row = make_row(
+            benchmark,
+            "per call",
+            name,
+            loop,
+            None,
+            st,
+            baseline=(base, stats[base]) if base else None,
+            batch=batch,
+        )
+        if base is not None:
+            row.extra["extra_p50_ns"] = st.p50 - stats[base].p50
+            row.extra["extra_p99_ns"] = st.p99 - stats[base].p99
+        if target is not None and name == target[0]:
+            row.target = target[1]
+            row.met = row.extra["extra_p50_ns"] <= target[2]
+        rows.append(row)
+    return rows
+
+
+def print_extra(rows: Sequence[Row]) -> None:
+    """The table, plus the extra ns per call of each row over its baseline."""
+    print_table(rows)
+    width = max((len(r.variant) for r in rows), default=0)
+    for r in rows:
+        if "extra_p50_ns" in r.extra:
+            print(
+                f"  {r.loop:8} {r.variant:{width}} +{r.extra['extra_p50_ns']:.0f} ns/call p50, "
+                f"+{r.extra['extra_p99_ns']:.0f} ns/call p99 over {r.baseline}"
+            )
+
+
+def per_call_main(
+    argv: list[str] | None,
+    description: str | None,
+    benchmark: str,
+    title: str,
+    bench: Callable[[str, bool, int], Awaitable[list[Row]]],
+) -> int:
+    """The command line of a per-call benchmark: ``--batch`` (calls per sample) and the
+    common options; runs ``bench(loop, quick, batch)`` on each loop, prints a summary."""
+    parser = make_parser(description)
+    parser.add_argument("--batch", type=int, default=1000, help="calls per sample")
+    args = parser.parse_args(argv)
+    print(f"{title}   [{environment_line(environment())}]")
+    rows: list[Row] = []
+    for loop in parse_loops(args.loops):
+        rows += run_on(loop, bench, loop, args.quick, args.batch)
+    print(f"\n== {benchmark} summary")
+    print_extra(rows)
+    if args.json:
+        write_json(args.json, benchmark, rows, quick=args.quick)
+    return 0
+
+
 # ------------------------------------------------------------------- command line
 
 

@@ -39,9 +39,8 @@ import aiosqlite
 import anyio
 
 import kill_switch as ks
-from kill_switch._audit import AuditEvent
+from kill_switch import AuditEvent, SqliteAudit
 from kill_switch._audit_chain import COLUMN_SQL, COLUMNS, MIGRATIONS
-from kill_switch._sqlite_audit import SqliteAudit
 from kill_switch.testing import MemoryAudit
 
 if TYPE_CHECKING:

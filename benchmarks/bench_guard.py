@@ -102,68 +102,25 @@ BASELINES = {
 }
 
 
-def rows_for(loop: str, batch: int, samples: dict[str, list[float]]) -> list[h.Row]:
-    """Per-call rows, with the extra ns per call over the baseline."""
-    per_call = {name: [v / batch for v in vs] for name, vs in samples.items()}
-    stats = {name: h.summarize(v) for name, v in per_call.items()}
-    rows = []
-    for name, st in stats.items():
-        base = BASELINES.get(name)
-        row = h.make_row(
-            NAME,
-            "per call",
-            name,
-            loop,
-            None,
-            st,
-            baseline=(base, stats[base]) if base else None,
-            batch=batch,
-        )
-        if base is not None:
-            row.extra["extra_p50_ns"] = st.p50 - stats[base].p50
-            row.extra["extra_p99_ns"] = st.p99 - stats[base].p99
-        if name == "session.call":
-            row.target = "≤1 µs extra p50"
-            row.met = row.extra["extra_p50_ns"] <= TARGET_EXTRA_NS
-        rows.append(row)
-    return rows
-
-
 async def bench(loop: str, quick: bool, batch: int) -> list[h.Row]:
     """All variants on the running loop."""
     reps, warmup = (30, 3) if quick else (400, 20)
     async with ks.Runtime() as runtime, runtime.session("bench") as session:
         samples = await h.interleave(make_variants(session, batch), reps=reps, warmup=warmup)
-    rows = rows_for(loop, batch, samples)
-    print_extra(rows)
+    rows = h.per_call_rows(
+        NAME,
+        loop,
+        batch,
+        samples,
+        BASELINES,
+        target=("session.call", "≤1 µs extra p50", TARGET_EXTRA_NS),
+    )
+    h.print_extra(rows)
     return rows
 
 
-def print_extra(rows: list[h.Row]) -> None:
-    """The table, plus the extra ns per call over each baseline."""
-    h.print_table(rows)
-    for r in rows:
-        if "extra_p50_ns" in r.extra:
-            print(
-                f"  {r.loop:8} {r.variant:26} +{r.extra['extra_p50_ns']:.0f} ns/call p50, "
-                f"+{r.extra['extra_p99_ns']:.0f} ns/call p99 over {r.baseline}"
-            )
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = h.make_parser(__doc__)
-    parser.add_argument("--batch", type=int, default=1000, help="calls per sample")
-    args = parser.parse_args(argv)
-    env = h.environment()
-    print(f"guard overhead, per call   [{h.environment_line(env)}]")
-    rows: list[h.Row] = []
-    for loop in h.parse_loops(args.loops):
-        rows += h.run_on(loop, bench, loop, args.quick, args.batch)
-    print("\n== guard summary")
-    print_extra(rows)
-    if args.json:
-        h.write_json(args.json, NAME, rows, quick=args.quick)
-    return 0
+    return h.per_call_main(argv, __doc__, NAME, "guard overhead, per call", bench)
 
 
 if __name__ == "__main__":

@@ -26,12 +26,12 @@ if __package__ in (None, ""):  # run as a file: make `benchmarks` importable
 
 import kill_switch as ks
 from benchmarks import _harness as h
-from kill_switch._limits import Limits
-from kill_switch._sentinel import (
+from kill_switch import (
     CallRate,
     CostVelocity,
     DeniedCalls,
     ErrorStreak,
+    Limits,
     RepeatedCall,
     Sentinel,
 )
@@ -84,34 +84,6 @@ def timed(call: Callable[[], Awaitable[object]], batch: int) -> Callable[[], Awa
 BASELINE = "plain await"
 
 
-def rows_for(loop: str, batch: int, samples: dict[str, list[float]]) -> list[h.Row]:
-    """Per-call rows, with the extra ns per call over ``plain await``."""
-    per_call = {name: [v / batch for v in vs] for name, vs in samples.items()}
-    stats = {name: h.summarize(v) for name, v in per_call.items()}
-    base = stats[BASELINE]
-    rows = []
-    for name, st in stats.items():
-        is_base = name == BASELINE
-        row = h.make_row(
-            NAME,
-            "per call",
-            name,
-            loop,
-            None,
-            st,
-            baseline=None if is_base else (BASELINE, base),
-            batch=batch,
-        )
-        if not is_base:
-            row.extra["extra_p50_ns"] = st.p50 - base.p50
-            row.extra["extra_p99_ns"] = st.p99 - base.p99
-        if name == "limits + 5 detectors":
-            row.target = "≤3 µs extra p50"
-            row.met = row.extra["extra_p50_ns"] <= TARGET_EXTRA_NS
-        rows.append(row)
-    return rows
-
-
 async def bench(loop: str, quick: bool, batch: int) -> list[h.Row]:
     """All variants on the running loop."""
     reps, warmup = (30, 3) if quick else (300, 20)
@@ -136,36 +108,16 @@ async def bench(loop: str, quick: bool, batch: int) -> list[h.Row]:
         }
         samples = await h.interleave(variants, reps=reps, warmup=warmup)
         assert not limited.interrupted, limited.alerts
-    rows = rows_for(loop, batch, samples)
-    print_extra(rows)
+    baselines = {name: BASELINE for name in samples if name != BASELINE}
+    target = ("limits + 5 detectors", "≤3 µs extra p50", TARGET_EXTRA_NS)
+    rows = h.per_call_rows(NAME, loop, batch, samples, baselines, target=target)
+    h.print_extra(rows)
     return rows
 
 
-def print_extra(rows: list[h.Row]) -> None:
-    """The table, plus the extra ns per call over the baseline."""
-    h.print_table(rows)
-    for r in rows:
-        if "extra_p50_ns" in r.extra:
-            print(
-                f"  {r.loop:8} {r.variant:22} +{r.extra['extra_p50_ns']:.0f} ns/call p50, "
-                f"+{r.extra['extra_p99_ns']:.0f} ns/call p99 over {r.baseline}"
-            )
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = h.make_parser(__doc__)
-    parser.add_argument("--batch", type=int, default=1000, help="calls per sample")
-    args = parser.parse_args(argv)
-    env = h.environment()
-    print(f"guard overhead with limits and detectors, per call   [{h.environment_line(env)}]")
-    rows: list[h.Row] = []
-    for loop in h.parse_loops(args.loops):
-        rows += h.run_on(loop, bench, loop, args.quick, args.batch)
-    print("\n== limits summary")
-    print_extra(rows)
-    if args.json:
-        h.write_json(args.json, NAME, rows, quick=args.quick)
-    return 0
+    title = "guard overhead with limits and detectors, per call"
+    return h.per_call_main(argv, __doc__, NAME, title, bench)
 
 
 if __name__ == "__main__":

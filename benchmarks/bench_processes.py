@@ -25,18 +25,14 @@ from typing import Any
 import anyio
 
 import kill_switch as ks
-from kill_switch._processes import EscalationPolicy, EscalationWarning
+from kill_switch import (
+    EscalationPolicy,
+    EscalationWarning,
+    _procfs,  # no public name: the bench reads the tree it built
+)
 
 TREE = "sleep 1000 & sleep 1000 & sleep 1000 & echo ready; wait"
 STUBBORN = "trap '' TERM; echo ready; while :; do sleep 1; done"
-
-
-def _children(pid: int) -> list[int]:
-    out: list[int] = []
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{tid}/children") as f:
-            out.extend(int(x) for x in f.read().split())
-    return out
 
 
 async def _pidfd_wait(fds: list[int]) -> None:
@@ -64,9 +60,9 @@ async def raw_group_kill() -> float:
     )
     assert proc.stdout is not None
     proc.stdout.readline()
-    kids = _children(proc.pid)
+    kids = _procfs.children(proc.pid)
     while len(kids) < 3:
-        kids = _children(proc.pid)
+        kids = _procfs.children(proc.pid)
     fds = [os.pidfd_open(p) for p in (proc.pid, *kids)]
     t0 = time.perf_counter()
     os.killpg(proc.pid, signal.SIGTERM)
@@ -93,10 +89,10 @@ async def session_stop(
             assert proc.stdout is not None
             await proc.stdout.receive()
             # sh forked its jobs before it echoed; this only guards the bookkeeping.
-            while len(_children(proc.pid)) < children:  # noqa: ASYNC110
+            while len(_procfs.children(proc.pid)) < children:  # noqa: ASYNC110
                 await anyio.sleep(0.001)
             holder["session"] = session
-            holder["pids"] = [proc.pid, *_children(proc.pid)]
+            holder["pids"] = [proc.pid, *_procfs.children(proc.pid)]
             ready.set()
             await proc.wait()
 
@@ -135,12 +131,8 @@ async def empty_stop(runtime: ks.Runtime) -> float:
 def _check_gone(report: ks.StopReport, pids: list[int]) -> None:
     """Outside the timing: every pid of the tree has exited, the leader was reaped."""
     for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                state = f.read().rsplit(")", 1)[1].split()[0]
-        except FileNotFoundError:
-            continue
-        assert state in ("Z", "X"), (pid, state)  # grandchildren: init reaps them
+        # gone, or a zombie: the grandchildren are init's to reap
+        assert not _procfs.alive(pid), (pid, _procfs.stat(pid))
     assert report.quiescent
     assert report.processes[0].returncode is not None
 

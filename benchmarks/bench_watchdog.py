@@ -52,7 +52,7 @@ _CHILD = textwrap.dedent(
     import os, re, sys, time
     mode, deadline = sys.argv[1], float(sys.argv[2])
     if mode != "raw-exit":
-        from kill_switch._watchdog import Watchdog
+        from kill_switch import Watchdog
         wd = Watchdog()
     armed = time.monotonic()
     if mode != "raw-exit":

@@ -5,29 +5,18 @@ says who stopped it and why.
 """
 
 import contextlib
+import importlib
 from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING
 
 from ._audit import AuditEvent as AuditEvent
 from ._audit import AuditSink as AuditSink
-from ._audit_query import AuditLog as AuditLog
-from ._audit_query import AuditRecord as AuditRecord
-from ._audit_query import CascadeNode as CascadeNode
-from ._audit_query import VerifyResult as VerifyResult
-from ._audit_query import verify as verify_audit
 from ._cleanup import Transaction as Transaction
 from ._current import bind as bind
 from ._current import check as check
 from ._current import sleep as sleep
 from ._decision import Decision as Decision
 from ._decision import ToolCall as ToolCall
-from ._drill import DrillCheck as DrillCheck
-from ._drill import DrillObjectives as DrillObjectives
-from ._drill import DrillResult as DrillResult
-from ._drill import DrillShape as DrillShape
-from ._drill import DrillSummary as DrillSummary
-from ._drill import DrillVerdict as DrillVerdict
-from ._drill import drill as drill
-from ._drill import run_drills as run_drills
 from ._exceptions import Interrupted as Interrupted
 from ._exceptions import KillSwitchError as KillSwitchError
 from ._exceptions import LimitExceeded as LimitExceeded
@@ -67,8 +56,6 @@ from ._session import Session as Session
 from ._session import current_session as current_session
 from ._shutdown import GracefulShutdown as GracefulShutdown
 from ._shutdown import graceful_shutdown as graceful_shutdown
-from ._sqlite_audit import AuditStatistics as AuditStatistics
-from ._sqlite_audit import SqliteAudit as SqliteAudit
 from ._supervisor import Supervisor as Supervisor
 from ._supervisor import supervise as supervise
 from ._threads import abandoned_threads as abandoned_threads
@@ -80,6 +67,43 @@ from ._triggers import Trigger as Trigger
 from ._watchdog import EXIT_FORCED as EXIT_FORCED
 from ._watchdog import EXIT_FORCED_C_LEVEL as EXIT_FORCED_C_LEVEL
 from ._watchdog import Watchdog as Watchdog
+
+if TYPE_CHECKING:  # imported on first use (below), so that type checkers see them too
+    from ._audit_query import AuditLog as AuditLog
+    from ._audit_query import AuditRecord as AuditRecord
+    from ._audit_query import CascadeNode as CascadeNode
+    from ._audit_query import VerifyResult as VerifyResult
+    from ._audit_query import verify as verify_audit
+    from ._drill import DrillCheck as DrillCheck
+    from ._drill import DrillObjectives as DrillObjectives
+    from ._drill import DrillResult as DrillResult
+    from ._drill import DrillShape as DrillShape
+    from ._drill import DrillSummary as DrillSummary
+    from ._drill import DrillVerdict as DrillVerdict
+    from ._drill import drill as drill
+    from ._drill import run_drills as run_drills
+    from ._sqlite_audit import AuditStatistics as AuditStatistics
+    from ._sqlite_audit import SqliteAudit as SqliteAudit
+
+#: Names whose modules are imported on first access: ``import kill_switch`` does not load
+#: aiosqlite, sqlite3 or the drill until an audit log or a drill is asked for.
+_LAZY: dict[str, tuple[str, str]] = {
+    "AuditLog": ("._audit_query", "AuditLog"),
+    "AuditRecord": ("._audit_query", "AuditRecord"),
+    "AuditStatistics": ("._sqlite_audit", "AuditStatistics"),
+    "CascadeNode": ("._audit_query", "CascadeNode"),
+    "DrillCheck": ("._drill", "DrillCheck"),
+    "DrillObjectives": ("._drill", "DrillObjectives"),
+    "DrillResult": ("._drill", "DrillResult"),
+    "DrillShape": ("._drill", "DrillShape"),
+    "DrillSummary": ("._drill", "DrillSummary"),
+    "DrillVerdict": ("._drill", "DrillVerdict"),
+    "SqliteAudit": ("._sqlite_audit", "SqliteAudit"),
+    "VerifyResult": ("._audit_query", "VerifyResult"),
+    "drill": ("._drill", "drill"),
+    "run_drills": ("._drill", "run_drills"),
+    "verify_audit": ("._audit_query", "verify"),
+}
 
 try:
     __version__ = version("kill-switch")
@@ -162,10 +186,33 @@ __all__ = [
     "verify_audit",
 ]
 
-# Public objects say they live where users import them from (as httpx and trio do).
-for _name in __all__:
-    _obj = globals()[_name]
-    if isinstance(_obj, type) or callable(_obj):
+
+def _claim(obj: object) -> None:
+    """Public objects say they live where users import them from (as httpx and trio do)."""
+    if isinstance(obj, type) or callable(obj):
         with contextlib.suppress(AttributeError, TypeError):
-            _obj.__module__ = __name__
-del _name, _obj
+            obj.__module__ = __name__
+
+
+for _name in __all__:
+    if _name not in _LAZY:
+        _claim(globals()[_name])
+del _name
+
+
+if not TYPE_CHECKING:  # hidden from type checkers: they would take any name as valid
+
+    def __getattr__(name: str) -> object:
+        """Import a lazy public name on first access (PEP 562), and keep it."""
+        try:
+            module, attr = _LAZY[name]
+        except KeyError:
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+        obj = getattr(importlib.import_module(module, __name__), attr)
+        _claim(obj)
+        globals()[name] = obj  # later lookups do not come here again
+        return obj
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

@@ -17,22 +17,101 @@ import attrs
 if TYPE_CHECKING:
     from ._report import AuditStatus
 
-# Event kinds written by the runtime. Sinks must accept any kind string: planes add their
-# own (process signals, thread abandonment, cleanup outcomes).
+# ------------------------------------------------------------------ event kinds
+#
+# Every kind of event kill_switch writes, in one place: ``KINDS`` answers "which events
+# can the log contain?" (``tests/test_audit_kinds.py`` holds every writer to it). A sink
+# must still accept any kind string: a user's own code may record more.
+
+# The session and its interrupt (the runtime).
 SESSION_STARTED: Final = "session_started"
 SESSION_FINISHED: Final = "session_finished"
+#: The runtime refused to open a session (terminated id, id already running).
 SESSION_REFUSED: Final = "session_refused"
 INTERRUPT_REQUESTED: Final = "interrupt_requested"
+#: A second interrupt of a session already being stopped (joins the first).
 INTERRUPT_REPEATED: Final = "interrupt_repeated"
 INTERRUPT_DELIVERED: Final = "interrupt_delivered"
+#: The session was interrupted before its block began: it never ran.
 CANCELLED_BEFORE_START: Final = "cancelled_before_start"
+#: The stop ended quiescent (the last event of a clean stop).
 INTERRUPT_COMPLETED: Final = "interrupt_completed"
+#: The stop passed ``stop_timeout`` without quiescence (the last event of such a stop).
 ESCALATED: Final = "escalated"
 LATE_RESULT: Final = "late_result"
 LEAKED_TASK: Final = "leaked_task"
 TOOL_BLOCKED: Final = "tool_blocked"
+#: The loop did not pick the interrupt up in time; another thread stopped the processes.
 OUT_OF_BAND: Final = "out_of_band"
+#: The watchdog or ``graceful_shutdown`` ended the process (status 70).
 FORCED_EXIT: Final = "forced_exit"
+
+# The ledger (``Limits``).
+LIMIT_WARNING: Final = "limit_warning"
+LIMIT_EXCEEDED: Final = "limit_exceeded"
+
+# The sentinel.
+SENTINEL_ALERT: Final = "sentinel_alert"
+SENTINEL_ERROR: Final = "sentinel_error"
+
+# The thread plane.
+THREAD_RETURNED: Final = "thread_returned"
+THREAD_ABANDONED: Final = "thread_abandoned"
+
+# The process plane.
+PROCESS_STARTED: Final = "process_started"
+PROCESS_SIGNAL: Final = "process_signal"
+PROCESS_EXITED: Final = "process_exited"
+PROCESS_ESCAPED: Final = "process_escaped"
+PROCESS_CONTAINMENT: Final = "process_containment"
+
+# Cleanup hooks and transaction rollbacks (one event per hook run).
+CLEANUP: Final = "cleanup"
+ROLLBACK: Final = "rollback"
+
+# The control plane (``kill_switch.control``).
+#: A request refused by authentication or authorisation.
+CONTROL_DENIED: Final = "control_denied"
+CONTROL_TOKEN_REVOKED: Final = "control_token_revoked"
+
+#: Every kind kill_switch itself writes.
+KINDS: Final[frozenset[str]] = frozenset(
+    {
+        SESSION_STARTED,
+        SESSION_FINISHED,
+        SESSION_REFUSED,
+        INTERRUPT_REQUESTED,
+        INTERRUPT_REPEATED,
+        INTERRUPT_DELIVERED,
+        CANCELLED_BEFORE_START,
+        INTERRUPT_COMPLETED,
+        ESCALATED,
+        LATE_RESULT,
+        LEAKED_TASK,
+        TOOL_BLOCKED,
+        OUT_OF_BAND,
+        FORCED_EXIT,
+        LIMIT_WARNING,
+        LIMIT_EXCEEDED,
+        SENTINEL_ALERT,
+        SENTINEL_ERROR,
+        THREAD_RETURNED,
+        THREAD_ABANDONED,
+        PROCESS_STARTED,
+        PROCESS_SIGNAL,
+        PROCESS_EXITED,
+        PROCESS_ESCAPED,
+        PROCESS_CONTAINMENT,
+        CLEANUP,
+        ROLLBACK,
+        CONTROL_DENIED,
+        CONTROL_TOKEN_REVOKED,
+    }
+)
+
+#: Kinds that mark a session terminated for good: the store keeps their session ids so
+#: that a restarted runtime refuses those sessions (``Runtime`` reads them at start).
+STICKY_KINDS: Final[frozenset[str]] = frozenset({INTERRUPT_REQUESTED, CANCELLED_BEFORE_START})
 
 
 def new_id() -> str:

@@ -8,9 +8,11 @@ functions here, so the two can never disagree about what a row's hash covers.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import math
+import os
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
@@ -23,6 +25,10 @@ SCHEMA_VERSION: Final = 1
 GENESIS: Final = "0" * 64
 #: Domain separation: a hash of this format cannot be confused with any other sha256.
 HASH_TAG: Final = "kill_switch.audit.v1"
+
+#: The side files a database at PATH has by default: its anchored head and its spool.
+HEAD_SUFFIX: Final = ".head"
+SPOOL_SUFFIX: Final = ".spool.jsonl"
 
 #: The columns a writer supplies, in order (``seq`` and the hashes are added by the chain).
 COLUMNS: Final = (
@@ -207,3 +213,49 @@ def decode_head(raw: bytes) -> tuple[int, str] | None:
     if isinstance(count, int) and count >= 0 and isinstance(head, str):
         return count, head
     return None
+
+
+def parse_spool(raw: bytes) -> tuple[list[Values], int]:
+    """The events of a spool file's contents, in order, and how many lines were
+    unreadable (a line torn by a crash, or not an event)."""
+    out: list[Values] = []
+    bad = 0
+    for line in raw.splitlines():
+        if not line.strip():
+            continue
+        try:
+            out.append(values_from_json(json.loads(line)))
+        except (ValueError, KeyError, TypeError):
+            bad += 1
+    return out, bad
+
+
+def read_spool(path: str) -> tuple[list[Values], int]:
+    """The events in the spool at *path* (none if there is no file), and the count of
+    unreadable lines. Read under a shared ``flock``, held only for the read: a writer
+    appends and replays under an exclusive one.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return [], 0
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        size = os.fstat(fd).st_size
+        raw = os.pread(fd, size, 0) if size else b""
+    finally:
+        os.close(fd)  # closing drops the flock
+    return parse_spool(raw)
+
+
+def read_anchor(path: str) -> tuple[int, str] | None:
+    """The head anchored in the file at *path*, or ``None`` (no file, or unreadable).
+
+    Read under a shared ``flock``: the writer rewrites it in place under an exclusive one.
+    """
+    try:
+        with open(path, "rb") as f:
+            fcntl.flock(f.fileno(), fcntl.LOCK_SH)
+            return decode_head(f.read(4096))
+    except FileNotFoundError:
+        return None

@@ -94,7 +94,8 @@ def register(subparsers: Any) -> None:
 def _line(record: AuditRecord, depth: int = 0) -> str:
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(record.wall_time))
     frac = f"{record.wall_time % 1:.3f}"[1:]
-    parts = [f"{record.seq:>6}", f"{when}{frac}Z", "  " * depth + record.kind]
+    seq = "spool" if record.seq is None else record.seq  # durable, not yet in the chain
+    parts = [f"{seq:>6}", f"{when}{frac}Z", "  " * depth + record.kind]
     for label, value in (
         ("session", record.session_id),
         ("agent", record.agent),
@@ -169,6 +170,7 @@ def run_verify(args: argparse.Namespace) -> int:
                     "problem": result.problem,
                     "anchor": result.anchor,
                     "anchored_count": result.anchored_count,
+                    "spooled": result.spooled,
                 }
             )
         )

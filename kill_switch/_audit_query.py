@@ -1,9 +1,16 @@
 """Reading the audit log: queries, the cascade tree of an interrupt, JSONL export, and
-``verify`` — all through a read-only connection, safe on a file a writer is using."""
+``verify`` — all through a read-only connection, safe on a file a writer is using.
+
+Events a writer could not put into the database (a busy or failing file, or the
+watchdog's ``forced_exit`` record written while the event loop was stuck) wait in the
+spool next to it until the next writer replays them into the chain. A reader shows
+them too, after the chained rows, as records with ``seq=None`` ("spooled, not yet in
+the chain"), and ``verify`` counts them: a post-mortem must see the last word.
+"""
 
 from __future__ import annotations
 
-import fcntl
+import contextlib
 import json
 import os
 import sqlite3
@@ -12,29 +19,38 @@ from typing import IO, TYPE_CHECKING, Any, Literal
 
 import attrs
 
-from ._audit import INTERRUPT_DELIVERED, INTERRUPT_REQUESTED
+from ._audit import INTERRUPT_DELIVERED, INTERRUPT_REQUESTED, STICKY_KINDS
 from ._audit_chain import (
     COLUMN_SQL,
     COLUMNS,
     GENESIS,
+    HEAD_SUFFIX,
     SCHEMA_VERSION,
+    SPOOL_SUFFIX,
     TRIGGERS,
-    decode_head,
+    Values,
+    read_anchor,
+    read_spool,
     row_hash,
 )
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Mapping
 
-_STICKY = ("interrupt_requested", "cancelled_before_start")
+_STICKY_MARKS = ", ".join("?" * len(STICKY_KINDS))
 _SELECT = f"SELECT seq, {COLUMN_SQL}, prev_hash, row_hash FROM events"
 
 
 @attrs.frozen
 class AuditRecord:
-    """One stored row of the audit log."""
+    """One stored row of the audit log, or one event still in its spool.
 
-    seq: int
+    A spooled event is durable (fsynced) but not yet in the hash chain: its ``seq``,
+    ``prev_hash`` and ``row_hash`` are ``None`` until the next writer appends it.
+    """
+
+    #: the row's place in the chain; ``None``: spooled, not yet in the chain.
+    seq: int | None
     event_id: str
     wall_time: float
     mono_time: float
@@ -47,8 +63,13 @@ class AuditRecord:
     reason: str | None
     operator: str | None
     details: Mapping[str, Any]
-    prev_hash: str
-    row_hash: str
+    prev_hash: str | None
+    row_hash: str | None
+
+    @property
+    def in_chain(self) -> bool:
+        """Whether the event is a row of the hash chain (``False``: still spooled)."""
+        return self.seq is not None
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready mapping of every field."""
@@ -93,14 +114,22 @@ class VerifyResult:
     anchor: AnchorState = "disabled"
     anchored_count: int | None = None
     missing_triggers: tuple[str, ...] = ()
+    #: durable events in the spool, not yet in the chain (the next writer appends them;
+    #: the watchdog's ``forced_exit`` waits there after a forced exit).
+    spooled: int = 0
 
     def summary(self) -> str:
         """One readable line."""
         if self.ok:
             extra = "" if self.anchor in ("match", "disabled") else f" (anchor {self.anchor})"
-            return f"intact: {self.count} rows, head {self.head}{extra}"
-        where = f" at seq {self.first_bad_seq}" if self.first_bad_seq is not None else ""
-        return f"TAMPERED{where}: {self.problem}"
+            line = f"intact: {self.count} rows, head {self.head}{extra}"
+        else:
+            where = f" at seq {self.first_bad_seq}" if self.first_bad_seq is not None else ""
+            line = f"TAMPERED{where}: {self.problem}"
+        if self.spooled:
+            s = "" if self.spooled == 1 else "s"
+            line += f"; {self.spooled} spooled record{s} not yet in the chain"
+        return line
 
 
 def open_readonly(path: str | os.PathLike[str], *, timeout: float = 5.0) -> sqlite3.Connection:
@@ -137,10 +166,16 @@ class AuditLog:
     """
 
     def __init__(
-        self, path: str | os.PathLike[str], *, anchor: str | os.PathLike[str] | None = None
+        self,
+        path: str | os.PathLike[str],
+        *,
+        anchor: str | os.PathLike[str] | None = None,
+        spool: str | os.PathLike[str] | None = "default",
     ) -> None:
         self.path = os.path.abspath(os.fspath(path))
         self.anchor_path = os.path.abspath(os.fspath(anchor)) if anchor is not None else None
+        #: the spool read beside the database (``None``: the database alone).
+        self.spool_path = _side(self.path, spool, SPOOL_SUFFIX)
         self._conn = open_readonly(self.path)
 
     def __enter__(self) -> AuditLog:
@@ -163,14 +198,46 @@ class AuditLog:
         since: float | None = None,
         until: float | None = None,
         limit: int | None = None,
+        spooled: bool = True,
     ) -> list[AuditRecord]:
-        """Rows matching every given filter, in sequence order (time range on wall time)."""
+        """Rows matching every given filter, in sequence order (time range on wall time),
+        then the matching events still in the spool (``seq=None``) unless not *spooled*."""
         where, args = _where(session_id, interrupt_id, trigger, kind, since, until)
         sql = _SELECT + where + " ORDER BY seq"
         if limit is not None:
             sql += " LIMIT ?"
             args.append(int(limit))
-        return [_record(r) for r in self._conn.execute(sql, args)]
+        # The spool first, then the rows and the check for replayed ids in one snapshot:
+        # an event a writer replays meanwhile is then seen exactly once.
+        pending = self._read_spool() if spooled else []
+        with _snapshot(self._conn):
+            # no table yet: a writer that never got to create it spooled everything
+            rows = self._conn.execute(sql, args) if _has_events(self._conn) else ()
+            records = [_record(r) for r in rows]
+            pending = _not_in_chain(self._conn, pending)
+        room = None if limit is None else max(0, int(limit) - len(records))
+        equal = {
+            "session_id": session_id,
+            "interrupt_id": interrupt_id,
+            "trigger": trigger,
+            "kind": kind,
+        }
+        wanted = _matching(pending, equal, since, until)
+        records.extend(_spooled_record(v) for v in wanted[:room])
+        return records
+
+    def spooled(self) -> list[AuditRecord]:
+        """The events in the spool that are not in the chain yet, in spool order."""
+        pending = self._read_spool()
+        with _snapshot(self._conn):
+            pending = _not_in_chain(self._conn, pending)
+        return [_spooled_record(v) for v in pending]
+
+    def _read_spool(self) -> list[Values]:
+        if self.spool_path is None:
+            return []
+        values, _bad = read_spool(self.spool_path)  # torn lines are the writer's to report
+        return values
 
     def cascade(self, interrupt_id: str) -> CascadeNode | None:
         """The tree of an interrupt: its request, each step, and child sessions' stops."""
@@ -216,9 +283,9 @@ class AuditLog:
     def terminated_session_ids(self) -> set[str]:
         """Session ids with an ``interrupt_requested`` or ``cancelled_before_start`` row."""
         rows = self._conn.execute(
-            "SELECT DISTINCT session_id FROM events WHERE kind IN (?, ?) "
+            f"SELECT DISTINCT session_id FROM events WHERE kind IN ({_STICKY_MARKS}) "
             "AND session_id IS NOT NULL",
-            _STICKY,
+            tuple(STICKY_KINDS),
         )
         return {r[0] for r in rows}
 
@@ -232,13 +299,78 @@ class AuditLog:
 
     def verify(self) -> VerifyResult:
         """Check every row's hash, the chain links, the sequence and the anchored head."""
-        anchored = _read_anchor(self.anchor_path) if self.anchor_path else None
+        anchored = read_anchor(self.anchor_path) if self.anchor_path else None
+        pending = self._read_spool()
         conn = self._conn
-        conn.execute("BEGIN")  # one snapshot, taken after reading the anchor
-        try:
-            return _verify(conn, self.anchor_path, anchored)
-        finally:
-            conn.execute("COMMIT")
+        with _snapshot(conn):  # one snapshot, taken after reading the anchor and the spool
+            result = _verify(conn, self.anchor_path, anchored)
+            spooled = len(_not_in_chain(conn, pending))
+        return attrs.evolve(result, spooled=spooled) if spooled else result
+
+
+def _side(db: str, path: str | os.PathLike[str] | None, suffix: str) -> str | None:
+    """A side file's path: ``"default"`` is *db* + *suffix*; ``None`` is none."""
+    if path is None:
+        return None
+    return db + suffix if path == "default" else os.path.abspath(os.fspath(path))
+
+
+@contextlib.contextmanager
+def _snapshot(conn: sqlite3.Connection) -> Iterator[None]:
+    """One read transaction: every query inside sees the same state of the file."""
+    conn.execute("BEGIN")
+    try:
+        yield
+    finally:
+        conn.execute("COMMIT")
+
+
+def _has_events(conn: sqlite3.Connection) -> bool:
+    sql = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'events'"
+    return conn.execute(sql).fetchone() is not None
+
+
+def _not_in_chain(conn: sqlite3.Connection, values: list[Values]) -> list[Values]:
+    """The spooled events whose ids are not rows yet (a writer that crashed between its
+    commit and the spool's truncation leaves both), each once, in spool order."""
+    if not values:
+        return []
+    ids = list(dict.fromkeys(v[0] for v in values))
+    present: set[str] = set()
+    for i in range(0, len(ids) if _has_events(conn) else 0, 500):
+        chunk = ids[i : i + 500]
+        marks = ",".join("?" * len(chunk))
+        sql = f"SELECT event_id FROM events WHERE event_id IN ({marks})"
+        present.update(r[0] for r in conn.execute(sql, chunk))
+    out: list[Values] = []
+    for v in values:
+        if v[0] not in present:
+            present.add(v[0])
+            out.append(v)
+    return out
+
+
+def _matching(
+    values: list[Values],
+    equal: Mapping[str, str | None],
+    since: float | None,
+    until: float | None,
+) -> list[Values]:
+    """The filters of :func:`_where` (*equal*: column → wanted value, ``None`` for any),
+    applied to spooled events."""
+    wanted = [(COLUMNS.index(column), want) for column, want in equal.items() if want is not None]
+    out = []
+    for v in values:
+        if any(v[i] != want for i, want in wanted):
+            continue
+        if (since is not None and v[1] < since) or (until is not None and v[1] >= until):
+            continue
+        out.append(v)
+    return out
+
+
+def _spooled_record(values: Values) -> AuditRecord:
+    return _record((None, *values, None, None))
 
 
 def _where(
@@ -267,15 +399,6 @@ def _where(
         clauses.append("wall_time < ?")
         args.append(float(until))
     return (" WHERE " + " AND ".join(clauses) if clauses else ""), args
-
-
-def _read_anchor(path: str) -> tuple[int, str] | None:
-    try:
-        with open(path, "rb") as f:
-            fcntl.flock(f.fileno(), fcntl.LOCK_SH)
-            return decode_head(f.read(4096))
-    except FileNotFoundError:
-        return None
 
 
 def _bad(count: int, head: str | None, seq: int, problem: str, **kw: Any) -> VerifyResult:
@@ -371,16 +494,20 @@ def _verify(
 
 
 def verify(
-    path: str | os.PathLike[str], *, anchor: str | os.PathLike[str] | None = "default"
+    path: str | os.PathLike[str],
+    *,
+    anchor: str | os.PathLike[str] | None = "default",
+    spool: str | os.PathLike[str] | None = "default",
 ) -> VerifyResult:
-    """Verify the audit database at *path* (read-only) against its anchored head.
+    """Verify the audit database at *path* (read-only) against its anchored head, and
+    count the spooled events not yet in its chain.
 
-    *anchor* defaults to ``<path>.head``; ``None`` skips the anchor check.
+    *anchor* defaults to ``<path>.head`` and *spool* to ``<path>.spool.jsonl``; ``None``
+    skips the anchor check, or the spool.
 
     Raises:
         sqlite3.Error: the file is missing or not a database at all.
     """
     db = os.path.abspath(os.fspath(path))
-    anchor_path = db + ".head" if anchor == "default" else anchor
-    with AuditLog(db, anchor=anchor_path) as log:
+    with AuditLog(db, anchor=_side(db, anchor, HEAD_SUFFIX), spool=spool) as log:
         return log.verify()

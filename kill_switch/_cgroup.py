@@ -16,6 +16,8 @@ from __future__ import annotations
 import errno
 import os
 
+from ._procfs import read_file
+
 #: Prefix of the cgroups kill_switch creates, so that stale ones can be recognised.
 PREFIX = "kill_switch-"
 
@@ -137,26 +139,6 @@ class SessionCgroup:
         if self._procs_fd >= 0:
             return False
         return _rmdir(self.path)
-
-
-def read_file(path: str) -> bytes:
-    """The contents of a small kernel file, or ``b""`` if it cannot be read."""
-    # os.open/os.read: a third of the cost of open() on these small kernel files.
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return b""
-    try:
-        chunks: list[bytes] = []
-        while True:
-            data = os.read(fd, 65536)
-            if not data:
-                return b"".join(chunks)
-            chunks.append(data)
-    except OSError:
-        return b""
-    finally:
-        os.close(fd)
 
 
 def _rmdir(path: str) -> bool:

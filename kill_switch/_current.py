@@ -14,6 +14,8 @@ import math
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, ParamSpec, TypeVar
 
+from ._validate import non_negative
+
 if TYPE_CHECKING:
     from collections.abc import Callable
 
@@ -55,10 +57,7 @@ def sleep(seconds: float) -> None:
         RuntimeError: called on a thread running an event loop (it would block the loop;
             use ``await anyio.sleep()`` there).
     """
-    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
-        raise TypeError(f"seconds must be a number, not {type(seconds).__name__}")
-    if math.isnan(seconds) or seconds < 0:
-        raise ValueError(f"seconds must be >= 0, got {seconds!r}")
+    non_negative("seconds", seconds, inf_ok=True)
     if asyncio._get_running_loop() is not None:
         raise RuntimeError(
             "kill_switch.sleep() blocks its thread; in a coroutine use `await anyio.sleep()`"

@@ -35,13 +35,22 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 import anyio
 import attrs
 
-from ._audit import DurableAuditSink
-from ._cgroup import read_file
+from ._audit import ESCALATED, INTERRUPT_COMPLETED, INTERRUPT_REQUESTED, DurableAuditSink
 from ._current import check as ks_check
 from ._current import sleep as ks_sleep
 from ._policy import StopPolicy
-from ._processes import TRACKING_ENV, _scan
+from ._processes import TRACKING_ENV
+from ._procfs import (
+    START_RESOLUTION,
+    Stat,
+    command,
+    descendants_in,
+    environ_value,
+    scan,
+    start_time,
+)
 from ._session import Session
+from ._validate import attrs_check, count, non_negative, positive, positive_int, seconds
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Sequence
@@ -63,25 +72,14 @@ LEAKS: Final[tuple[Leak, ...]] = ("process", "task")
 
 #: How often the independent checks are re-run while waiting for quiescence.
 _POLL: Final = 0.002
-_CLK_TCK: Final = os.sysconf("SC_CLK_TCK")
 #: A process's start time is known to one clock tick; allow two.
-_START_SLACK: Final = 2.0 / _CLK_TCK
+_START_SLACK: Final = 2 * START_RESOLUTION
 
 
-def _finite_positive_or_none(_inst: Any, attr: attrs.Attribute[Any], value: object) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{attr.name} must be a number, not {type(value).__name__}")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{attr.name} must be a finite number > 0, got {value!r}")
-
-
-def _count(_inst: Any, attr: attrs.Attribute[Any], value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{attr.name} must be an int, not {type(value).__name__}")
-    if value < 0:
-        raise ValueError(f"{attr.name} must be >= 0, got {value!r}")
+_positive_or_none = attrs.validators.optional(attrs_check(positive))
+_positive = attrs_check(positive)
+_seconds = attrs_check(seconds)
+_count = attrs_check(count)
 
 
 def _to_leaks(value: Iterable[Leak]) -> tuple[Leak, ...]:
@@ -170,10 +168,10 @@ class DrillObjectives:
         TypeError, ValueError: an objective is not a finite number > 0.
     """
 
-    p50_ms: float | None = attrs.field(default=None, validator=_finite_positive_or_none)
-    p99_ms: float | None = attrs.field(default=None, validator=_finite_positive_or_none)
-    max_ms: float | None = attrs.field(default=None, validator=_finite_positive_or_none)
-    quiesce_ms: float = attrs.field(default=2000.0, validator=_finite_positive_or_none)
+    p50_ms: float | None = attrs.field(default=None, validator=_positive_or_none)
+    p99_ms: float | None = attrs.field(default=None, validator=_positive_or_none)
+    max_ms: float | None = attrs.field(default=None, validator=_positive_or_none)
+    quiesce_ms: float = attrs.field(default=2000.0, validator=_positive)
 
 
 @attrs.frozen
@@ -199,9 +197,9 @@ class DrillShape:
     processes: int = attrs.field(default=2, validator=_count)
     threads: int = attrs.field(default=2, validator=_count)
     blocking_threads: int = attrs.field(default=0, validator=_count)
-    term_grace: float = attrs.field(default=0.02, validator=_finite_positive_or_none)
-    thread_grace: float = attrs.field(default=0.02, validator=_finite_positive_or_none)
-    stop_timeout: float = attrs.field(default=2.0, validator=_finite_positive_or_none)
+    term_grace: float = attrs.field(default=0.02, validator=_seconds)
+    thread_grace: float = attrs.field(default=0.02, validator=_seconds)
+    stop_timeout: float = attrs.field(default=2.0, validator=_seconds)
     leak: tuple[Leak, ...] = attrs.field(default=(), converter=_to_leaks, validator=_leaks)
 
 
@@ -317,56 +315,6 @@ def histogram(values_ms: Sequence[float], width: int = 40) -> list[str]:
 # ------------------------------------------------------------- the checks
 
 
-def _proc_start(pid: int) -> float | None:
-    """Wall-clock start time of *pid*, or ``None`` if it is gone.
-
-    ``/proc/<pid>/stat`` gives it in clock ticks since boot; ``btime`` (whole seconds,
-    and drifting from the wall clock on virtual machines) is not precise enough, so the
-    age is taken against ``CLOCK_BOOTTIME`` now, the clock those ticks count on.
-    """
-    data = read_file(f"/proc/{pid}/stat")
-    if not data:
-        return None
-    fields = data[data.rfind(b")") + 2 :].split()
-    try:
-        ticks = int(fields[19])
-    except (IndexError, ValueError):
-        return None
-    age = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / _CLK_TCK
-    return time.time() - age
-
-
-def _marker(pid: int) -> str | None:
-    """The session id in *pid*'s tracking variable, if it carries one."""
-    prefix = f"{TRACKING_ENV}=".encode()
-    for entry in read_file(f"/proc/{pid}/environ").split(b"\0"):
-        if entry.startswith(prefix):
-            return entry[len(prefix) :].decode(errors="replace")
-    return None
-
-
-def _descendants(table: dict[int, tuple[str, int, int]], root: int) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for pid, (_state, ppid, _pgid) in table.items():
-        children.setdefault(ppid, []).append(pid)
-    out: set[int] = set()
-    todo = list(children.get(root, ()))
-    while todo:
-        pid = todo.pop()
-        if pid not in out:
-            out.add(pid)
-            todo.extend(children.get(pid, ()))
-    return out
-
-
-def _cmd(pid: int) -> str:
-    raw = read_file(f"/proc/{pid}/cmdline").replace(b"\0", b" ").strip()
-    if not raw:  # a zombie has no command line left; its name is in stat
-        stat = read_file(f"/proc/{pid}/stat")
-        raw = stat[stat.find(b"(") + 1 : stat.rfind(b")")]
-    return raw.decode(errors="replace")[:60] or "?"
-
-
 class _ProcessProbe:
     """Finds the processes of one session, tracked or not, from ``/proc`` alone."""
 
@@ -384,17 +332,17 @@ class _ProcessProbe:
                 if p.pgid is not None and p.pgid != self.own_pgid:
                     self.pgids.add(p.pgid)
 
-    def belongs(self, pid: int, st: tuple[str, int, int], mine: set[int]) -> str | None:
+    def belongs(self, pid: int, st: Stat, mine: set[int]) -> str | None:
         """Why *pid* is this session's, or ``None``."""
         if pid in self.pids:
             return "in the report"
         if st[2] in self.pgids:
             return f"in process group {st[2]}"
-        marker = _marker(pid)
+        marker = environ_value(pid, TRACKING_ENV)
         if marker is not None:
             return "tracked by this session" if marker == self.session_id else None
         if self.untracked and pid in mine and self.started_at is not None:
-            start = _proc_start(pid)
+            start = start_time(pid)
             if start is not None and start >= self.started_at - _START_SLACK:
                 return "untracked: spawned by this process after the session began"
         return None
@@ -406,9 +354,9 @@ class _ProcessProbe:
         whose parent died and which now wait for another reaper (init or a subreaper):
         not this process's to reap.
         """
-        table = _scan(zombies=True)
+        table = scan(zombies=True)
         me = os.getpid()
-        mine = _descendants(table, me)
+        mine = descendants_in(table, me)
         alive: list[str] = []
         zombies: list[str] = []
         reparented: list[str] = []
@@ -421,13 +369,13 @@ class _ProcessProbe:
                 pid not in self.pids
                 and st[2] not in self.pgids
                 and pid not in mine
-                and _marker(pid) != self.session_id
+                and environ_value(pid, TRACKING_ENV) != self.session_id
             ):
                 continue
             why = self.belongs(pid, st, mine)
             if why is None:
                 continue
-            what = f"pid {pid} ({_cmd(pid)}) {why}"
+            what = f"pid {pid} ({command(pid)}) {why}"
             if st[0] != "Z":
                 alive.append(what)
             elif st[1] == me:
@@ -513,8 +461,8 @@ def _check_audit(path: str | None, report: StopReport | None, *, verify_chain: b
             kinds = {e.kind for e in log.events(interrupt_id=report.interrupt_id)}
             # A stop that did not complete has ``escalated`` as its last word, never
             # ``interrupt_completed``.
-            last = "interrupt_completed" if report.quiescent else "escalated"
-            missing = {"interrupt_requested", last} - kinds
+            last = INTERRUPT_COMPLETED if report.quiescent else ESCALATED
+            missing = {INTERRUPT_REQUESTED, last} - kinds
             if missing:
                 return DrillCheck(
                     "audit",
@@ -564,13 +512,7 @@ async def drill(
     """
     if not isinstance(session, Session):
         raise TypeError(f"drill needs a Session, not {type(session).__name__}")
-    if (
-        isinstance(quiesce_within, bool)
-        or not isinstance(quiesce_within, (int, float))
-        or not math.isfinite(quiesce_within)
-        or quiesce_within < 0
-    ):
-        raise ValueError(f"quiesce_within must be a finite number >= 0, got {quiesce_within!r}")
+    non_negative("quiesce_within", quiesce_within)
     try:
         loop = asyncio.get_running_loop()
     except RuntimeError:
@@ -791,10 +733,7 @@ async def run_drills(
     Raises:
         TypeError, ValueError: *runs* is not an int ≥ 1.
     """
-    if isinstance(runs, bool) or not isinstance(runs, int):
-        raise TypeError(f"runs must be an int, not {type(runs).__name__}")
-    if runs < 1:
-        raise ValueError(f"runs must be >= 1, got {runs}")
+    positive_int("runs", runs)
     shape = shape if shape is not None else DrillShape()
     objectives = objectives if objectives is not None else DrillObjectives()
     results: list[DrillResult] = []

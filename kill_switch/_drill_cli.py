@@ -282,7 +282,7 @@ def _remote(args: argparse.Namespace, objectives: DrillObjectives) -> DrillSumma
 
 
 def _remote_processes(report: dict[str, Any]) -> tuple[DrillCheck, DrillCheck]:
-    from ._processes import _stat
+    from ._procfs import stat as _stat
 
     alive: list[str] = []
     zombies: list[str] = []

@@ -13,17 +13,17 @@ asking the session through properties: both are on every guarded call.
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
 
-from ._audit import TOOL_BLOCKED
+from ._audit import LIMIT_EXCEEDED, LIMIT_WARNING, TOOL_BLOCKED
 from ._decision import ALLOW, Decision, ToolCall
 from ._exceptions import LimitExceeded, ToolBlocked
-from ._limits import LIMIT_EXCEEDED, LIMIT_WARNING, Ledger, Limits, LimitWarning, _current_cost
+from ._limits import Ledger, Limits, LimitWarning, _current_cost
+from ._validate import non_negative
 
 if TYPE_CHECKING:
     from ._plane import PlaneHost
@@ -37,11 +37,8 @@ Meter = Callable[..., Awaitable[Any]]
 
 
 def check_cost(cost: object) -> float:
-    if isinstance(cost, bool) or not isinstance(cost, (int, float)):
-        raise TypeError(f"cost must be a number, not {type(cost).__name__}")
-    if math.isnan(cost) or math.isinf(cost) or cost < 0:
-        raise ValueError(f"cost must be a finite number >= 0, got {cost!r}")
-    return float(cost)
+    """A call's or a charge's cost: a finite number >= 0."""
+    return non_negative("cost", cost)
 
 
 class Guard:

@@ -23,12 +23,13 @@ import types
 import weakref
 from collections.abc import Callable, Collection, Mapping
 from contextvars import ContextVar
-from typing import TYPE_CHECKING, Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import attrs
 
 from ._decision import Decision, ToolCall
 from ._plane import Plane
+from ._validate import count, non_negative, number
 
 if TYPE_CHECKING:
     import asyncio
@@ -39,22 +40,8 @@ if TYPE_CHECKING:
 Clock = Callable[[], float]
 LimitName = Literal["max_actions", "max_cost", "max_duration"]
 
-#: Audit event kinds written by the ledger.
-LIMIT_WARNING: Final = "limit_warning"
-LIMIT_EXCEEDED: Final = "limit_exceeded"
-
 
 # ------------------------------------------------------------------ validation
-
-
-def _number(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number or None, not {type(value).__name__}")
-    if math.isnan(value):
-        raise ValueError(f"{name} must not be NaN")
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value!r}")
-    return value
 
 
 def _opt_count(value: object) -> int | None:
@@ -62,31 +49,21 @@ def _opt_count(value: object) -> int | None:
         return None
     if isinstance(value, float) and math.isinf(value) and value > 0:
         return None  # inf is the explicit spelling of "unlimited"
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"max_actions must be an int or None, not {type(value).__name__}")
-    if value < 0:
-        raise ValueError(f"max_actions must be >= 0, got {value!r}")
-    return value
+    return count("max_actions", value)
 
 
 def _amount(name: str, value: object) -> float | None:
     if value is None:
         return None
-    v = _number(name, value)
-    if math.isinf(v):
-        return None  # inf is the explicit spelling of "unlimited"
-    return float(v)
+    v = non_negative(name, value, inf_ok=True)
+    return None if math.isinf(v) else v  # inf is the explicit spelling of "unlimited"
 
 
 def _seconds(name: str, value: object) -> float | None:
     if value is None:
         return None
-    v = _number(name, value)
-    if math.isinf(v):
-        return None  # inf is the explicit spelling of "no timeout"
-    if v == 0:
-        raise ValueError(f"{name} must be > 0 seconds, got {value!r}")
-    return float(v)
+    v = number(name, value, unit="seconds", inf_ok=True)
+    return None if math.isinf(v) else v  # inf is the explicit spelling of "no timeout"
 
 
 def _max_cost(value: object) -> float | None:
@@ -118,8 +95,8 @@ def _timeouts(value: object) -> Mapping[str, float]:
 def _warn_at(value: object) -> float | None:
     if value is None:
         return None
-    v = _number("warn_at", value)
-    if not 0 < v < 1:
+    v = number("warn_at", value)
+    if not v < 1:
         raise ValueError(f"warn_at must be a fraction in (0, 1) or None, got {value!r}")
     return float(v)
 
@@ -263,13 +240,11 @@ def report_cost(actual: float) -> bool:
     Raises:
         TypeError / ValueError: *actual* is not a finite number >= 0.
     """
-    value = _number("actual", actual)
-    if math.isinf(value):
-        raise ValueError("actual cost must be finite")
+    value = non_negative("actual", actual)
     cell = _current_cost.get()
     if cell is None:
         return False
-    cell[0] = float(value)
+    cell[0] = value
     return True
 
 
@@ -410,7 +385,7 @@ class Ledger(Plane):
             self.deadline = None
             self._has_deadline = any(led.deadline is not None for led in self._chain[1:])
             return
-        seconds = _number("seconds", seconds)
+        seconds = non_negative("seconds", seconds, inf_ok=True)
         self.deadline = self._clock() + seconds
         self._has_deadline = True
         self._timers.append(loop.call_at(loop.time() + seconds, _fire_deadline, weakref.ref(self)))

@@ -3,24 +3,12 @@ per session (``Runtime(policy=...)``, ``runtime.session(..., policy=...)``)."""
 
 from __future__ import annotations
 
-import math
-from typing import Any
-
 import attrs
 
+from ._validate import attrs_check, positive_int, seconds
 
-def _finite_positive(_inst: Any, attr: attrs.Attribute[Any], value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{attr.name} must be a number of seconds, not {type(value).__name__}")
-    if math.isnan(value) or math.isinf(value) or value <= 0:
-        raise ValueError(f"{attr.name} must be a finite number of seconds > 0, got {value!r}")
-
-
-def _positive_int(_inst: Any, attr: attrs.Attribute[Any], value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{attr.name} must be an int, not {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{attr.name} must be >= 1, got {value!r}")
+_seconds = attrs_check(seconds)
+_positive_int = attrs_check(positive_int)
 
 
 @attrs.frozen
@@ -45,10 +33,10 @@ class StopPolicy:
             the out-of-band path stops the session's process groups from another thread.
     """
 
-    stop_timeout: float = attrs.field(default=10.0, validator=_finite_positive)
-    term_grace: float = attrs.field(default=5.0, validator=_finite_positive)
-    thread_grace: float = attrs.field(default=2.0, validator=_finite_positive)
+    stop_timeout: float = attrs.field(default=10.0, validator=_seconds)
+    term_grace: float = attrs.field(default=5.0, validator=_seconds)
+    thread_grace: float = attrs.field(default=2.0, validator=_seconds)
     max_abandoned_threads: int = attrs.field(default=16, validator=_positive_int)
-    audit_timeout: float = attrs.field(default=1.0, validator=_finite_positive)
-    cleanup_timeout: float = attrs.field(default=5.0, validator=_finite_positive)
-    out_of_band_after: float = attrs.field(default=0.05, validator=_finite_positive)
+    audit_timeout: float = attrs.field(default=1.0, validator=_seconds)
+    cleanup_timeout: float = attrs.field(default=5.0, validator=_seconds)
+    out_of_band_after: float = attrs.field(default=0.05, validator=_seconds)

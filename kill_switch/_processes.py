@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import math
 import os
 import signal
 import subprocess
@@ -44,10 +43,24 @@ import anyio.abc
 import anyio.lowlevel
 import attrs
 
-from ._cgroup import CgroupUnavailable, SessionCgroup, read_file
+from ._audit import (
+    PROCESS_CONTAINMENT,
+    PROCESS_ESCAPED,
+    PROCESS_EXITED,
+    PROCESS_SIGNAL,
+    PROCESS_STARTED,
+)
+from ._cgroup import CgroupUnavailable, SessionCgroup
 from ._info import ProcessInfo
 from ._plane import Plane, StopFields
+from ._procfs import alive as _alive
+from ._procfs import cmdline as _cmdline
+from ._procfs import descendants as _descendants
+from ._procfs import has_in_environ
+from ._procfs import scan as _scan
+from ._procfs import stat as _stat
 from ._report import ProcessReport
+from ._validate import attrs_check, positive_int, seconds
 
 if TYPE_CHECKING:
     import asyncio
@@ -62,13 +75,6 @@ DEVNULL: Final = subprocess.DEVNULL
 #: Environment variable carrying the session id into every process the session starts;
 #: descendants inherit it, which finds escapees when no cgroup is available.
 TRACKING_ENV: Final = "KILL_SWITCH_SESSION"
-
-# Audit event kinds of the process plane.
-PROCESS_STARTED: Final = "process_started"
-PROCESS_SIGNAL: Final = "process_signal"
-PROCESS_EXITED: Final = "process_exited"
-PROCESS_ESCAPED: Final = "process_escaped"
-PROCESS_CONTAINMENT: Final = "process_containment"
 
 Containment = Literal["cgroup", "process_group"]
 
@@ -108,21 +114,8 @@ class EscalationWarning(RuntimeWarning):
     """A tracked process group ignored SIGTERM for its whole grace and was SIGKILLed."""
 
 
-def _check_seconds(name: str, value: object, *, zero_ok: bool) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
-    if math.isnan(value) or math.isinf(value) or value < 0 or (value == 0 and not zero_ok):
-        bound = ">= 0" if zero_ok else "> 0"
-        raise ValueError(f"{name} must be a finite number of seconds {bound}, got {value!r}")
-
-
-def _grace_validator(_inst: Any, attr: attrs.Attribute[Any], value: object) -> None:
-    if value is not None:
-        _check_seconds(attr.name, value, zero_ok=True)
-
-
-def _positive_validator(_inst: Any, attr: attrs.Attribute[Any], value: object) -> None:
-    _check_seconds(attr.name, value, zero_ok=False)
+_grace_validator = attrs.validators.optional(attrs_check(seconds, zero_ok=True))
+_positive_validator = attrs_check(seconds)
 
 
 def _bool_validator(_inst: Any, attr: attrs.Attribute[Any], value: object) -> None:
@@ -151,75 +144,6 @@ class EscalationPolicy:
     kill_timeout: float = attrs.field(default=5.0, validator=_positive_validator)
     cgroup: bool = attrs.field(default=True, validator=_bool_validator)
     find_escapees: bool = attrs.field(default=True, validator=_bool_validator)
-
-
-# --------------------------------------------------------------------- /proc helpers
-
-
-def _stat(pid: int) -> tuple[str, int, int] | None:
-    """``(state, ppid, pgid)`` of *pid*, or ``None`` if it is gone."""
-    data = read_file(f"/proc/{pid}/stat")
-    if not data:
-        return None
-    # "pid (comm) state ppid pgrp ..."; comm may hold spaces and parentheses.
-    fields = data[data.rfind(b")") + 2 :].split(b" ", 3)
-    if len(fields) < 3:
-        return None
-    return fields[0].decode(), int(fields[1]), int(fields[2])
-
-
-def _alive(pid: int) -> bool:
-    st = _stat(pid)
-    return st is not None and st[0] not in ("Z", "X")
-
-
-def _children(pid: int) -> list[int]:
-    """Direct children of *pid* (``/proc/<pid>/task/*/children``)."""
-    out: list[int] = []
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return out
-    for tid in tids:
-        out.extend(int(x) for x in read_file(f"/proc/{pid}/task/{tid}/children").split())
-    return out
-
-
-def _descendants(pid: int) -> list[int]:
-    seen: list[int] = []
-    todo = _children(pid)
-    while todo:
-        child = todo.pop()
-        if child in seen:
-            continue
-        seen.append(child)
-        todo.extend(_children(child))
-    return seen
-
-
-def _has_marker(pid: int, marker: bytes) -> bool:
-    return marker in read_file(f"/proc/{pid}/environ")
-
-
-def _scan(*, zombies: bool = False) -> dict[int, tuple[str, int, int]]:
-    """Every live process (and every zombie, with *zombies*): pid → (state, ppid, pgid)."""
-    out: dict[int, tuple[str, int, int]] = {}
-    try:
-        names = os.listdir("/proc")
-    except OSError:
-        return out
-    for name in names:
-        if name.isdigit():
-            pid = int(name)
-            st = _stat(pid)
-            if st is not None and st[0] != "X" and (zombies or st[0] != "Z"):
-                out[pid] = st
-    return out
-
-
-def _cmdline(pid: int) -> tuple[str, ...]:
-    data = read_file(f"/proc/{pid}/cmdline")
-    return tuple(os.fsdecode(a) for a in data.split(b"\0") if a)
 
 
 def _result(exc: OSError) -> str:
@@ -838,14 +762,14 @@ class ProcessPlane(Plane):
             if (
                 pgid in pgids
                 or self._descends(pid, ppid, roots, table)
-                or (_has_marker(pid, self._marker))
+                or (has_in_environ(pid, self._marker))
             ):
                 found[pid] = pgid
         return found
 
     @staticmethod
     def _descends(
-        pid: int, ppid: int, roots: set[int], table: dict[int, tuple[str, int, int]]
+        pid: int, ppid: int, roots: set[int], table: Mapping[int, tuple[str, int, int]]
     ) -> bool:
         seen = 0
         while ppid > 1 and seen < 64:
@@ -1362,8 +1286,7 @@ def track_pid(session: PlaneHost, pid: int, *, escalation: EscalationPolicy | No
         ProcessLookupError: no such process.
         Interrupted: the session was interrupted.
     """
-    if isinstance(pid, bool) or not isinstance(pid, int):
-        raise TypeError(f"pid must be an int, not {type(pid).__name__}")
+    positive_int("pid", pid)
     if pid <= 1 or pid == os.getpid():
         raise ValueError(f"cannot track pid {pid}")
     policy = _check_policy(escalation)

@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import collections
 import copy
-import math
 import time
 from typing import TYPE_CHECKING, Any, Final, Literal
 
 import attrs
+
+from ._audit import SENTINEL_ALERT, SENTINEL_ERROR
+from ._validate import attrs_check, positive, positive_int, seconds
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
@@ -35,10 +37,6 @@ Severity = Literal["info", "warning", "critical"]
 Mode = Literal["observe", "enforce"]
 
 _RANK: Final = {"info": 0, "warning": 1, "critical": 2}
-
-#: Audit event kinds written by the sentinel.
-SENTINEL_ALERT: Final = "sentinel_alert"
-SENTINEL_ERROR: Final = "sentinel_error"
 
 
 @attrs.frozen
@@ -94,20 +92,11 @@ class Detector:
         return copy.deepcopy(self)
 
 
-def _positive(name: str, value: object, *, integer: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
-        kind = "an int" if integer else "a number"
-        raise TypeError(f"{name} must be {kind}, not {type(value).__name__}")
-    if math.isnan(value) or math.isinf(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-
-
 def _rearm(name: str, value: object) -> float:
-    _positive(name, value)
-    assert isinstance(value, (int, float))
-    if value > 1:
+    v = positive(name, value)
+    if v > 1:
         raise ValueError(f"{name} must be in (0, 1], got {value!r}")
-    return float(value)
+    return v
 
 
 class CallRate(Detector):
@@ -128,8 +117,8 @@ class CallRate(Detector):
         severity: Severity = "critical",
         rearm: float = 0.5,
     ) -> None:
-        _positive("max_calls", max_calls, integer=True)
-        _positive("window", window)
+        positive_int("max_calls", max_calls)
+        positive("window", window)
         self.max_calls = max_calls
         self.window = float(window)
         self.severity: Severity = severity
@@ -177,7 +166,7 @@ class RepeatedCall(Detector):
     name = "repeated_call"
 
     def __init__(self, max_repeats: int = 20, *, severity: Severity = "critical") -> None:
-        _positive("max_repeats", max_repeats, integer=True)
+        positive_int("max_repeats", max_repeats)
         self.max_repeats = max_repeats
         self.severity: Severity = severity
         self._tool: str | None = None
@@ -222,7 +211,7 @@ class ErrorStreak(Detector):
     wants_success = False
 
     def __init__(self, max_errors: int = 5, *, severity: Severity = "critical") -> None:
-        _positive("max_errors", max_errors, integer=True)
+        positive_int("max_errors", max_errors)
         self.max_errors = max_errors
         self.severity: Severity = severity
         self._streak = 0
@@ -268,8 +257,8 @@ class CostVelocity(Detector):
         severity: Severity = "critical",
         rearm: float = 0.5,
     ) -> None:
-        _positive("max_cost", max_cost)
-        _positive("window", window)
+        positive("max_cost", max_cost)
+        positive("window", window)
         self.max_cost = float(max_cost)
         self.window = float(window)
         self.severity: Severity = severity
@@ -326,8 +315,8 @@ class DeniedCalls(Detector):
     def __init__(
         self, max_denied: int = 3, window: float = 60.0, *, severity: Severity = "critical"
     ) -> None:
-        _positive("max_denied", max_denied, integer=True)
-        _positive("window", window)
+        positive_int("max_denied", max_denied)
+        positive("window", window)
         self.max_denied = max_denied
         self.window = float(window)
         self.severity: Severity = severity
@@ -380,11 +369,7 @@ def _detectors(value: object) -> tuple[Detector, ...]:
     return tuple(value)
 
 
-def _seconds(_inst: Any, attr: attrs.Attribute[Any], value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{attr.name} must be a number of seconds, not {type(value).__name__}")
-    if math.isnan(value) or math.isinf(value) or value < 0:
-        raise ValueError(f"{attr.name} must be a finite number of seconds >= 0, got {value!r}")
+_seconds = attrs_check(seconds, zero_ok=True)
 
 
 @attrs.frozen

@@ -25,7 +25,6 @@ import fcntl
 import json
 import os
 import sqlite3
-import sys
 import threading
 import time
 import urllib.parse
@@ -35,21 +34,26 @@ import aiosqlite
 import anyio
 import attrs
 
-from ._audit import CANCELLED_BEFORE_START, INTERRUPT_REQUESTED, AuditEvent
+from ._audit import STICKY_KINDS, AuditEvent
 from ._audit_chain import (
     COLUMN_SQL,
     COLUMNS,
     GENESIS,
+    HEAD_SUFFIX,
     MIGRATIONS,
     SCHEMA_VERSION,
+    SPOOL_SUFFIX,
     Values,
     decode_head,
     encode_head,
     event_values,
+    parse_spool,
+    read_anchor,
     row_hash,
-    values_from_json,
     values_to_json,
 )
+from ._stderr import say
+from ._validate import positive_int, seconds
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -57,9 +61,6 @@ if TYPE_CHECKING:
     from ._report import AuditStatus
 
 T = TypeVar("T")
-
-#: Kinds that make a session id terminated for good (a kill is sticky across restarts).
-STICKY_KINDS: Final = frozenset({INTERRUPT_REQUESTED, CANCELLED_BEFORE_START})
 
 _INSERT: Final = (
     f"INSERT INTO events ({COLUMN_SQL}, prev_hash, row_hash) "
@@ -106,19 +107,11 @@ class _SchemaError(Exception):
     """The database was written by a newer kill_switch."""
 
 
-def _stderr(line: str) -> None:
-    try:
-        sys.stderr.write(line + "\n")
-        sys.stderr.flush()
-    except (OSError, ValueError):  # stderr closed: nothing left to tell
-        pass
-
-
 def _fallback_lines(events: Sequence[AuditEvent], why: str) -> None:
     """The last resort: one stderr line per event, carrying its event id."""
     for event in events:
         data = values_to_json(event_values(event))
-        _stderr(f"kill_switch audit fallback ({why}): {json.dumps(data, ensure_ascii=True)}")
+        say(f"kill_switch audit fallback ({why}): {json.dumps(data, ensure_ascii=True)}")
 
 
 def _describe(exc: BaseException) -> str:
@@ -264,14 +257,7 @@ class _Store:
     # ---------------------------------------------------------------- anchor
 
     def read_anchor(self) -> tuple[int, str] | None:
-        if self.anchor_path is None:
-            return None
-        try:
-            with open(self.anchor_path, "rb") as f:
-                fcntl.flock(f.fileno(), fcntl.LOCK_SH)
-                return decode_head(f.read(4096))
-        except FileNotFoundError:
-            return None
+        return None if self.anchor_path is None else read_anchor(self.anchor_path)
 
     def _anchor(
         self, conn: sqlite3.Connection, count: int, head: str, base: tuple[int, str]
@@ -282,7 +268,7 @@ class _Store:
         anchor equal to it is extended without a lookup.
         """
         if self.head_to_stderr:
-            _stderr(f"kill_switch audit head {self.path}: count={count} hash={head}")
+            say(f"kill_switch audit head {self.path}: count={count} hash={head}")
         if self.anchor_path is None:
             return
         try:
@@ -302,7 +288,7 @@ class _Store:
             finally:
                 fcntl.flock(fd, fcntl.LOCK_UN)
         except (OSError, sqlite3.Error) as exc:  # rows are committed; only the anchor lags
-            _stderr(f"kill_switch: could not anchor audit head of {self.path}: {exc!r}")
+            say(f"kill_switch: could not anchor audit head of {self.path}: {exc!r}")
 
     def _extends(self, conn: sqlite3.Connection, old: tuple[int, str]) -> bool:
         row = conn.execute("SELECT row_hash FROM events WHERE seq = ?", (old[0],)).fetchone()
@@ -310,7 +296,7 @@ class _Store:
             return True
         if not self.warned_fork:
             self.warned_fork = True
-            _stderr(
+            say(
                 f"kill_switch: audit chain {self.path} does not extend its anchored head "
                 f"(row {old[0]}): it was truncated or rewritten; the anchor is kept as "
                 "evidence. Run `kill-switch audit verify`."
@@ -365,7 +351,7 @@ class _Store:
         try:
             fd = os.open(self.spool_path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
         except OSError as exc:
-            _stderr(f"kill_switch: audit spool {self.spool_path} unavailable: {exc!r}")
+            say(f"kill_switch: audit spool {self.spool_path} unavailable: {exc!r}")
             return False
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
@@ -378,24 +364,16 @@ class _Store:
             os.fsync(fd)
             return True
         except OSError as exc:
-            _stderr(f"kill_switch: audit spool {self.spool_path} write failed: {exc!r}")
+            say(f"kill_switch: audit spool {self.spool_path} write failed: {exc!r}")
             return False
         finally:
             os.close(fd)  # closing drops the flock
 
 
 def _parse_spool(raw: bytes, where: str) -> list[Values]:
-    out: list[Values] = []
-    bad = 0
-    for line in raw.splitlines():
-        if not line.strip():
-            continue
-        try:
-            out.append(values_from_json(json.loads(line)))
-        except (ValueError, KeyError, TypeError):
-            bad += 1
+    out, bad = parse_spool(raw)
     if bad:
-        _stderr(f"kill_switch: skipped {bad} unreadable line(s) in audit spool {where}")
+        say(f"kill_switch: skipped {bad} unreadable line(s) in audit spool {where}")
     return out
 
 
@@ -475,25 +453,16 @@ class SqliteAudit:
     ) -> None:
         if not isinstance(path, (str, os.PathLike)):
             raise TypeError(f"path must be a str or os.PathLike, not {type(path).__name__}")
-        for name, value in (
-            ("busy_timeout", busy_timeout),
-            ("retry_interval", retry_interval),
-            ("close_timeout", close_timeout),
-        ):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError(f"{name} must be a number of seconds")
-            if not (value >= 0 and value < float("inf")):
-                raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
-        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
-            raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
-        if max_bytes is not None and (
-            isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1
-        ):
-            raise ValueError(f"max_bytes must be an int >= 1 or None, got {max_bytes!r}")
+        seconds("busy_timeout", busy_timeout, zero_ok=True)
+        seconds("retry_interval", retry_interval, zero_ok=True)
+        seconds("close_timeout", close_timeout, zero_ok=True)
+        positive_int("max_batch", max_batch)
+        if max_bytes is not None:
+            positive_int("max_bytes", max_bytes)
         db = os.path.abspath(os.fspath(path))
-        spool_path = os.path.abspath(os.fspath(spool)) if spool is not None else db + ".spool.jsonl"
+        spool_path = os.path.abspath(os.fspath(spool)) if spool is not None else db + SPOOL_SUFFIX
         if anchor == "default":
-            anchor_path: str | None = db + ".head"
+            anchor_path: str | None = db + HEAD_SUFFIX
         else:
             anchor_path = os.path.abspath(os.fspath(anchor)) if anchor is not None else None
         self.path = db
@@ -588,7 +557,7 @@ class SqliteAudit:
             with self._lock:
                 self._state = "closed"
             if task.done() and not task.cancelled() and task.exception() is not None:
-                _stderr(f"kill_switch: audit writer failed: {task.exception()!r}")
+                say(f"kill_switch: audit writer failed: {task.exception()!r}")
 
     def _spool_has_data(self) -> bool:
         try:
@@ -609,7 +578,7 @@ class SqliteAudit:
         try:
             return self._store.spool([event])
         except Exception as exc:  # the last word must never raise
-            _stderr(f"kill_switch: could not spool {event.kind} {event.event_id}: {exc!r}")
+            say(f"kill_switch: could not spool {event.kind} {event.event_id}: {exc!r}")
             return False
 
     def record(self, event: AuditEvent) -> None:
@@ -627,7 +596,7 @@ class SqliteAudit:
                 return
             self._wake_writer()
         except Exception as exc:  # the contract: a sink never raises into a stop
-            _stderr(f"kill_switch: audit record failed: {exc!r}")
+            say(f"kill_switch: audit record failed: {exc!r}")
 
     def _wake_writer(self) -> None:
         loop, wake = self._loop, self._wake
@@ -684,7 +653,7 @@ class SqliteAudit:
                 with AuditLog(self.path, anchor=None) as log:
                     ids |= log.terminated_session_ids()
             except (sqlite3.Error, OSError) as exc:
-                _stderr(f"kill_switch: could not read terminated sessions: {exc!r}")
+                say(f"kill_switch: could not read terminated sessions: {exc!r}")
             for values in self._store.read_spool():
                 if values[7] in STICKY_KINDS and values[3] is not None:
                     ids.add(values[3])
@@ -705,7 +674,9 @@ class SqliteAudit:
         """
         from ._audit_query import verify
 
-        return await anyio.to_thread.run_sync(lambda: verify(self.path, anchor=self.anchor_path))
+        return await anyio.to_thread.run_sync(
+            lambda: verify(self.path, anchor=self.anchor_path, spool=self.spool_path)
+        )
 
     def statistics(self) -> AuditStatistics:
         """A snapshot of what this sink holds and where its events went."""
@@ -860,7 +831,7 @@ class SqliteAudit:
             if self._state == "durable":
                 self._state = "degraded"
         if first:
-            _stderr(
+            say(
                 f"kill_switch: audit database {self.path} failed ({self._last_error}); "
                 f"events go to {self.spool_path} until it works again"
             )
@@ -894,7 +865,7 @@ class SqliteAudit:
                 await db.close()
                 closed = True
             except Exception as exc:  # a broken connection may fail to close
-                _stderr(f"kill_switch: closing audit database failed: {exc!r}")
+                say(f"kill_switch: closing audit database failed: {exc!r}")
             # After a failed connect aiosqlite stops its thread without waiting for it; the
             # thread then posts to this loop, which must still be open (aiosqlite#241).
             thread = getattr(db, "_thread", None)

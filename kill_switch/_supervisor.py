@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import time
 import weakref
 from typing import TYPE_CHECKING, Any
 
 import anyio
+
+from ._validate import seconds
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
@@ -33,14 +34,6 @@ if TYPE_CHECKING:
     from ._info import SessionInfo
     from ._runtime import Runtime
     from ._session import Session
-
-
-def _seconds(name: str, value: object, *, allow_zero: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
-    if math.isnan(value) or math.isinf(value) or value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{name} must be a finite number of seconds > 0, got {value!r}")
-    return float(value)
 
 
 class Supervisor:
@@ -70,8 +63,8 @@ class Supervisor:
         if where is not None and not callable(where):
             raise TypeError("where must be a callable over SessionInfo")
         self.runtime = runtime
-        self.max_age = None if max_age is None else _seconds("max_age", max_age, allow_zero=True)
-        self.interval = _seconds("interval", interval, allow_zero=False)
+        self.max_age = None if max_age is None else seconds("max_age", max_age, zero_ok=True)
+        self.interval = seconds("interval", interval)
         self.where = where
         self.reason = reason
         self._clock = clock
@@ -132,10 +125,10 @@ class Supervisor:
         """
         if not self._running:
             raise RuntimeError("Supervisor.watch() needs `async with supervise(...)`")
-        seconds = _seconds("deadline", deadline, allow_zero=True)
+        delay = seconds("deadline", deadline, zero_ok=True)
         loop = asyncio.get_running_loop()
-        why = reason or f"{self.reason}: deadline of {seconds:g} s passed"
-        self._timers.append(loop.call_later(seconds, _fire, weakref.ref(session), why))
+        why = reason or f"{self.reason}: deadline of {delay:g} s passed"
+        self._timers.append(loop.call_later(delay, _fire, weakref.ref(session), why))
 
 
 @contextlib.asynccontextmanager

@@ -49,11 +49,12 @@ import threading
 import time
 import weakref
 from contextlib import suppress
-from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import anyio
 import attrs
 
+from ._audit import THREAD_ABANDONED, THREAD_RETURNED
 from ._current import _current_session
 from ._decision import Decision
 from ._exceptions import Interrupted
@@ -66,9 +67,6 @@ if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
 T = TypeVar("T")
-
-THREAD_RETURNED: Final = "thread_returned"
-THREAD_ABANDONED: Final = "thread_abandoned"
 
 #: A thread waiting in ``from_thread`` is woken by the result or by the interrupt's
 #: delivery (which cancels the callback); this backstop re-reads the flag in case the

@@ -31,6 +31,8 @@ import time
 from collections.abc import Callable
 from typing import IO, Final
 
+from ._stderr import say
+
 #: Exit status of an orderly forced exit (EX_SOFTWARE): the deadline passed, the
 #: tracebacks and the ``forced_exit`` record were written, process groups killed.
 EXIT_FORCED: Final = 70
@@ -39,11 +41,6 @@ EXIT_FORCED: Final = 70
 EXIT_FORCED_C_LEVEL: Final = 1
 
 Action = Callable[[], object]
-
-
-def _stderr(text: str) -> None:
-    with contextlib.suppress(OSError):  # nowhere left to report to
-        os.write(2, text.encode("utf-8", "backslashreplace"))
 
 
 class Watchdog:
@@ -112,7 +109,7 @@ class Watchdog:
             try:
                 self._side = open(self.traceback_file, "a", encoding="utf-8")  # noqa: SIM115
             except OSError as exc:
-                _stderr(f"kill_switch watchdog: cannot open {self.traceback_file}: {exc}\n")
+                say(f"kill_switch watchdog: cannot open {self.traceback_file}: {exc}\n")
         faulthandler.dump_traceback_later(
             seconds, exit=True, file=self._side if self._side is not None else sys.stderr
         )
@@ -139,7 +136,7 @@ class Watchdog:
             f"kill_switch watchdog: {self._reason} did not finish by its deadline; "
             f"forcing exit with status {self.exit_code} (pid {os.getpid()})\n"
         )
-        _stderr(header)
+        say(header)
         targets: list[IO[str]] = [sys.stderr]
         if self._side is not None:
             targets.insert(0, self._side)
@@ -158,11 +155,11 @@ class Watchdog:
                 try:
                     action()
                 except Exception as exc:  # reported; the forced exit goes on regardless
-                    _stderr(f"kill_switch watchdog: action {name} failed: {exc!r}\n")
+                    say(f"kill_switch watchdog: action {name} failed: {exc!r}\n")
                 finally:
                     done.set()
 
             threading.Thread(target=run, name=f"kill_switch watchdog {name}", daemon=True).start()
             if not done.wait(self.action_timeout):
-                _stderr(f"kill_switch watchdog: action {name} timed out, left behind\n")
+                say(f"kill_switch watchdog: action {name} timed out, left behind\n")
         os._exit(self.exit_code)

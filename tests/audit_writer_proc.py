@@ -13,8 +13,7 @@ from __future__ import annotations
 import asyncio
 import sys
 
-from kill_switch._audit import AuditEvent
-from kill_switch._sqlite_audit import SqliteAudit
+from kill_switch import AuditEvent, SqliteAudit
 
 
 async def main(db: str, tag: str, count: int | None, burst: int) -> None:

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from kill_switch._audit_query import AuditLog, verify
+from kill_switch import AuditLog
+from kill_switch import verify_audit as verify
 
 pytestmark = pytest.mark.slow
 

@@ -11,15 +11,14 @@ import anyio
 import pytest
 
 import kill_switch as ks
-from kill_switch._audit import AuditEvent
+from kill_switch import AuditEvent, AuditLog, SqliteAudit
 from kill_switch._audit_cli import main as cli
-from kill_switch._audit_query import AuditLog, open_readonly
-from kill_switch._sqlite_audit import SqliteAudit
+from kill_switch._audit_query import open_readonly
 
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from kill_switch._report import StopReport
+    from kill_switch import StopReport
 
 
 async def parent_and_child(db: Path) -> StopReport:
@@ -117,3 +116,61 @@ async def test_cli_lists_exports_and_verifies(
     assert cli(["audit", "verify", "--db", str(tmp_path / "none.db")]) == 2
     (tmp_path / "junk.db").write_bytes(b"junk" * 1000)
     assert cli(["audit", "verify", "--db", str(tmp_path / "junk.db")]) == 2
+
+
+def append_torn_line(path: str) -> None:
+    """Append half a line, as a crash in the middle of a spool write leaves it."""
+    with open(path, "ab") as spool:
+        spool.write(b'{"event_id": "torn", "wall_ti\n')
+
+
+async def test_spooled_events_are_filtered_deduplicated_and_counted(tmp_path: Path) -> None:
+    """Spooled events follow the chained rows under the same filters; one already in the
+    chain (a crash between commit and spool truncation) and torn lines are not shown."""
+    db = tmp_path / "a.db"
+    chained = [AuditEvent("k", "s1", trigger="operator", wall_time=100.0 + i) for i in range(3)]
+    async with SqliteAudit(db) as audit:
+        for event in chained:
+            audit.record(event)
+        assert await audit.flush() == "durable"
+    late = AuditEvent("forced_exit", "s2", trigger="watchdog", wall_time=200.0)
+    writer = SqliteAudit(db)  # never entered: record_now is the watchdog's synchronous path
+    assert writer.record_now(chained[1])  # already a row
+    assert writer.record_now(late)
+    assert writer.record_now(late)  # spooled twice: shown once
+    append_torn_line(writer.spool_path)
+    with AuditLog(db) as log:
+        assert [(r.seq, r.kind) for r in log.events()] == [
+            (1, "k"), (2, "k"), (3, "k"), (None, "forced_exit"),
+        ]  # fmt: skip
+        assert [r.event_id for r in log.events(session_id="s2")] == [late.event_id]
+        assert [r.seq for r in log.events(trigger="operator")] == [1, 2, 3]
+        assert [r.seq for r in log.events(since=150.0)] == [None]
+        assert [r.seq for r in log.events(limit=3)] == [1, 2, 3]
+        assert [r.seq for r in log.events(limit=4)] == [1, 2, 3, None]
+        assert log.events(spooled=False) == log.events(limit=3)
+        assert [r.event_id for r in log.spooled()] == [late.event_id]
+        assert log.spooled()[0].details == dict(late.details)
+    with AuditLog(db, spool=None) as log:  # the database alone
+        assert [r.seq for r in log.events()] == [1, 2, 3]
+    result = ks.verify_audit(db)
+    assert (result.ok, result.count, result.spooled) == (True, 3, 1)
+    assert ks.verify_audit(db, spool=None).spooled == 0
+
+
+def test_cli_lists_spooled_events_without_a_sequence_number(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``kill-switch audit`` prints a spooled event with ``spool`` for its seq even where
+    the writer never created the table; ``verify`` says so and still counts the spool."""
+    db = tmp_path / "a.db"
+    sqlite3.connect(db).close()  # a database file without the table yet
+    assert SqliteAudit(db).record_now(AuditEvent("forced_exit", None, trigger="watchdog"))
+    assert cli(["audit", "--db", str(db)]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.split()[0] == "spool"
+    assert "forced_exit" in line
+    assert cli(["audit", "verify", "--db", str(db), "--no-anchor"]) == 1  # no events table
+    verdict = capsys.readouterr().out
+    assert "no events table" in verdict
+    assert verdict.rstrip().endswith("; 1 spooled record not yet in the chain")

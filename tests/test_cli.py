@@ -10,12 +10,9 @@ import sqlite3
 import subprocess
 import sys
 import uuid
-from typing import TYPE_CHECKING
+from pathlib import Path
 
 import pytest
-
-if TYPE_CHECKING:
-    from pathlib import Path
 
 
 def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -107,6 +104,58 @@ def _run_demo(tmp: Path, prelude: str | None = None) -> Demo:
         env=_demo_env(mark),
     )
     return Demo(result, db, mark)
+
+
+ROOT = Path(__file__).resolve().parent.parent
+#: What the audit writer and SQLite may leave beside the default database.
+AUDIT_FILES = {
+    "kill-switch-audit.db",
+    "kill-switch-audit.db-wal",
+    "kill-switch-audit.db-shm",
+    "kill-switch-audit.db-journal",
+    "kill-switch-audit.db.head",
+    "kill-switch-audit.db.spool.jsonl",
+}
+
+
+def _git(cwd: Path, *args: str) -> str:
+    done = subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return done.stdout
+
+
+@pytest.mark.slow
+def test_quick_start_demo_leaves_git_status_clean(tmp_path: Path) -> None:
+    """The Quick start's demo (default database, in the checkout) writes only the audit
+    log and its side files, and the repository's .gitignore covers every one of them."""
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    shutil.copy(ROOT / ".gitignore", tmp_path / ".gitignore")
+    _git(tmp_path, "init", "-q")
+    _git(tmp_path, "add", ".gitignore")
+    _git(tmp_path, "commit", "-q", "-m", "clone")
+    result = subprocess.run(
+        [sys.executable, "-m", "kill_switch", "demo"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_demo_env(uuid.uuid4().hex),  # KILL_SWITCH_AUDIT_DB empty: the default path
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    left = {p.name for p in tmp_path.iterdir()} - {".git", ".gitignore"}
+    assert {"kill-switch-audit.db", "kill-switch-audit.db.head"} <= left <= AUDIT_FILES, left
+    assert _git(tmp_path, "status", "--porcelain") == ""
+    # Negative control: without the anchor's pattern the same checkout is dirty.
+    ignore = tmp_path / ".gitignore"
+    ignore.write_text(ignore.read_text().replace("*.db.head\n", ""))
+    assert "?? kill-switch-audit.db.head" in _git(tmp_path, "status", "--porcelain")
 
 
 @pytest.fixture(scope="module")

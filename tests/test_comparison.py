@@ -15,7 +15,6 @@ process group); what they do on cancellation is their default.
 from __future__ import annotations
 
 import asyncio
-import os
 import selectors
 import signal
 import subprocess
@@ -27,7 +26,6 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.lowlevel
-import psutil
 import pytest
 import trio
 import trio.lowlevel
@@ -35,6 +33,8 @@ import trio.testing
 
 import kill_switch as ks
 from kill_switch.testing import MemoryAudit
+
+from ._procs import alive, killpg_quietly, no_zombies_no_leaks, wait_gone
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Iterator
@@ -52,42 +52,10 @@ TREE = "sleep 1000 & echo $!; sh -c 'trap \"\" TERM; echo $$; exec sleep 1000' &
 
 
 @pytest.fixture(autouse=True)
-def no_zombies_no_leaks() -> Iterator[None]:
+def clean_after() -> Iterator[None]:
     """After every test: no <defunct> children and the fd count back to its baseline."""
-    me = psutil.Process()
-    before = me.num_fds()
-    yield
-    zombies = [c.pid for c in me.children(recursive=True) if c.status() == "zombie"]
-    assert zombies == [], f"zombie children left: {zombies}"
-    assert me.num_fds() == before, "file descriptors leaked"
-
-
-def alive(pid: int) -> bool:
-    """The pid runs (a zombie has stopped running)."""
-    try:
-        status: str = psutil.Process(pid).status()
-    except psutil.NoSuchProcess:
-        return False
-    return status != "zombie"
-
-
-def killpg_quietly(pgid: int) -> None:
-    with suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, signal.SIGKILL)
-
-
-async def wait_gone(pids: list[int]) -> None:
-    """Wait until every pid has exited (pidfds: not only our own children)."""
-    for pid in pids:
-        try:
-            fd = os.pidfd_open(pid)
-        except ProcessLookupError:
-            continue
-        try:
-            with anyio.fail_after(WAIT):
-                await anyio.wait_readable(fd)
-        finally:
-            os.close(fd)
+    with no_zombies_no_leaks():
+        yield
 
 
 def pids_from(lines: bytes) -> list[int]:

@@ -21,8 +21,7 @@ import httpx
 import pytest
 
 import kill_switch as ks
-from kill_switch import control
-from kill_switch._audit import AuditEvent
+from kill_switch import AuditEvent, control
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator

@@ -18,8 +18,7 @@ import attrs
 import pytest
 
 import kill_switch as ks
-from kill_switch import _drill
-from kill_switch._drill import DrillObjectives, DrillShape, drill, run_drills
+from kill_switch import DrillObjectives, DrillShape, _drill, drill, run_drills
 
 if TYPE_CHECKING:
     from pathlib import Path

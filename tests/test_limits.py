@@ -15,23 +15,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import kill_switch as ks
-from kill_switch._limits import Ledger, Limits, LimitWarning, report_cost
-from kill_switch._sentinel import Alert, Detector, Sentinel
+from kill_switch import Alert, Detector, Limits, LimitWarning, Sentinel, report_cost
+from kill_switch._limits import Ledger
+from kill_switch.testing import FakeClock
 
 if TYPE_CHECKING:
     from kill_switch.testing import MemoryAudit
 
 pytestmark = pytest.mark.both_loops
-
-
-class FakeClock:
-    """A monotonic clock the test moves by hand."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 async def noop(*args: Any, **kwargs: Any) -> None:

@@ -8,7 +8,7 @@ import anyio
 import pytest
 
 import kill_switch as ks
-from kill_switch._limits import Limits, ToolRules
+from kill_switch import Limits, ToolRules
 
 if TYPE_CHECKING:
     from kill_switch.testing import MemoryAudit

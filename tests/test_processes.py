@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -16,9 +16,10 @@ import psutil
 import pytest
 
 import kill_switch as ks
-from kill_switch import _cgroup, _processes
-from kill_switch._processes import EscalationPolicy, EscalationWarning
+from kill_switch import EscalationPolicy, EscalationWarning, _cgroup
 from kill_switch.testing import MemoryAudit
+
+from ._procs import alive, kill_quietly, no_zombies_no_leaks, wait_gone
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterator
@@ -61,43 +62,11 @@ BOTH = pytest.mark.parametrize(
 )
 
 
-def alive(pid: int) -> bool:
-    """The pid runs (a zombie has stopped running)."""
-    try:
-        status: str = psutil.Process(pid).status()
-    except psutil.NoSuchProcess:
-        return False
-    return status != "zombie"
-
-
-def kill_quietly(pids: list[int]) -> None:
-    for pid in pids:
-        with suppress(OSError):
-            os.kill(pid, signal.SIGKILL)
-
-
-async def wait_gone(pids: list[int]) -> None:
-    """Wait until every pid has exited (pidfds: no polling; not only our children)."""
-    for pid in pids:
-        try:
-            fd = os.pidfd_open(pid)
-        except ProcessLookupError:
-            continue
-        try:
-            await anyio.wait_readable(fd)
-        finally:
-            os.close(fd)
-
-
 @pytest.fixture(autouse=True)
-def no_zombies_no_leaks() -> Iterator[None]:
+def clean_after() -> Iterator[None]:
     """After every test: no <defunct> children, fd count back to baseline, no cgroup."""
-    me = psutil.Process()
-    before = me.num_fds()
-    yield
-    zombies = [c.pid for c in me.children(recursive=True) if c.status() == "zombie"]
-    assert zombies == [], f"zombie children left: {zombies}"
-    assert me.num_fds() == before, "file descriptors leaked"
+    with no_zombies_no_leaks():
+        yield
     mount = "/sys/fs/cgroup/unified"
     if os.path.isdir(mount):
         left = [d for d in os.listdir(mount) if d.startswith(f"kill_switch-{os.getpid()}-")]
@@ -112,7 +81,7 @@ async def running(
         yield rt
 
 
-async def read_lines(proc: _processes.TrackedProcess, n: int) -> list[str]:
+async def read_lines(proc: ks.TrackedProcess, n: int) -> list[str]:
     """Read *n* lines from the process's stdout (synchronising on its state)."""
     assert proc.stdout is not None
     buf = b""
@@ -123,7 +92,7 @@ async def read_lines(proc: _processes.TrackedProcess, n: int) -> list[str]:
 
 async def stop_with(
     runtime: ks.Runtime, command: list[str], escalation: EscalationPolicy, lines: int
-) -> tuple[ks.StopReport, list[str], _processes.TrackedProcess]:
+) -> tuple[ks.StopReport, list[str], ks.TrackedProcess]:
     """Start *command* in a session, read *lines* lines, interrupt, return the report."""
     holder: dict[str, Any] = {}
     ready = anyio.Event()
@@ -204,7 +173,11 @@ async def test_sigterm_ignoring_child_is_sigkilled_after_grace(
 ) -> None:
     """A child that ignores SIGTERM gets SIGKILL after term_grace, with a warning."""
     audit = MemoryAudit()
-    cmd = ["sh", "-c", "trap '' TERM; echo ready; while :; do sleep 1; done"]
+    # exec: the ignored SIGTERM carries over to sleep. A shell looping over `sleep 1`
+    # would fork into the group during the grace whenever the loop turned (more often
+    # on a loaded host), and that process, still exiting when the leader is reaped, is
+    # rightly reported as a second row (a member found late): not this test's subject.
+    cmd = ["sh", "-c", "trap '' TERM; echo ready; exec sleep 1000"]
     async with running(audit, term_grace=0.2) as rt:
         with pytest.warns(EscalationWarning, match="SIGKILL"):
             report, _, proc = await stop_with(rt, cmd, escalation, 1)
@@ -221,6 +194,35 @@ async def test_sigterm_ignoring_child_is_sigkilled_after_grace(
 
 
 # ------------------------------------------------------------ FAULT 26: escapees
+
+
+#: A member that leaves the group (setsid) when it gets SIGTERM, and keeps running.
+LEAVES_ON_TERM = """
+import os, signal, sys, time
+signal.signal(signal.SIGTERM, lambda *_: os.setsid())
+print(os.getpid(), flush=True)
+time.sleep(1000)
+"""
+
+
+@pytest.mark.xfail(
+    reason="known defect: a member that setsid()s after SIGTERM escapes the group's "
+    "SIGKILL; it is reported survived (quiescent=False) but not killed",
+    strict=True,
+)
+async def test_member_leaving_the_group_after_sigterm_is_killed() -> None:
+    """Without a cgroup, a member that leaves the group on SIGTERM is still SIGKILLed."""
+    cmd = ["sh", "-c", f"{PY} -c '{LEAVES_ON_TERM}' & wait"]
+    async with running(term_grace=0.05) as rt:
+        with pytest.warns(EscalationWarning):
+            report, lines, _ = await stop_with(rt, cmd, NO_CGROUP, 1)
+    member = int(lines[0])
+    try:
+        assert not alive(member)
+        assert report.quiescent
+    finally:
+        kill_quietly([member])
+        await wait_gone([member])
 
 
 @BOTH

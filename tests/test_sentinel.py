@@ -12,8 +12,7 @@ import anyio
 import pytest
 
 import kill_switch as ks
-from kill_switch._limits import ToolRules
-from kill_switch._sentinel import (
+from kill_switch import (
     Alert,
     CallRate,
     CostVelocity,
@@ -22,24 +21,16 @@ from kill_switch._sentinel import (
     ErrorStreak,
     RepeatedCall,
     Sentinel,
+    ToolRules,
     default_detectors,
 )
+from kill_switch.testing import FakeClock
 
 if TYPE_CHECKING:
     from kill_switch._sentinel import SessionWatch
     from kill_switch.testing import MemoryAudit
 
 pytestmark = pytest.mark.both_loops
-
-
-class FakeClock:
-    """A monotonic clock the test moves by hand."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 async def noop(*args: Any, **kwargs: Any) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import kill_switch as ks
-from kill_switch._watchdog import EXIT_FORCED, EXIT_FORCED_C_LEVEL
+from kill_switch import EXIT_FORCED, EXIT_FORCED_C_LEVEL
 
 CHILD = Path(__file__).with_name("shutdown_child.py")
 
@@ -78,6 +78,74 @@ def test_hung_cleanup_forces_exit_with_documented_code(tmp_path: Path) -> None:
     assert "forcing exit" in err
     assert "forced_exit" in child.spooled_kinds()
     assert "Thread" in child.tb.read_text()
+
+
+def test_post_mortem_readers_see_the_spooled_forced_exit(tmp_path: Path) -> None:
+    """After a forced exit the forced_exit record is only in the spool: AuditLog, the
+    ``audit`` command and ``audit verify`` all show it, marked as not yet in the chain."""
+    child = Child("hung_cleanup", tmp_path)
+    child.signal()
+    rc, _, err = child.finish()
+    assert rc == EXIT_FORCED, err
+    assert "forced_exit" in child.spooled_kinds()  # the premise: no writer replayed it
+    with ks.AuditLog(child.db) as log:
+        chained = log.events(spooled=False)
+        everything = log.events()
+        spooled = log.spooled()
+    assert "forced_exit" not in [r.kind for r in chained]
+    assert [r.kind for r in spooled] == ["forced_exit"]
+    last = everything[-1]
+    assert (last.kind, last.seq, last.row_hash, last.in_chain) == ("forced_exit", None, None, False)
+    assert last.trigger == "watchdog"
+    assert everything[: len(chained)] == chained
+    result = ks.verify_audit(child.db)
+    assert result.ok
+    assert result.spooled == 1
+    assert result.summary().endswith("; 1 spooled record not yet in the chain")
+
+    def cli(*args: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "kill_switch", "audit", "--db", str(child.db), *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    listing = cli().splitlines()
+    assert listing[-1].split()[0] == "spool"
+    assert "forced_exit" in listing[-1]
+    assert json.loads(cli("--json").splitlines()[-1])["seq"] is None
+    verified = cli("verify")
+    assert "intact" in verified
+    assert "1 spooled record not yet in the chain" in verified
+    assert json.loads(cli("verify", "--json"))["spooled"] == 1
+
+
+def test_next_writer_moves_the_spooled_record_into_the_chain(tmp_path: Path) -> None:
+    """Negative control of the above: once a writer opens the log again, the record is a
+    chained row and nothing is reported as spooled any more."""
+    import anyio
+
+    child = Child("hung_cleanup", tmp_path)
+    child.signal()
+    rc, _, err = child.finish()
+    assert rc == EXIT_FORCED, err
+
+    async def reopen() -> None:
+        async with ks.SqliteAudit(child.db) as audit:
+            assert await audit.flush() == "durable"
+
+    anyio.run(reopen)
+    with ks.AuditLog(child.db) as log:
+        assert log.spooled() == []
+        forced = log.events(kind="forced_exit")
+    assert len(forced) == 1
+    assert forced[0].in_chain
+    result = ks.verify_audit(child.db)
+    assert (result.ok, result.spooled) == (True, 0)
+    assert "spooled" not in result.summary()
 
 
 def test_gil_holding_call_still_exits(tmp_path: Path) -> None:
@@ -166,7 +234,7 @@ def test_graceful_shutdown_refuses_non_main_thread() -> None:
 
 def test_watchdog_validates_and_disarms() -> None:
     """Bad watchdog settings are refused; a disarmed watchdog never fires."""
-    from kill_switch._watchdog import Watchdog
+    from kill_switch import Watchdog
 
     with pytest.raises(ValueError, match="lead"):
         Watchdog(lead=0)

@@ -17,11 +17,10 @@ import anyio
 import pytest
 
 import kill_switch as ks
-from kill_switch._audit import AuditEvent
+from kill_switch import AuditEvent, AuditLog, AuditRecord, SqliteAudit
+from kill_switch import verify_audit as verify
 from kill_switch._audit_chain import MIGRATIONS, SCHEMA_VERSION, row_hash
 from kill_switch._audit_cli import main as cli
-from kill_switch._audit_query import AuditLog, AuditRecord, verify
-from kill_switch._sqlite_audit import SqliteAudit
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -115,14 +114,14 @@ async def test_record_before_entry_is_written_on_entry(tmp_path: Path) -> None:
     assert len(rows(tmp_path / "a.db")) == 1
 
 
-async def test_record_never_raises(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+async def test_record_never_raises(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     """A wrong argument is reported on stderr, never raised into the caller."""
     async with SqliteAudit(tmp_path / "a.db") as audit:
         audit.record("not an event")  # type: ignore[arg-type]  # the point of the test
         unserialisable = ev(2, details={"obj": object(), "nan": float("nan")})
         audit.record(unserialisable)
         assert await audit.flush() == "durable"
-    assert "audit record failed" in capsys.readouterr().err
+    assert "audit record failed" in capfd.readouterr().err
     (stored,) = rows(tmp_path / "a.db")
     assert stored.event_id == unserialisable.event_id
     assert verify(tmp_path / "a.db").ok
@@ -333,6 +332,7 @@ async def test_verify_detects_inserted_row(tmp_path: Path) -> None:
     db = tmp_path / "a.db"
     await write(db, 10)
     r2 = rows(db)[1]
+    assert r2.row_hash is not None  # a chained row
     forged = ("forged-id", 1.0, 1.0, None, None, None, None, "forged", None, "x", None, "{}")
     digest = row_hash(3, forged, r2.row_hash)
     conn = sqlite3.connect(db, isolation_level=None)
@@ -382,6 +382,7 @@ async def test_verify_detects_full_rewrite_by_anchor(tmp_path: Path) -> None:
             r.operator,
             "{}",
         )
+        assert r.seq is not None  # a chained row
         digest = row_hash(r.seq, values, prev)
         updates.append(
             f"UPDATE events SET reason='rewritten', details='{{}}', prev_hash='{prev}', "
@@ -537,7 +538,7 @@ async def test_corrupt_database_spools(tmp_path: Path) -> None:
 
 
 async def test_deleted_database_is_not_reported_durable(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
     """FAULT 46: a database deleted under an open connection is 'gone', not durable."""
     db = tmp_path / "d" / "a.db"
@@ -552,7 +553,7 @@ async def test_deleted_database_is_not_reported_durable(
         event = ev(1)
         audit.record(event)
         assert await audit.flush() == "degraded"
-        assert "a.db is gone" in capsys.readouterr().err
+        assert "a.db is gone" in capfd.readouterr().err
         # The anchor says a chain existed: the log is never silently started afresh.
         audit.record(ev(2))
         assert await audit.flush() == "degraded"
@@ -573,7 +574,7 @@ async def test_newer_schema_is_not_written(tmp_path: Path) -> None:
 
 
 async def test_no_spool_either_falls_back_to_stderr(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
     """Database and spool both unavailable: a stderr line per event, status degraded."""
     event = ev(1)
@@ -581,7 +582,7 @@ async def test_no_spool_either_falls_back_to_stderr(
     async with SqliteAudit(gone / "a.db", spool=gone / "s.jsonl", anchor=None) as audit:
         audit.record(event)
         assert await audit.flush() == "degraded"
-    err = capsys.readouterr().err
+    err = capfd.readouterr().err
     assert f'"event_id": "{event.event_id}"' in err
     assert "audit fallback" in err
 
@@ -604,8 +605,7 @@ def test_unclosed_sink_does_not_hang_exit(tmp_path: Path) -> None:
     script = textwrap.dedent(
         f"""
         import asyncio
-        from kill_switch._audit import AuditEvent
-        from kill_switch._sqlite_audit import SqliteAudit
+        from kill_switch import AuditEvent, SqliteAudit
 
         async def main():
             audit = SqliteAudit({str(tmp_path / "a.db")!r})

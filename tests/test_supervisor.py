@@ -8,19 +8,10 @@ import anyio
 import pytest
 
 import kill_switch as ks
-from kill_switch._supervisor import Supervisor, supervise
+from kill_switch import Supervisor, supervise
+from kill_switch.testing import FakeClock
 
 pytestmark = pytest.mark.both_loops
-
-
-class FakeClock:
-    """A monotonic clock the test moves by hand."""
-
-    def __init__(self) -> None:
-        self.now = 50.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 async def park() -> None:
@@ -30,7 +21,7 @@ async def park() -> None:
 async def test_scan_interrupts_old_matching_sessions_once() -> None:
     """Past max_age a matching session is interrupted (trigger supervisor), once;
     young ones and ones the predicate leaves out are untouched."""
-    clock = FakeClock()
+    clock = FakeClock(50.0)
     sessions: dict[str, ks.Session] = {}
     done = anyio.Event()
 

@@ -19,8 +19,7 @@ import anyio.lowlevel
 import pytest
 
 import kill_switch as ks
-from kill_switch._current import bind
-from kill_switch._threads import abandoned_threads, from_thread
+from kill_switch import abandoned_threads, bind, from_thread
 from kill_switch.testing import MemoryAudit
 
 if TYPE_CHECKING:
