@@ -146,7 +146,13 @@ def _request(
     headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
     data = None
     if body is not None:
-        data = json.dumps(body).encode()
+        try:  # an argument from a non-UTF-8 terminal holds lone surrogates (surrogateescape)
+            data = json.dumps(body, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise _Failure(
+                EXIT_USAGE,
+                "an argument is not valid UTF-8 text (is the terminal's encoding UTF-8?)",
+            ) from None
         headers["Content-Type"] = "application/json"
     request = urllib.request.Request(
         url + path + (f"?{query}" if query else ""), data=data, headers=headers, method=method

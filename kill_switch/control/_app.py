@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Final
 import anyio
 import anyio.abc
 from starlette.applications import Starlette
-from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.responses import HTMLResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from kill_switch._audit import INTERRUPT_REQUESTED, SESSION_FINISHED, SESSION_STARTED, AuditEvent
@@ -87,15 +87,25 @@ def escape(text: str, limit: int = 300) -> str:
     return json.dumps(text[:limit], ensure_ascii=True)
 
 
-def _error(status: int, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(
-        {"error": {"status": status, "message": message}}, status_code=status, headers=headers
-    )
+def _error(status: int, message: str, headers: Mapping[str, str] | None = None) -> Response:
+    return _json({"error": {"status": status, "message": message}}, status, headers)
 
 
-def _json(data: Any, status: int = 200) -> Response:
-    body = json.dumps(jsonable(data), ensure_ascii=False, separators=(",", ":"))
-    return Response(body, status_code=status, media_type="application/json")
+def _json(data: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
+    # ensure_ascii: a lone surrogate (a tool name from a model's JSON, a reason given
+    # through the Python API) is written as a \udXXX escape instead of failing to encode
+    # as UTF-8, which made every later inventory read a 500.
+    body = json.dumps(jsonable(data), ensure_ascii=True, separators=(",", ":"))
+    return Response(body, status_code=status, media_type="application/json", headers=headers)
+
+
+def _text(name: str, value: str) -> str:
+    """*value* if it is encodable text, else a 400 (a lone surrogate is not Unicode text)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise Refused(400, f"{name} is not valid Unicode text (a lone surrogate)") from None
+    return value
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -155,7 +165,7 @@ def _reason(data: Mapping[str, Any]) -> str:
         raise Refused(400, "'reason' must be a non-empty string")
     if len(reason) > MAX_REASON:
         raise Refused(400, f"'reason' longer than {MAX_REASON} characters")
-    return reason
+    return _text("'reason'", reason)
 
 
 def _flag(request: Request, name: str, default: bool) -> bool:
@@ -540,6 +550,8 @@ class ControlApp:
             raise Refused(400, "'labels' must be an object of at most 64 strings")
         if not isinstance(everything, bool):
             raise Refused(400, "'all' must be true or false")
+        for text in [agent or "", *(labels or {}).keys(), *(labels or {}).values()]:
+            _text("'agent' or 'labels'", text)
         if everything == (agent is not None or bool(labels)):
             raise Refused(400, "give either 'all': true or a selector ('agent', 'labels')")
         targets = [
