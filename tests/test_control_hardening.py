@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import resource
+import socket
 import subprocess
 import sys
 from typing import TYPE_CHECKING
 
 import anyio
+import httpx
 import pytest
 
+from kill_switch import control
 from tests.test_control_api import auth, harness, raw_request, request_head, run_agent
 
 if TYPE_CHECKING:
@@ -66,7 +70,7 @@ def test_cli_refuses_a_reason_that_is_not_utf8_before_sending(tmp_path: Path) ->
             "--url",
             "http://127.0.0.1:9",
             "--reason",
-            os.fsencode("caf") + b"\xe9",  # type: ignore[list-item]
+            os.fsencode("caf") + b"\xe9",
         ],
         capture_output=True,
         text=True,
@@ -75,4 +79,100 @@ def test_cli_refuses_a_reason_that_is_not_utf8_before_sending(tmp_path: Path) ->
         check=False,
     )
     assert proc.returncode == 2, proc.stderr
-    assert "not valid" in proc.stderr and "Traceback" not in proc.stderr
+    assert "not valid" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def _open_idle(url: str, n: int, head: bytes = b"") -> list[socket.socket]:
+    """*n* connections to *url*; each sends *head* (a partial request) or nothing."""
+    host, port = url.removeprefix("http://").split(":")
+    out = []
+    for _ in range(n):
+        sock = socket.create_connection((host, int(port)), timeout=10)
+        if head:
+            sock.sendall(head)
+        out.append(sock)
+    return out
+
+
+def _closed_by_peer(sock: socket.socket, timeout: float = 20.0) -> bool:
+    """Whether the server closes *sock* within *timeout* (EOF or reset)."""
+    sock.settimeout(timeout)
+    try:
+        while sock.recv(4096):
+            pass
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+    return True
+
+
+HALF_SENT = b"GET /api/sessions HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: "
+
+
+async def test_idle_and_half_sent_connections_are_capped_and_timed_out(tmp_path: Path) -> None:
+    """Beyond the cap, waiting sockets make room for an operator's kill; a request head
+    not complete within the header timeout closes the connection."""
+    async with (
+        harness(tmp_path, sqlite=False, max_connections=8, header_timeout=1.0) as h,
+        anyio.create_task_group() as tg,
+    ):
+        session = await tg.start(run_agent, h.runtime, "a")
+        socks = await anyio.to_thread.run_sync(_open_idle, h.server.url, 15)
+        socks += await anyio.to_thread.run_sync(_open_idle, h.server.url, 15, HALF_SENT)
+        try:
+            assert h.server._server is not None
+            assert len(h.server._server.server_state.connections) <= 9
+            killed = await h.client.post(
+                f"/api/sessions/{session.id}/kill",
+                json={"reason": "flood"},
+                headers=auth("operator"),
+            )
+            assert killed.status_code == 200, killed.text
+            for sock in socks:  # evicted at once, or timed out after 1 s
+                assert await anyio.to_thread.run_sync(_closed_by_peer, sock)
+            counters = h.server._protocol.counters
+            assert counters["evicted"] >= 20
+            assert counters["header_timeouts"] >= 1
+        finally:
+            for sock in socks:
+                sock.close()
+        tg.cancel_scope.cancel()
+
+
+def test_an_operator_kill_gets_in_under_a_small_descriptor_limit(tmp_path: Path) -> None:
+    """``kill-switch serve`` under ``ulimit -n 64``: 60 idle sockets do not keep an
+    operator's kill out, and the server does not flood its log with accept errors."""
+    token, entry = control.new_token("operator", "ops")
+    env = {**os.environ, "KILL_SWITCH_TOKENS": entry.line(), "PYTHONUNBUFFERED": "1"}
+    stderr_path = tmp_path / "stderr"
+    with open(stderr_path, "wb") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "kill_switch", "serve", "--port", "0"],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            env=env,
+            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64)),
+        )
+    socks: list[socket.socket] = []
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline().decode()
+        url = line.split(" at ", 1)[1].split("/ ", 1)[0]
+        socks = _open_idle(url, 60)
+        answer = httpx.post(
+            url + "/api/kill",
+            json={"all": True, "reason": "incident"},
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=10,
+        )
+        assert answer.status_code == 200, answer.text
+    finally:
+        for sock in socks:
+            sock.close()
+        proc.terminate()
+        proc.wait(30)
+        if proc.stdout is not None:
+            proc.stdout.close()
+    assert stderr_path.stat().st_size < 16 * 1024, stderr_path.read_text()[:2000]
