@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -176,3 +177,107 @@ def test_an_operator_kill_gets_in_under_a_small_descriptor_limit(tmp_path: Path)
         if proc.stdout is not None:
             proc.stdout.close()
     assert stderr_path.stat().st_size < 16 * 1024, stderr_path.read_text()[:2000]
+
+
+async def test_unauthenticated_denials_record_no_session_and_a_bounded_path(
+    tmp_path: Path,
+) -> None:
+    """A URL without a token never joins a session's trail nor writes its length into the
+    audit log; an authenticated denial naming a real session still does."""
+    async with harness(tmp_path, sqlite=False) as h, anyio.create_task_group() as tg:
+        session = await tg.start(run_agent, h.runtime, "a")
+        long_id = "x" * 8000
+        for sid in (session.id, long_id):
+            assert (await h.client.get(f"/api/sessions/{sid}")).status_code == 401
+        r = await h.client.post(
+            f"/api/sessions/{long_id}/kill", json={"reason": "r"}, headers=auth("viewer")
+        )
+        assert r.status_code == 403
+        r = await h.client.post(
+            f"/api/sessions/{session.id}/kill", json={"reason": "r"}, headers=auth("viewer")
+        )
+        assert r.status_code == 403
+        denials = h.denials()
+        assert [d.session_id for d in denials] == [None, None, None, session.id]
+        assert all(len(d.details["path"]) <= 200 for d in denials)
+        tg.cancel_scope.cancel()
+
+
+async def test_forwarded_for_is_not_trusted(tmp_path: Path) -> None:
+    """``X-Forwarded-For`` neither resets the failure budget nor forges the audited address."""
+    limiter = control.FailureLimiter(burst=3, per_second=0.01)
+    async with harness(tmp_path, sqlite=False, limiter=limiter) as h:
+        codes = []
+        for i in range(10):
+            r = await h.client.get(
+                "/api/whoami",
+                headers={"Authorization": f"Bearer bad{i}", "X-Forwarded-For": f"10.0.0.{i}"},
+            )
+            codes.append(r.status_code)
+        assert codes == [401] * 3 + [429] * 7
+        assert {d.details["client"] for d in h.denials()} == {"127.0.0.1"}
+
+
+async def _stream_until_end(client: httpx.AsyncClient, token: str, opened: anyio.Event) -> str:
+    """Read ``/api/events`` with *token* until the server ends it; its last event name."""
+    last = ""
+    headers = {"Authorization": f"Bearer {token}"}
+    async with client.stream("GET", "/api/events", headers=headers) as r:
+        assert r.status_code == 200
+        async for line in r.aiter_lines():
+            if line.startswith(": kill_switch"):
+                opened.set()
+            elif line.startswith("event: "):
+                last = line[7:]
+    return last
+
+
+async def test_revoking_a_token_ends_the_event_streams_opened_with_it(tmp_path: Path) -> None:
+    """Removed from the token file, or revoked through the API: its streams end."""
+    file_tok, file_entry = control.new_token("viewer", "from-file")
+    api_tok, api_entry = control.new_token("viewer", "by-api")
+    admin_tok, admin_entry = control.new_token("admin", "boss")
+    path = tmp_path / "tokens.txt"
+    path.write_text(f"{file_entry.line()}\n{api_entry.line()}\n{admin_entry.line()}\n")
+    os.chmod(path, 0o600)
+    store = control.TokenStore(path=path)
+    async with harness(tmp_path, sqlite=False, tokens=store) as h:
+        ends: dict[str, str] = {}
+        opened = {"file": anyio.Event(), "api": anyio.Event()}
+
+        async def watch(name: str, token: str) -> None:
+            ends[name] = await _stream_until_end(h.client, token, opened[name])
+
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(watch, "file", file_tok)
+                tg.start_soon(watch, "api", api_tok)
+                await opened["file"].wait()
+                await opened["api"].wait()
+                path.write_text(f"# rotated\n{api_entry.line()}\n{admin_entry.line()}\n")
+                r = await h.client.post(
+                    "/api/tokens/by-api/revoke", headers={"Authorization": f"Bearer {admin_tok}"}
+                )
+                assert r.status_code == 200
+        assert ends == {"file": "revoked", "api": "revoked"}
+
+
+async def test_one_token_cannot_hold_every_event_stream_slot(tmp_path: Path) -> None:
+    """A viewer gets 429 past its per-token share; another token still gets a stream."""
+    async with harness(tmp_path, sqlite=False) as h, contextlib.AsyncExitStack() as stack:
+        limits = httpx.Limits(max_connections=100)
+        client = await stack.enter_async_context(
+            httpx.AsyncClient(base_url=h.server.url, limits=limits, timeout=30)
+        )
+        per = h.server.control.broker.max_per_token
+        for _ in range(per):
+            r = await stack.enter_async_context(
+                client.stream("GET", "/api/events", headers=auth("viewer"))
+            )
+            assert r.status_code == 200
+        over = await client.get("/api/events", headers=auth("viewer"))
+        assert over.status_code == 429
+        r = await stack.enter_async_context(
+            client.stream("GET", "/api/events", headers=auth("operator"))
+        )
+        assert r.status_code == 200

@@ -66,6 +66,8 @@ FORBIDDEN_ACTIONS: Final = frozenset(
     {"resume", "config", "configure", "budgets", "limits", "tools", "prompt", "instruct"}
 )
 DENIED: Final = "control_denied"
+#: Characters of a refused request's path written to the audit log.
+MAX_AUDITED_PATH: Final = 200
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -325,17 +327,26 @@ class ControlApp:
     def _audit_denial(
         self, request: Request, status: int, why: str, principal: Principal | None
     ) -> None:
+        # A denial joins a session's trail only when an authenticated caller names a
+        # session that exists: an unauthenticated URL (or a made-up id) is attacker
+        # text, and the path recorded is bounded.
         session_id = request.path_params.get("session_id")
+        if not (
+            principal is not None
+            and isinstance(session_id, str)
+            and (self.runtime.get(session_id) is not None or self.book.get(session_id))
+        ):
+            session_id = None
         self.runtime._record(
             AuditEvent(
                 DENIED,
-                session_id if isinstance(session_id, str) else None,
+                session_id,
                 operator=principal.token_id if principal else None,
                 reason=why[:MAX_REASON],
                 details={
                     "status": status,
                     "method": request.method,
-                    "path": request.url.path[:200],
+                    "path": request.url.path[:MAX_AUDITED_PATH],
                     "role": principal.role if principal else None,
                     "client": request.client.host if request.client else None,
                 },
@@ -679,11 +690,15 @@ class ControlApp:
     async def events(self, request: Request) -> Response:
         """Server-sent events: every audit event (``audit``), stop reports (``report``),
         sessions that ended (``session``), and ``dropped`` when this client lagged."""
-        self.require(request, "viewer")
+        principal = self.require(request, "viewer")
         if self.broker.full():
             raise Refused(503, "too many event streams open")
+        if self.broker.full_for(principal.token_id):
+            raise Refused(
+                429, f"this token holds {self.broker.max_per_token} event streams already"
+            )
         return StreamingResponse(
-            self.broker.stream(),
+            self.broker.stream(principal.token_id, lambda: self.tokens.is_active(principal)),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
         )
@@ -715,6 +730,7 @@ class ControlApp:
         token_id = request.path_params["token_id"]
         if not self.tokens.revoke(token_id):
             raise Refused(404, "no such active token")
+        self.broker.revoke(token_id)
         self.runtime._record(
             AuditEvent(
                 "control_token_revoked",

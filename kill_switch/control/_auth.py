@@ -73,6 +73,8 @@ class Principal:
 
     token_id: str
     role: Role
+    #: The SHA-256 of the token presented, to tell a rotated token from this one.
+    sha256: str = attrs.field(default="", repr=False)
 
 
 def new_token(role: Role, token_id: str | None = None) -> tuple[str, TokenEntry]:
@@ -221,7 +223,16 @@ class TokenStore:
         for entry in self.entries():
             if hmac.compare_digest(presented, bytes.fromhex(entry.sha256)) and found is None:
                 found = entry
-        return Principal(found.token_id, found.role) if found is not None else None
+        if found is None:
+            return None
+        return Principal(found.token_id, found.role, found.sha256)
+
+    def is_active(self, principal: Principal) -> bool:
+        """Whether *principal*'s token is still configured, unchanged and not revoked."""
+        return any(
+            e.token_id == principal.token_id and hmac.compare_digest(e.sha256, principal.sha256)
+            for e in self.entries()
+        )
 
 
 # ------------------------------------------------------------ Authorization header

@@ -155,6 +155,11 @@ class ControlServer:
             # Idle time between two requests on a kept-alive connection; the time to send
             # a request head, and the connection cap, are the protocol's (``_protocol``).
             timeout_keep_alive=5,
+            # The client address is the TCP peer: X-Forwarded-For from anyone (uvicorn
+            # trusts it from loopback by default) would reset the failure limiter and
+            # forge the audited address.
+            proxy_headers=False,
+            forwarded_allow_ips="",
             loop="asyncio",
             http=self._protocol,
         )
