@@ -19,8 +19,8 @@ import pytest
 import kill_switch as ks
 from kill_switch._audit import AuditEvent
 from kill_switch._audit_chain import MIGRATIONS, SCHEMA_VERSION, row_hash
-from kill_switch._audit_cli import main as cli
 from kill_switch._audit_query import AuditLog, AuditRecord, verify
+from kill_switch._cli import main as cli
 from kill_switch._sqlite_audit import SqliteAudit
 
 if TYPE_CHECKING:
