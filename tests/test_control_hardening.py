@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import http.server
 import json
 import os
 import resource
 import socket
 import subprocess
 import sys
-from typing import TYPE_CHECKING
+import threading
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import httpx
@@ -19,6 +21,7 @@ from kill_switch import control
 from tests.test_control_api import auth, harness, raw_request, request_head, run_agent
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
     from pathlib import Path
 
 pytestmark = pytest.mark.anyio
@@ -284,3 +287,220 @@ async def test_one_token_cannot_hold_every_event_stream_slot(tmp_path: Path) -> 
             client.stream("GET", "/api/events", headers=auth("operator"))
         )
         assert r.status_code == 200
+
+
+# ------------------------------------------------------------------ item 7: the small ones
+
+
+async def test_only_allowed_host_names_are_served(tmp_path: Path) -> None:
+    """DNS rebinding: a Host that is not a loopback name (or configured) gets 400."""
+    async with harness(tmp_path, sqlite=False, allowed_hosts=["agent.internal"]) as h:
+        port = h.server.url.rsplit(":", 1)[1]
+        for host, status in [
+            (f"127.0.0.1:{port}", 200),
+            (f"localhost:{port}", 200),
+            (f"agent.internal:{port}", 200),
+            (f"attacker.example:{port}", 400),
+            ("127.0.0.1.attacker.example", 400),
+        ]:
+            r = await h.client.get("/api/whoami", headers={"Host": host, **auth("viewer")})
+            assert r.status_code == status, (host, r.text)
+        assert h.denials() == []  # refused before anything is written to the audit log
+
+
+async def test_audit_paging_beyond_int64_is_a_400(tmp_path: Path) -> None:
+    """``?after=`` / ``?before=`` outside a 64-bit integer: 400, not a 500 from SQLite."""
+    async with harness(tmp_path) as h:
+        for q in ("after=9223372036854775808", "before=-9223372036854775809"):
+            r = await h.client.get(f"/api/audit?{q}", headers=auth("viewer"))
+            assert r.status_code == 400, r.text
+        r = await h.client.get("/api/audit?after=9223372036854775807", headers=auth("viewer"))
+        assert r.status_code == 200
+
+
+def test_token_file_world_writable_or_clashing_with_the_environment_is_refused(
+    tmp_path: Path,
+) -> None:
+    """A world-writable token file, or one repeating an id of ``$KILL_SWITCH_TOKENS``,
+    is refused at start-up with a clear error."""
+    _, entry = control.new_token("viewer", "dup")
+    _, other = control.new_token("admin", "dup")
+    path = tmp_path / "tokens.txt"
+    path.write_text(entry.line() + "\n")
+    os.chmod(path, 0o666)
+    with pytest.raises(ValueError, match="world-writable"):
+        control.TokenStore(path=path)
+    os.chmod(path, 0o640)
+    assert [e.token_id for e in control.TokenStore(path=path).entries()] == ["dup"]
+    with pytest.raises(ValueError, match=r"also in \$KILL_SWITCH_TOKENS"):
+        control.TokenStore(path=path, env=other.line())
+
+
+def test_token_file_changes_are_seen_whatever_the_size_and_mtime(tmp_path: Path) -> None:
+    """A same-size rewrite with its mtime put back revokes the old token; so does a file
+    made world-writable, or one that gains an id of ``$KILL_SWITCH_TOKENS``."""
+    old_tok, old = control.new_token("operator", "ops")
+    new_tok, new = control.new_token("operator", "ops")
+    _, env_entry = control.new_token("viewer", "env-v")
+    path = tmp_path / "tokens.txt"
+    path.write_text(old.line() + "\n")
+    os.chmod(path, 0o600)
+    store = control.TokenStore(path=path, env=env_entry.line())
+    assert store.authenticate(old_tok.encode()) is not None
+    before = path.stat()
+    path.write_text(new.line() + "\n")
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = path.stat()
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    assert store.authenticate(old_tok.encode()) is None
+    assert store.authenticate(new_tok.encode()) is not None
+    os.chmod(path, 0o602)
+    assert store.authenticate(new_tok.encode()) is None
+    os.chmod(path, 0o600)
+    assert store.authenticate(new_tok.encode()) is not None
+    path.write_text(f"{new.line()}\nenv-v:admin:{'0' * 64}\n")
+    assert store.authenticate(new_tok.encode()) is None
+
+
+async def test_kill_bodies_with_unknown_keys_are_refused(tmp_path: Path) -> None:
+    """A typo (``label`` for ``labels``) is a 400, never a wider kill."""
+    async with harness(tmp_path, sqlite=False) as h, anyio.create_task_group() as tg:
+        session = await tg.start(run_agent, h.runtime, "a", {"tenant": "acme"})
+        r = await h.client.post(
+            "/api/kill",
+            json={"reason": "r", "agent": "a", "label": {"tenant": "other"}},
+            headers=auth("operator"),
+        )
+        assert r.status_code == 400
+        assert "'label'" in r.json()["error"]["message"]
+        r = await h.client.post(
+            f"/api/sessions/{session.id}/kill",
+            json={"reason": "r", "force": True},
+            headers=auth("operator"),
+        )
+        assert r.status_code == 400
+        assert not session.interrupted
+        tg.cancel_scope.cancel()
+
+
+def _exchange(url: str, data: bytes) -> tuple[int, bool]:
+    """Send *data* on one connection: the answer's status and whether the server then
+    closed the connection (within 5 s)."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(data)
+        got, closed = b"", False
+        try:
+            while chunk := sock.recv(65536):
+                got += chunk
+            closed = True
+        except ConnectionResetError:
+            closed = True
+        except TimeoutError:
+            pass
+    return int(got.split(b" ", 2)[1]), closed
+
+
+async def test_request_framing_h11_lets_through_is_refused(tmp_path: Path) -> None:
+    """Content-Length with chunked: 400 and closed; a 100 KiB header block: 431 (or 400
+    from the parser); an encoded slash in the path: 400."""
+    async with harness(tmp_path, sqlite=False) as h, anyio.create_task_group() as tg:
+        session = await tg.start(run_agent, h.runtime, "a")
+        token = auth("operator")["Authorization"].encode()
+        smuggle = (
+            f"POST /api/sessions/{session.id}/kill HTTP/1.1\r\nHost: 127.0.0.1\r\n".encode()
+            + b"Authorization: "
+            + token
+            + b"\r\nContent-Type: application/json\r\nContent-Length: 4\r\n"
+            b'Transfer-Encoding: chunked\r\n\r\n10\r\n{"reason": "sm"}\r\n0\r\n\r\n'
+        )
+        status, closed = await anyio.to_thread.run_sync(_exchange, h.server.url, smuggle)
+        assert (status, closed) == (400, True)
+        bad_chunk = smuggle.replace(b"\r\n10\r\n", b"\r\n11\r\n")  # one byte short
+        status, closed = await anyio.to_thread.run_sync(_exchange, h.server.url, bad_chunk)
+        assert (status, closed) == (400, True)
+        big = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        big += b"".join(b"X-Pad-%d: %s\r\n" % (i, b"a" * 1000) for i in range(100)) + b"\r\n"
+        status, _ = await anyio.to_thread.run_sync(_exchange, h.server.url, big)
+        assert status in (400, 431)
+        for path in (f"/api/sessions/{session.id}%2Fx/kill", "/api/sessions/a%2fb"):
+            head = request_head("GET", path, [(b"Authorization", token)])
+            assert await anyio.to_thread.run_sync(raw_request, h.server.url, head) == 400
+        assert not session.interrupted
+        tg.cancel_scope.cancel()
+
+
+async def test_trace_on_a_forbidden_path_is_403_and_audited(tmp_path: Path) -> None:
+    """TRACE is "any method" too: 403 for every role, audited."""
+    async with harness(tmp_path, sqlite=False) as h:
+        r = await h.client.request("TRACE", "/api/resume", headers=auth("admin"))
+        assert r.status_code == 403
+        assert [d.details["method"] for d in h.denials()] == ["TRACE"]
+
+
+class _Recorder(http.server.BaseHTTPRequestHandler):
+    """Answers every request as its server's ``answer`` says; records what it got."""
+
+    def do_GET(self) -> None:
+        """Record the request, then answer."""
+        server: Any = self.server
+        server.seen.append(dict(self.headers))
+        status, headers, body = server.answer
+        self.send_response(status)
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        """Quiet."""
+
+
+@contextlib.contextmanager
+def _http_server(answer: tuple[int, dict[str, str], bytes]) -> Iterator[Any]:
+    """A plain HTTP server on 127.0.0.1 answering *answer* to everything."""
+    server: Any = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
+    server.seen, server.answer = [], answer
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+def _cli(url: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "kill_switch", "sessions", "--url", url, "--token", "kst_t"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_cli_never_follows_a_redirect_nor_crashes_on_an_odd_answer() -> None:
+    """A redirect elsewhere is not followed (the token stays home): exit 3; a 2xx that is
+    not the control plane's JSON: exit 3 with a message, never a traceback."""
+    with _http_server((200, {}, b"{}")) as elsewhere:
+        port = elsewhere.server_address[1]
+        moved = (307, {"Location": f"http://localhost:{port}/api/sessions"}, b"")
+        with _http_server(moved) as first:
+            done = _cli(f"http://127.0.0.1:{first.server_address[1]}")
+        assert done.returncode == 3, done.stderr
+        assert "redirect" in done.stderr
+        assert elsewhere.seen == []
+    for answer in [
+        (200, {"Content-Type": "text/html"}, b"<html>hello</html>"),
+        (204, {}, b""),
+        (200, {"Content-Type": "application/json"}, b'{"unexpected": 1}'),
+        (302, {"Location": "/login"}, b""),
+    ]:
+        with _http_server(answer) as odd:
+            done = _cli(f"http://127.0.0.1:{odd.server_address[1]}")
+        assert done.returncode == 3, (answer, done.stderr)
+        assert "Traceback" not in done.stderr
+        assert done.stderr.startswith("kill-switch sessions: ")

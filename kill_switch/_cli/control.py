@@ -1,6 +1,7 @@
 """``kill-switch serve | sessions | kill | token``: the operator's commands.
 
     kill-switch serve [--host H] [--port P] [--tokens-file F] [--audit-db PATH]
+                      [--allow-host NAME ...]
     kill-switch sessions [--agent A] [--label k=v] [--state S] [--json]
     kill-switch kill ID --reason TEXT [--no-wait] [--json]
     kill-switch kill (--all | --agent A | --label k=v ...) --reason TEXT [--json]
@@ -60,6 +61,13 @@ def register(subparsers: Any) -> None:
         "--tokens-file", metavar="PATH", help="token hash lines (also $KILL_SWITCH_TOKENS)"
     )
     serve.add_argument("--audit-db", metavar="PATH", help="SQLite audit log for the runtime")
+    serve.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a Host name to accept besides the loopback names (repeatable)",
+    )
     serve.set_defaults(func=run_serve)
 
     def client(p: argparse.ArgumentParser) -> None:
@@ -268,7 +276,13 @@ def run_serve(args: argparse.Namespace) -> int:
 
         async with (
             Runtime(audit=args.audit_db) as runtime,
-            serve(runtime, host=args.host, port=args.port, tokens=store) as server,
+            serve(
+                runtime,
+                host=args.host,
+                port=args.port,
+                tokens=store,
+                allowed_hosts=args.allow_host,
+            ) as server,
             # SIGINT/SIGTERM: every session stopped (trigger shutdown), then the block
             # ends; the requested end of a server, hence exit 0.
             graceful_shutdown(runtime),

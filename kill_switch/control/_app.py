@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, Any, Final
 import anyio
 import anyio.abc
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.responses import HTMLResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -41,7 +43,7 @@ from ._inventory import Book, Entry, jsonable, live_detail
 from ._metrics import Metrics
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+    from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 
     from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
     from starlette.requests import Request
@@ -55,6 +57,11 @@ log = logging.getLogger("kill_switch.control")
 
 #: Largest request body read, in bytes; longer ones are refused (413) while reading.
 MAX_BODY: Final = 16 * 1024
+#: Largest request header block, in bytes (431 beyond it).
+MAX_HEADER_BLOCK: Final = 16 * 1024
+#: Host names a request may address by default (DNS rebinding: a web page's own name
+#: resolving to 127.0.0.1 is refused); ``allowed_hosts`` adds others.
+LOOPBACK_HOSTS: Final = ("127.0.0.1", "localhost", "[::1]")
 #: Seconds a request body may take to arrive (a slow body holds a connection, not a kill).
 BODY_TIMEOUT: Final = 10.0
 #: Seconds a session's detail waits for the agent's loop to answer.
@@ -159,6 +166,13 @@ async def read_json(request: Request) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise Refused(400, "the body must be a JSON object")
     return data
+
+
+def _known(data: Mapping[str, Any], *keys: str) -> None:
+    """Refuse a key that is not one of *keys*: a typo (``label``) must not widen a kill."""
+    unknown = sorted(set(data) - set(keys))
+    if unknown:
+        raise Refused(400, f"unknown key {unknown[0]!r}; expected {', '.join(map(repr, keys))}")
 
 
 def _reason(data: Mapping[str, Any]) -> str:
@@ -520,6 +534,7 @@ class ControlApp:
         principal = self.require(request, "operator")
         wait = _flag(request, "wait", True)
         data = await read_json(request)
+        _known(data, "reason")
         reason = _reason(data)
         session_id = request.path_params["session_id"]
         session = self.runtime.get(session_id)
@@ -547,6 +562,7 @@ class ControlApp:
         principal = self.require(request, "operator")
         wait = _flag(request, "wait", True)
         data = await read_json(request)
+        _known(data, "reason", "agent", "labels", "all")
         reason = _reason(data)
         agent = data.get("agent")
         labels = data.get("labels")
@@ -623,6 +639,8 @@ class ControlApp:
                 raise Refused(400, f"?{name}= must be a number") from None
             if isinstance(value, float) and value != value:
                 raise Refused(400, f"?{name}= must be a number")
+            if isinstance(value, int) and not -(2**63) <= value < 2**63:
+                raise Refused(400, f"?{name}= is out of range (a 64-bit integer)")
             return value
 
         limit = num("limit", int)
@@ -742,7 +760,7 @@ class ControlApp:
         return _json({"revoked": token_id})
 
 
-ALL_METHODS: Final = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+ALL_METHODS: Final = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"]
 
 
 def _handler(
@@ -792,6 +810,11 @@ class _Guard:
                 message = {**message, "headers": headers}
             await send(message)
 
+        malformed = _malformed(scope)
+        if malformed is not None:
+            status, why = malformed
+            await _error(status, why, {"Connection": "close"})(scope, receive, send_wrapped)
+            return
         refusal = _cross_site(scope)
         if refusal is not None:
             await _error(403, refusal)(scope, receive, send_wrapped)
@@ -802,6 +825,33 @@ class _Guard:
             log.exception("internal error on %s", escape(str(scope.get("path", ""))))
             if not started:
                 await _error(500, "internal error")(scope, receive, send_wrapped)
+
+
+def _malformed(scope: Scope) -> tuple[int, str] | None:
+    """The status and reason to refuse a request h11 let through, or ``None``; the
+    connection is then closed (the request's framing cannot be trusted).
+
+    * A header block over ``MAX_HEADER_BLOCK``: h11 bounds only a head that arrives in
+      pieces (``h11_max_incomplete_event_size``); one read can deliver a larger one whole.
+    * ``Content-Length`` together with ``Transfer-Encoding``: the request smuggling
+      pattern (RFC 9112 6.3 allows closing the connection).
+    * An encoded slash (``%2F``) in the path: the server decodes it before routing, so
+      ``a%2Fb`` would route as two segments.
+    """
+    size = 0
+    framing = set()
+    for k, v in scope["headers"]:
+        size += len(k) + len(v) + 4
+        name = k.lower()
+        if name in (b"content-length", b"transfer-encoding"):
+            framing.add(name)
+    if size > MAX_HEADER_BLOCK:
+        return 431, f"request header block larger than {MAX_HEADER_BLOCK} bytes"
+    if len(framing) == 2:
+        return 400, "Content-Length together with Transfer-Encoding"
+    if b"%2f" in bytes(scope.get("raw_path") or b"").lower():
+        return 400, "an encoded slash (%2F) in the path"
+    return None
 
 
 def _cross_site(scope: Scope) -> str | None:
@@ -838,8 +888,13 @@ def create_app(
     anchor_path: str | None = None,
     limiter: FailureLimiter | None = None,
     kill_timeout: float | None = None,
+    allowed_hosts: Sequence[str] = LOOPBACK_HOSTS,
 ) -> tuple[ASGIApp, ControlApp]:
-    """The ASGI application of the control plane for *runtime*, and its state."""
+    """The ASGI application of the control plane for *runtime*, and its state.
+
+    A request whose ``Host`` is not in *allowed_hosts* (port ignored; ``*.example.com``
+    patterns as Starlette's ``TrustedHostMiddleware``) is refused with 400.
+    """
     state = ControlApp(
         runtime,
         tokens,
@@ -871,5 +926,11 @@ def create_app(
             Route(f"/api/sessions/{{session_id}}/{action}", h(state.forbidden), methods=forbidden)
         )
     routes.append(Route("/api/{rest:path}", h(state.not_found), methods=forbidden))
-    app = Starlette(routes=routes, lifespan=state.lifespan)
+    app = Starlette(
+        routes=routes,
+        lifespan=state.lifespan,
+        middleware=[
+            Middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts), www_redirect=False)
+        ],
+    )
     return _Guard(app), state

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from ._app import ControlApp, create_app
+from ._app import LOOPBACK_HOSTS, ControlApp, create_app
 from ._auth import FailureLimiter, TokenEntry, TokenStore
 from ._protocol import HEADER_TIMEOUT, MAX_CONNECTIONS, protocol_class
 
@@ -71,6 +71,8 @@ class ControlServer:
             limit); beyond it a new connection evicts the oldest one still waiting for
             its request head, so an operator's kill always gets in.
         header_timeout: seconds a connection has to send a complete request head.
+        allowed_hosts: ``Host`` names accepted, besides the loopback names and *host*
+            itself (DNS rebinding: any other name is refused with 400).
 
     Raises:
         ValueError: no token is configured (an open kill switch is refused), or a limit
@@ -89,6 +91,7 @@ class ControlServer:
         kill_timeout: float | None = None,
         max_connections: int = MAX_CONNECTIONS,
         header_timeout: float = HEADER_TIMEOUT,
+        allowed_hosts: Sequence[str] = (),
     ) -> None:
         self._protocol = protocol_class(max_connections, header_timeout)
         store = _tokens(tokens)
@@ -99,8 +102,16 @@ class ControlServer:
                 "(tokens=..., a token file, or $KILL_SWITCH_TOKENS)"
             )
         self.tokens = store
+        hosts = [*LOOPBACK_HOSTS, *allowed_hosts]
+        if host not in ("0.0.0.0", "::", ""):
+            hosts.append(f"[{host}]" if ":" in host else host)
         self.app, self.state = create_app(
-            runtime, store, audit_path=audit_path, limiter=limiter, kill_timeout=kill_timeout
+            runtime,
+            store,
+            audit_path=audit_path,
+            limiter=limiter,
+            kill_timeout=kill_timeout,
+            allowed_hosts=hosts,
         )
         self._host = host
         self._port = port
@@ -245,6 +256,7 @@ async def serve(
     kill_timeout: float | None = None,
     max_connections: int = MAX_CONNECTIONS,
     header_timeout: float = HEADER_TIMEOUT,
+    allowed_hosts: Sequence[str] = (),
 ) -> AsyncIterator[ControlServer]:
     """Serve *runtime*'s control plane while the block runs; yields the server (``.url``).
 
@@ -265,6 +277,7 @@ async def serve(
         kill_timeout=kill_timeout,
         max_connections=max_connections,
         header_timeout=header_timeout,
+        allowed_hosts=allowed_hosts,
     )
     try:
         # Inside the try: a cancellation that arrives while the thread starts the server
