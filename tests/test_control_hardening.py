@@ -11,12 +11,14 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from typing import TYPE_CHECKING, Any
 
 import anyio
 import httpx
 import pytest
 
+from benchmarks.control_load import LoadProcess
 from kill_switch import control
 from tests.test_control_api import auth, harness, raw_request, request_head, run_agent
 
@@ -504,3 +506,41 @@ def test_cli_never_follows_a_redirect_nor_crashes_on_an_odd_answer() -> None:
         assert done.returncode == 3, (answer, done.stderr)
         assert "Traceback" not in done.stderr
         assert done.stderr.startswith("kill-switch sessions: ")
+
+
+# ------------------------------------------------------------------ soak
+
+
+async def test_soak_an_operator_kill_answers_within_a_second_under_a_hostile_load(
+    tmp_path: Path,
+) -> None:
+    """200 idle and half-sent sockets plus a bad-token flood from another process: each
+    operator kill still answers (with its report) in under a second, and the flood
+    costs the audit log no more than the failure budget."""
+    limiter = control.FailureLimiter(burst=20, per_second=2.0)
+    async with harness(tmp_path, limiter=limiter) as h, anyio.create_task_group() as tg:
+        sessions = [await tg.start(run_agent, h.runtime, f"a{i}") for i in range(3)]
+        load = await anyio.to_thread.run_sync(LoadProcess, h.server.url)
+        try:
+            assert await anyio.to_thread.run_sync(load.on) == 200
+            with anyio.fail_after(30):
+                while (await anyio.to_thread.run_sync(load.stats))["requests"] < 100:  # noqa: ASYNC110  (another process's counter)
+                    await anyio.sleep(0.05)
+            for session in sessions:
+                started = time.monotonic()
+                r = await h.client.post(
+                    f"/api/sessions/{session.id}/kill",
+                    json={"reason": "soak"},
+                    headers=auth("operator"),
+                )
+                elapsed = time.monotonic() - started
+                assert r.status_code == 200, r.text
+                assert r.json()["report"]["quiescent"]
+                assert elapsed < 1.0, f"kill took {elapsed:.3f} s under load"
+            stats = await anyio.to_thread.run_sync(load.stats)
+        finally:
+            await anyio.to_thread.run_sync(load.close)
+        assert stats["open"] == 200
+        assert set(stats["statuses"]) <= {"401", "429"}
+        assert stats["statuses"].get("429", 0) > 0
+        assert len([d for d in h.denials() if d.operator is None]) <= 20 + 2 * 60
