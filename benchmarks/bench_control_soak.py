@@ -45,6 +45,9 @@ if TYPE_CHECKING:
 
 NAME = "control_soak"
 TARGET_RATIO = 1.5
+#: Bad-token requests per second of the flood: 250 times the failure limiter's refill
+#: rate (2/s), 25 times its burst, every second.
+FLOOD_RATE = 500.0
 #: Bad-token requests the flood must have sent since the load was (re)checked before a
 #: loaded sample starts: the flood is running during the sample, not ramping up.
 FLOOD_WARM = 20
@@ -58,6 +61,7 @@ async def _park() -> None:
 
 def make_variants(
     runtime: ks.Runtime,
+    server: control.ControlServer,
     n: int,
     client: Client,
     load: LoadProcess,
@@ -85,8 +89,13 @@ def make_variants(
     async def kill(loaded: bool) -> float:
         if loaded and not load.running:
             counts["sockets"] = await loop.run_in_executor(pool, load.on)
+            with anyio.fail_after(30):
+                await h.until(lambda: server.open_connections >= counts["sockets"])
         elif not loaded and load.running:
             await loop.run_in_executor(pool, load.off)
+            # The server has seen every close: the quiet sample does not pay for them.
+            with anyio.fail_after(30):
+                await h.until(lambda: server.open_connections <= 1)
         if loaded:  # the flood is running now: it has sent FLOOD_WARM more requests
             start = (await loop.run_in_executor(pool, load.stats))["requests"]
             while (await loop.run_in_executor(pool, load.stats))["requests"] < start + FLOOD_WARM:  # noqa: ASYNC110  (another process)
@@ -121,7 +130,7 @@ def rows_for(loop: str, n: int, samples: dict[str, list[float]], **extra: Any) -
     return [base, row]
 
 
-async def bench(loop: str, n: int, quick: bool) -> list[h.Row]:
+async def bench(loop: str, n: int, quick: bool, rate: float) -> list[h.Row]:
     """N parked calls, on the running loop, against a control plane on its own thread."""
     # Each refused token is a warning line on stderr until the failure budget runs out.
     logging.getLogger("kill_switch.control").setLevel(logging.ERROR)
@@ -131,9 +140,9 @@ async def bench(loop: str, n: int, quick: bool) -> list[h.Row]:
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="client") as pool:
         async with ks.Runtime() as runtime, control.serve(runtime, tokens=[entry]) as server:
             client = Client(server.url, token)
-            load = LoadProcess(server.url)
+            load = LoadProcess(server.url, rate=rate)
             try:
-                variants = make_variants(runtime, n, client, load, pool, counts)
+                variants = make_variants(runtime, server, n, client, load, pool, counts)
                 samples = await h.interleave(variants, reps=reps, warmup=warmup)
                 stats = await loop_run(pool, load.stats)
             finally:
@@ -144,6 +153,7 @@ async def bench(loop: str, n: int, quick: bool) -> list[h.Row]:
         n,
         samples,
         sockets_held=counts.get("sockets"),
+        flood_rate=rate or "max",
         flood_requests=stats["requests"],
         flood_statuses=stats["statuses"],
         sockets_reopened=stats["reopened"],
@@ -164,13 +174,19 @@ async def loop_run(pool: concurrent.futures.Executor, fn: Callable[[], Any]) -> 
 def main(argv: list[str] | None = None) -> int:
     parser = h.make_parser(__doc__)
     parser.add_argument("--n", type=int, default=100, help="tool calls parked (default 100)")
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=FLOOD_RATE,
+        help=f"bad-token requests per second (default {FLOOD_RATE:g}; 0: as fast as answered)",
+    )
     args = parser.parse_args(argv)
     n = 10 if args.quick else args.n
     env = h.environment()
     print(f"control plane kill under a hostile load   [{h.environment_line(env)}]")
     rows: list[h.Row] = []
     for loop in h.parse_loops(args.loops):
-        rows += h.run_on(loop, bench, loop, n, args.quick)
+        rows += h.run_on(loop, bench, loop, n, args.quick, args.rate)
     h.print_table(rows, "control plane under load: summary")
     if args.json:
         h.write_json(args.json, NAME, rows, quick=args.quick)

@@ -1,10 +1,11 @@
 """A hostile local client of the control plane, in a process of its own: the soak load.
 
-    python benchmarks/control_load.py URL [--idle 100] [--half 100] [--flooders 4]
+    python benchmarks/control_load.py URL [--idle 100] [--half 100] [--flooders 4] [--rate R]
 
 It holds *idle* connections that send nothing and *half* connections that send part of
 a request head and stop (re-opened whenever the server closes one), and *flooders*
-connections that send requests with a bad bearer token as fast as the answers come.
+connections that send requests with a bad bearer token, *rate* per second in all, or
+as fast as the answers come (``--rate 0``).
 
 Driven by lines on stdin, each acknowledged by one line on stdout:
 
@@ -39,9 +40,13 @@ BAD = b"GET /api/sessions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer k
 class Load:
     """The sockets and the flood, on this process's event loop."""
 
-    def __init__(self, host: str, port: int, idle: int, half: int, flooders: int) -> None:
+    def __init__(
+        self, host: str, port: int, idle: int, half: int, flooders: int, rate: float = 0.0
+    ) -> None:
         self.host, self.port = host, port
         self.idle, self.half, self.flooders = idle, half, flooders
+        # Seconds between two requests of one flooder (0: as fast as the answers come).
+        self.gap = flooders / rate if rate > 0 else 0.0
         self.tasks: set[asyncio.Task[None]] = set()
         self.statuses: Counter[str] = Counter()
         self.requests = 0
@@ -74,6 +79,8 @@ class Load:
 
     async def _flood(self) -> None:
         """Bad tokens, one after the other on a kept-alive connection."""
+        loop = asyncio.get_running_loop()
+        due = loop.time()
         while True:
             try:
                 reader, writer = await asyncio.open_connection(self.host, self.port)
@@ -82,6 +89,9 @@ class Load:
                 continue
             try:
                 while True:
+                    if self.gap:
+                        due = max(due + self.gap, loop.time() - 1.0)
+                        await asyncio.sleep(max(0.0, due - loop.time()))
                     writer.write(BAD)
                     line = await reader.readline()
                     if not line:
@@ -129,12 +139,21 @@ class Load:
 class LoadProcess:
     """``control_load.py`` in a child process, driven from this one (blocking calls)."""
 
-    def __init__(self, url: str, *, idle: int = 100, half: int = 100, flooders: int = 4):
+    def __init__(
+        self,
+        url: str,
+        *,
+        idle: int = 100,
+        half: int = 100,
+        flooders: int = 4,
+        rate: float = 0.0,
+    ) -> None:
         script = Path(__file__).resolve()
         self.proc = subprocess.Popen(
             [
                 *(sys.executable, str(script), url),
                 *("--idle", str(idle), "--half", str(half), "--flooders", str(flooders)),
+                *("--rate", str(rate)),
             ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -198,9 +217,10 @@ async def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--idle", type=int, default=100)
     parser.add_argument("--half", type=int, default=100)
     parser.add_argument("--flooders", type=int, default=4)
+    parser.add_argument("--rate", type=float, default=0.0, help="requests/s in all (0: max)")
     args = parser.parse_args(argv)
     host, port = args.url.removeprefix("http://").rstrip("/").split(":")
-    load = Load(host, int(port), args.idle, args.half, args.flooders)
+    load = Load(host, int(port), args.idle, args.half, args.flooders, args.rate)
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)

@@ -374,6 +374,24 @@ class ControlApp:
             escape(why),
         )
 
+    def over_budget(self, scope: Scope) -> int:
+        """Seconds to tell a client over its failure budget whose credentials fail, else
+        0 (a valid token, or a client with budget left, goes on to the handler)."""
+        client = scope.get("client")
+        host = client[0] if client else "?"
+        if not self.limiter.blocked(host):
+            return 0
+        try:
+            if self.tokens.authenticate(bearer_token(scope["headers"])) is not None:
+                return 0
+        except BadCredentials:
+            pass
+        wait = self.limiter.retry_after(host)
+        if wait <= 0:
+            return 0  # the budget refilled meanwhile: the handler counts and audits it
+        self.metrics.rate_limited += 1
+        return max(1, int(wait + 0.999))
+
     def authenticate(self, request: Request) -> Principal:
         """The caller, from its bearer token.
 
@@ -788,8 +806,9 @@ class _Guard:
     """Outermost ASGI layer: refuses cross-site state changes, sets security headers,
     and turns a bug into a logged 500 rather than a dropped connection."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, state: ControlApp | None = None) -> None:
         self.app = app
+        self.state = state
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -819,6 +838,18 @@ class _Guard:
         if refusal is not None:
             await _error(403, refusal)(scope, receive, send_wrapped)
             return
+        if self.state is not None:
+            wait = self.state.over_budget(scope)
+            if wait:
+                # A client over its failure budget is answered here, before routing: a
+                # flood of bad tokens then costs the control loop as little as it can,
+                # which is what an operator's kill competes with.
+                await _error(
+                    429,
+                    "too many failed authentications; retry later",
+                    {"Retry-After": str(wait), "Cache-Control": "no-store"},
+                )(scope, receive, send_wrapped)
+                return
         try:
             await self.app(scope, receive, send_wrapped)
         except Exception:  # last resort: a bug must not look like a network failure
@@ -933,4 +964,4 @@ def create_app(
             Middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts), www_redirect=False)
         ],
     )
-    return _Guard(app), state
+    return _Guard(app, state), state

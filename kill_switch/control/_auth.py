@@ -324,6 +324,16 @@ class FailureLimiter:
         self._lock = threading.Lock()
         self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
 
+    def blocked(self, client: str) -> bool:
+        """Whether *client* has no failure left now (nothing is counted)."""
+        now = time.monotonic()
+        with self._lock:
+            state = self._buckets.get(client)
+        if state is None:
+            return False
+        tokens, last = state
+        return min(float(self.burst), tokens + (now - last) * self.per_second) < 1.0
+
     def retry_after(self, client: str) -> float:
         """0 if *client* may fail once more (and count that failure), else seconds to wait."""
         now = time.monotonic()

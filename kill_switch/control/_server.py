@@ -124,6 +124,12 @@ class ControlServer:
         self.url = ""
 
     @property
+    def open_connections(self) -> int:
+        """HTTP connections open now (for tests and benchmarks; bounded by the cap)."""
+        server = self._server
+        return len(server.server_state.connections) if server is not None else 0
+
+    @property
     def control(self) -> ControlApp:
         """The application's state (for tests and embedding)."""
         return self.state
