@@ -139,9 +139,17 @@ async def test_idle_and_half_sent_connections_are_capped_and_timed_out(tmp_path:
             assert killed.status_code == 200, killed.text
             for sock in socks:  # evicted at once, or timed out after 1 s
                 assert await anyio.to_thread.run_sync(_closed_by_peer, sock)
-            counters = h.server._protocol.counters
-            assert counters["evicted"] >= 1
-            assert counters["header_timeouts"] >= 1
+            metrics = (await h.client.get("/metrics", headers=auth("viewer"))).text
+            closed = {
+                why: int(line.rsplit(" ", 1)[1])
+                for why in ("evicted", "header_timeouts")
+                for line in metrics.splitlines()
+                if line.startswith(
+                    f'kill_switch_control_connections_closed_total{{reason="{why}"}}'
+                )
+            }
+            assert closed["evicted"] >= 1
+            assert closed["header_timeouts"] >= 1
         finally:
             for sock in socks:
                 sock.close()

@@ -249,6 +249,9 @@ class ControlApp:
         self.last_verify: bool | None = None
         self.book = Book()
         self.broker = Broker()
+        #: Connection counters (``open``, ``evicted``, ``header_timeouts``) for
+        #: ``/metrics``, set by the server that serves this application.
+        self.connections: Callable[[], Mapping[str, int]] | None = None
         self.metrics = Metrics()
         # Sessions whose stop to follow: a plain loop callback cannot start a task in a
         # task group, so it hands them to a task that can (set while serving).
@@ -750,6 +753,7 @@ class ControlApp:
             events_published=self.broker.published,
             events_dropped=self.broker.dropped,
             event_clients=self.broker.clients,
+            connections=self.connections() if self.connections is not None else None,
         )
         return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 

@@ -113,6 +113,10 @@ class ControlServer:
             kill_timeout=kill_timeout,
             allowed_hosts=hosts,
         )
+        self.state.connections = lambda: {
+            "open": self.open_connections,
+            **self._protocol.counters,
+        }
         self._host = host
         self._port = port
         self._sock: socket.socket | None = None
