@@ -12,8 +12,8 @@ import pytest
 
 import kill_switch as ks
 from kill_switch import AuditEvent, AuditLog, SqliteAudit
-from kill_switch._audit_cli import main as cli
 from kill_switch._audit_query import open_readonly
+from kill_switch._cli import main as cli
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -113,9 +113,9 @@ async def test_cli_lists_exports_and_verifies(
     assert "session=c" in capsys.readouterr().out  # the tree includes the child's stop
     assert cli(["audit", "verify"]) == 0
     assert "intact" in capsys.readouterr().out
-    assert cli(["audit", "verify", "--db", str(tmp_path / "none.db")]) == 2
+    assert cli(["audit", "verify", "--db", str(tmp_path / "none.db")]) == 3
     (tmp_path / "junk.db").write_bytes(b"junk" * 1000)
-    assert cli(["audit", "verify", "--db", str(tmp_path / "junk.db")]) == 2
+    assert cli(["audit", "verify", "--db", str(tmp_path / "junk.db")]) == 3
 
 
 def append_torn_line(path: str) -> None:

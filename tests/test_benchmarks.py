@@ -143,3 +143,20 @@ def test_run_all_as_module_runs_a_named_script(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "combined results" in proc.stdout
     assert json.loads((tmp_path / "bench_guard.json").read_text(encoding="utf-8"))["rows"]
+
+
+@pytest.mark.timeout(360)
+def test_control_soak_quick_run_kills_under_the_load(tmp_path: Path) -> None:
+    """``bench_control_soak --quick`` kills with the hostile load on and off, and says
+    what the load did (no timing assertion)."""
+    out = tmp_path / "bench_control_soak.json"
+    script = str(ROOT / "benchmarks" / "bench_control_soak.py")
+    proc = _run([script, "--quick", "--json", str(out)], 300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = _check_results(out, "bench_control_soak")
+    loaded = [r for r in data["rows"] if r["variant"] == "HTTP kill, soak load"]
+    assert len(loaded) == 2
+    for row in loaded:
+        assert row["baseline"] == "HTTP kill, quiet"
+        assert row["extra"]["sockets_held"] == 200
+        assert row["extra"]["flood_requests"] > 0

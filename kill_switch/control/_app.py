@@ -29,7 +29,9 @@ from typing import TYPE_CHECKING, Any, Final
 import anyio
 import anyio.abc
 from starlette.applications import Starlette
-from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.responses import HTMLResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from kill_switch._audit import INTERRUPT_REQUESTED, SESSION_FINISHED, SESSION_STARTED, AuditEvent
@@ -41,7 +43,7 @@ from ._inventory import Book, Entry, jsonable, live_detail
 from ._metrics import Metrics
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+    from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 
     from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
     from starlette.requests import Request
@@ -55,6 +57,11 @@ log = logging.getLogger("kill_switch.control")
 
 #: Largest request body read, in bytes; longer ones are refused (413) while reading.
 MAX_BODY: Final = 16 * 1024
+#: Largest request header block, in bytes (431 beyond it).
+MAX_HEADER_BLOCK: Final = 16 * 1024
+#: Host names a request may address by default (DNS rebinding: a web page's own name
+#: resolving to 127.0.0.1 is refused); ``allowed_hosts`` adds others.
+LOOPBACK_HOSTS: Final = ("127.0.0.1", "localhost", "[::1]")
 #: Seconds a request body may take to arrive (a slow body holds a connection, not a kill).
 BODY_TIMEOUT: Final = 10.0
 #: Seconds a session's detail waits for the agent's loop to answer.
@@ -66,6 +73,8 @@ FORBIDDEN_ACTIONS: Final = frozenset(
     {"resume", "config", "configure", "budgets", "limits", "tools", "prompt", "instruct"}
 )
 DENIED: Final = "control_denied"
+#: Characters of a refused request's path written to the audit log.
+MAX_AUDITED_PATH: Final = 200
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -87,15 +96,25 @@ def escape(text: str, limit: int = 300) -> str:
     return json.dumps(text[:limit], ensure_ascii=True)
 
 
-def _error(status: int, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(
-        {"error": {"status": status, "message": message}}, status_code=status, headers=headers
-    )
+def _error(status: int, message: str, headers: Mapping[str, str] | None = None) -> Response:
+    return _json({"error": {"status": status, "message": message}}, status, headers)
 
 
-def _json(data: Any, status: int = 200) -> Response:
-    body = json.dumps(jsonable(data), ensure_ascii=False, separators=(",", ":"))
-    return Response(body, status_code=status, media_type="application/json")
+def _json(data: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
+    # ensure_ascii: a lone surrogate (a tool name from a model's JSON, a reason given
+    # through the Python API) is written as a \udXXX escape instead of failing to encode
+    # as UTF-8, which made every later inventory read a 500.
+    body = json.dumps(jsonable(data), ensure_ascii=True, separators=(",", ":"))
+    return Response(body, status_code=status, media_type="application/json", headers=headers)
+
+
+def _text(name: str, value: str) -> str:
+    """*value* if it is encodable text, else a 400 (a lone surrogate is not Unicode text)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise Refused(400, f"{name} is not valid Unicode text (a lone surrogate)") from None
+    return value
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -149,13 +168,20 @@ async def read_json(request: Request) -> dict[str, Any]:
     return data
 
 
+def _known(data: Mapping[str, Any], *keys: str) -> None:
+    """Refuse a key that is not one of *keys*: a typo (``label``) must not widen a kill."""
+    unknown = sorted(set(data) - set(keys))
+    if unknown:
+        raise Refused(400, f"unknown key {unknown[0]!r}; expected {', '.join(map(repr, keys))}")
+
+
 def _reason(data: Mapping[str, Any]) -> str:
     reason = data.get("reason")
     if not isinstance(reason, str) or not reason.strip():
         raise Refused(400, "'reason' must be a non-empty string")
     if len(reason) > MAX_REASON:
         raise Refused(400, f"'reason' longer than {MAX_REASON} characters")
-    return reason
+    return _text("'reason'", reason)
 
 
 def _flag(request: Request, name: str, default: bool) -> bool:
@@ -223,6 +249,9 @@ class ControlApp:
         self.last_verify: bool | None = None
         self.book = Book()
         self.broker = Broker()
+        #: Connection counters (``open``, ``evicted``, ``header_timeouts``) for
+        #: ``/metrics``, set by the server that serves this application.
+        self.connections: Callable[[], Mapping[str, int]] | None = None
         self.metrics = Metrics()
         # Sessions whose stop to follow: a plain loop callback cannot start a task in a
         # task group, so it hands them to a task that can (set while serving).
@@ -315,17 +344,26 @@ class ControlApp:
     def _audit_denial(
         self, request: Request, status: int, why: str, principal: Principal | None
     ) -> None:
+        # A denial joins a session's trail only when an authenticated caller names a
+        # session that exists: an unauthenticated URL (or a made-up id) is attacker
+        # text, and the path recorded is bounded.
         session_id = request.path_params.get("session_id")
+        if not (
+            principal is not None
+            and isinstance(session_id, str)
+            and (self.runtime.get(session_id) is not None or self.book.get(session_id))
+        ):
+            session_id = None
         self.runtime._record(
             AuditEvent(
                 DENIED,
-                session_id if isinstance(session_id, str) else None,
+                session_id,
                 operator=principal.token_id if principal else None,
                 reason=why[:MAX_REASON],
                 details={
                     "status": status,
                     "method": request.method,
-                    "path": request.url.path[:200],
+                    "path": request.url.path[:MAX_AUDITED_PATH],
                     "role": principal.role if principal else None,
                     "client": request.client.host if request.client else None,
                 },
@@ -338,6 +376,24 @@ class ControlApp:
             escape(request.url.path),
             escape(why),
         )
+
+    def over_budget(self, scope: Scope) -> int:
+        """Seconds to tell a client over its failure budget whose credentials fail, else
+        0 (a valid token, or a client with budget left, goes on to the handler)."""
+        client = scope.get("client")
+        host = client[0] if client else "?"
+        if not self.limiter.blocked(host):
+            return 0
+        try:
+            if self.tokens.authenticate(bearer_token(scope["headers"])) is not None:
+                return 0
+        except BadCredentials:
+            pass
+        wait = self.limiter.retry_after(host)
+        if wait <= 0:
+            return 0  # the budget refilled meanwhile: the handler counts and audits it
+        self.metrics.rate_limited += 1
+        return max(1, int(wait + 0.999))
 
     def authenticate(self, request: Request) -> Principal:
         """The caller, from its bearer token.
@@ -499,6 +555,7 @@ class ControlApp:
         principal = self.require(request, "operator")
         wait = _flag(request, "wait", True)
         data = await read_json(request)
+        _known(data, "reason")
         reason = _reason(data)
         session_id = request.path_params["session_id"]
         session = self.runtime.get(session_id)
@@ -526,6 +583,7 @@ class ControlApp:
         principal = self.require(request, "operator")
         wait = _flag(request, "wait", True)
         data = await read_json(request)
+        _known(data, "reason", "agent", "labels", "all")
         reason = _reason(data)
         agent = data.get("agent")
         labels = data.get("labels")
@@ -540,6 +598,8 @@ class ControlApp:
             raise Refused(400, "'labels' must be an object of at most 64 strings")
         if not isinstance(everything, bool):
             raise Refused(400, "'all' must be true or false")
+        for text in [agent or "", *(labels or {}).keys(), *(labels or {}).values()]:
+            _text("'agent' or 'labels'", text)
         if everything == (agent is not None or bool(labels)):
             raise Refused(400, "give either 'all': true or a selector ('agent', 'labels')")
         targets = [
@@ -600,6 +660,8 @@ class ControlApp:
                 raise Refused(400, f"?{name}= must be a number") from None
             if isinstance(value, float) and value != value:
                 raise Refused(400, f"?{name}= must be a number")
+            if isinstance(value, int) and not -(2**63) <= value < 2**63:
+                raise Refused(400, f"?{name}= is out of range (a 64-bit integer)")
             return value
 
         limit = num("limit", int)
@@ -667,11 +729,15 @@ class ControlApp:
     async def events(self, request: Request) -> Response:
         """Server-sent events: every audit event (``audit``), stop reports (``report``),
         sessions that ended (``session``), and ``dropped`` when this client lagged."""
-        self.require(request, "viewer")
+        principal = self.require(request, "viewer")
         if self.broker.full():
             raise Refused(503, "too many event streams open")
+        if self.broker.full_for(principal.token_id):
+            raise Refused(
+                429, f"this token holds {self.broker.max_per_token} event streams already"
+            )
         return StreamingResponse(
-            self.broker.stream(),
+            self.broker.stream(principal.token_id, lambda: self.tokens.is_active(principal)),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
         )
@@ -687,6 +753,7 @@ class ControlApp:
             events_published=self.broker.published,
             events_dropped=self.broker.dropped,
             event_clients=self.broker.clients,
+            connections=self.connections() if self.connections is not None else None,
         )
         return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
@@ -703,6 +770,7 @@ class ControlApp:
         token_id = request.path_params["token_id"]
         if not self.tokens.revoke(token_id):
             raise Refused(404, "no such active token")
+        self.broker.revoke(token_id)
         self.runtime._record(
             AuditEvent(
                 "control_token_revoked",
@@ -714,7 +782,7 @@ class ControlApp:
         return _json({"revoked": token_id})
 
 
-ALL_METHODS: Final = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+ALL_METHODS: Final = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"]
 
 
 def _handler(
@@ -742,8 +810,9 @@ class _Guard:
     """Outermost ASGI layer: refuses cross-site state changes, sets security headers,
     and turns a bug into a logged 500 rather than a dropped connection."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, state: ControlApp | None = None) -> None:
         self.app = app
+        self.state = state
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -764,16 +833,60 @@ class _Guard:
                 message = {**message, "headers": headers}
             await send(message)
 
+        malformed = _malformed(scope)
+        if malformed is not None:
+            status, why = malformed
+            await _error(status, why, {"Connection": "close"})(scope, receive, send_wrapped)
+            return
         refusal = _cross_site(scope)
         if refusal is not None:
             await _error(403, refusal)(scope, receive, send_wrapped)
             return
+        if self.state is not None:
+            wait = self.state.over_budget(scope)
+            if wait:
+                # A client over its failure budget is answered here, before routing: a
+                # flood of bad tokens then costs the control loop as little as it can,
+                # which is what an operator's kill competes with.
+                await _error(
+                    429,
+                    "too many failed authentications; retry later",
+                    {"Retry-After": str(wait), "Cache-Control": "no-store"},
+                )(scope, receive, send_wrapped)
+                return
         try:
             await self.app(scope, receive, send_wrapped)
         except Exception:  # last resort: a bug must not look like a network failure
             log.exception("internal error on %s", escape(str(scope.get("path", ""))))
             if not started:
                 await _error(500, "internal error")(scope, receive, send_wrapped)
+
+
+def _malformed(scope: Scope) -> tuple[int, str] | None:
+    """The status and reason to refuse a request h11 let through, or ``None``; the
+    connection is then closed (the request's framing cannot be trusted).
+
+    * A header block over ``MAX_HEADER_BLOCK``: h11 bounds only a head that arrives in
+      pieces (``h11_max_incomplete_event_size``); one read can deliver a larger one whole.
+    * ``Content-Length`` together with ``Transfer-Encoding``: the request smuggling
+      pattern (RFC 9112 6.3 allows closing the connection).
+    * An encoded slash (``%2F``) in the path: the server decodes it before routing, so
+      ``a%2Fb`` would route as two segments.
+    """
+    size = 0
+    framing = set()
+    for k, v in scope["headers"]:
+        size += len(k) + len(v) + 4
+        name = k.lower()
+        if name in (b"content-length", b"transfer-encoding"):
+            framing.add(name)
+    if size > MAX_HEADER_BLOCK:
+        return 431, f"request header block larger than {MAX_HEADER_BLOCK} bytes"
+    if len(framing) == 2:
+        return 400, "Content-Length together with Transfer-Encoding"
+    if b"%2f" in bytes(scope.get("raw_path") or b"").lower():
+        return 400, "an encoded slash (%2F) in the path"
+    return None
 
 
 def _cross_site(scope: Scope) -> str | None:
@@ -810,8 +923,13 @@ def create_app(
     anchor_path: str | None = None,
     limiter: FailureLimiter | None = None,
     kill_timeout: float | None = None,
+    allowed_hosts: Sequence[str] = LOOPBACK_HOSTS,
 ) -> tuple[ASGIApp, ControlApp]:
-    """The ASGI application of the control plane for *runtime*, and its state."""
+    """The ASGI application of the control plane for *runtime*, and its state.
+
+    A request whose ``Host`` is not in *allowed_hosts* (port ignored; ``*.example.com``
+    patterns as Starlette's ``TrustedHostMiddleware``) is refused with 400.
+    """
     state = ControlApp(
         runtime,
         tokens,
@@ -843,5 +961,11 @@ def create_app(
             Route(f"/api/sessions/{{session_id}}/{action}", h(state.forbidden), methods=forbidden)
         )
     routes.append(Route("/api/{rest:path}", h(state.not_found), methods=forbidden))
-    app = Starlette(routes=routes, lifespan=state.lifespan)
-    return _Guard(app), state
+    app = Starlette(
+        routes=routes,
+        lifespan=state.lifespan,
+        middleware=[
+            Middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts), www_redirect=False)
+        ],
+    )
+    return _Guard(app, state), state

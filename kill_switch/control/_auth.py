@@ -16,6 +16,7 @@ import math
 import os
 import re
 import secrets
+import stat
 import sys
 import threading
 import time
@@ -36,6 +37,8 @@ TOKEN_PREFIX: Final = "kst_"
 
 #: An Authorization header longer than this is refused before it is looked at.
 MAX_AUTH_HEADER: Final = 512
+#: Largest token file read, in bytes.
+MAX_TOKEN_FILE: Final = 1024 * 1024
 
 _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _HEX_RE = re.compile(r"[0-9a-f]{64}")
@@ -73,6 +76,8 @@ class Principal:
 
     token_id: str
     role: Role
+    #: The SHA-256 of the token presented, to tell a rotated token from this one.
+    sha256: str = attrs.field(default="", repr=False)
 
 
 def new_token(role: Role, token_id: str | None = None) -> tuple[str, TokenEntry]:
@@ -123,10 +128,11 @@ def parse_lines(lines: Iterable[str], *, source: str) -> list[TokenEntry]:
 
 
 class TokenStore:
-    """The configured tokens; thread-safe. The file is re-read when it changes.
+    """The configured tokens; thread-safe. The file is re-read when its content changes.
 
-    A file that becomes unreadable or malformed revokes every token it held (fail
-    closed) and says so on stderr.
+    A file that becomes unreadable, malformed or world-writable, or that repeats a token
+    id of ``$KILL_SWITCH_TOKENS``, revokes every token it held (fail closed) and says so
+    on stderr; at start-up the same is a ``ValueError`` / ``OSError``.
     """
 
     def __init__(
@@ -141,13 +147,14 @@ class TokenStore:
             self._fixed += parse_lines(re.split(r"[\n,;]", env), source=f"${ENV_TOKENS}")
         self._path = os.fspath(path) if path is not None else None
         self._lock = threading.Lock()
-        self._stamp: tuple[int, int, int] | None = None
+        self._stamp: bytes | None = None
         self._from_file: list[TokenEntry] = []
         self._revoked: set[str] = set()
-        if self._path is not None:
-            self._from_file = self._read_file()  # raises on a bad file at start-up
-            self._stamp = self._stat()
         self._check_unique()
+        if self._path is not None:
+            raw = self._read_bytes()  # raises on a bad file at start-up
+            self._from_file = self._parse(raw)
+            self._stamp = hashlib.sha256(raw).digest()
 
     @classmethod
     def from_environment(cls, path: str | os.PathLike[str] | None = None) -> TokenStore:
@@ -165,32 +172,60 @@ class TokenStore:
         if dup:
             raise ValueError(f"duplicate token ids across sources: {sorted(dup)}")
 
-    def _stat(self) -> tuple[int, int, int] | None:
-        assert self._path is not None
-        try:
-            st = os.stat(self._path)
-        except OSError:
-            return None
-        return (st.st_mtime_ns, st.st_size, st.st_ino)
+    def _read_bytes(self) -> bytes:
+        """The token file's content, refused when anyone may write it or it is huge.
 
-    def _read_file(self) -> list[TokenEntry]:
+        Raises:
+            OSError: unreadable. ValueError: world-writable, or over ``MAX_TOKEN_FILE``.
+        """
         assert self._path is not None
-        with open(self._path, encoding="utf-8") as f:
-            return parse_lines(f, source=self._path)
+        with open(self._path, "rb") as f:
+            mode = os.fstat(f.fileno()).st_mode
+            if mode & stat.S_IWOTH:
+                raise ValueError(
+                    f"{self._path} is world-writable (mode {stat.S_IMODE(mode):o}): anyone "
+                    f"could add a token; run `chmod o-w {self._path}`"
+                )
+            raw = f.read(MAX_TOKEN_FILE + 1)
+        if len(raw) > MAX_TOKEN_FILE:
+            raise ValueError(f"{self._path} is larger than {MAX_TOKEN_FILE} bytes")
+        return raw
+
+    def _parse(self, raw: bytes) -> list[TokenEntry]:
+        assert self._path is not None
+        entries = parse_lines(raw.decode("utf-8").splitlines(), source=self._path)
+        fixed = {e.token_id for e in self._fixed}
+        clash = sorted(fixed.intersection(e.token_id for e in entries))
+        if clash:
+            raise ValueError(
+                f"{self._path}: token id {clash[0]!r} is also in ${ENV_TOKENS} "
+                "(one id, one role: remove one of them)"
+            )
+        return entries
 
     def _refresh(self) -> None:
+        # The file is read and hashed on every check: size and mtime cannot tell a
+        # same-size rewrite whose mtime was put back, and a token file is small.
         if self._path is None:
             return
-        stamp = self._stat()
-        if stamp == self._stamp:
-            return
         with self._lock:
+            try:
+                raw = self._read_bytes()
+            except (OSError, ValueError) as exc:
+                if self._stamp is not None or self._from_file:
+                    sys.stderr.write(
+                        f"kill_switch.control: token file unusable, its tokens are revoked: {exc}\n"
+                    )
+                self._stamp = None
+                self._from_file = []
+                return
+            stamp = hashlib.sha256(raw).digest()
             if stamp == self._stamp:
                 return
             self._stamp = stamp
             try:
-                self._from_file = self._read_file()
-            except (OSError, ValueError, UnicodeDecodeError) as exc:
+                self._from_file = self._parse(raw)
+            except (ValueError, UnicodeDecodeError) as exc:
                 self._from_file = []
                 sys.stderr.write(
                     f"kill_switch.control: token file unusable, its tokens are revoked: {exc}\n"
@@ -221,7 +256,16 @@ class TokenStore:
         for entry in self.entries():
             if hmac.compare_digest(presented, bytes.fromhex(entry.sha256)) and found is None:
                 found = entry
-        return Principal(found.token_id, found.role) if found is not None else None
+        if found is None:
+            return None
+        return Principal(found.token_id, found.role, found.sha256)
+
+    def is_active(self, principal: Principal) -> bool:
+        """Whether *principal*'s token is still configured, unchanged and not revoked."""
+        return any(
+            e.token_id == principal.token_id and hmac.compare_digest(e.sha256, principal.sha256)
+            for e in self.entries()
+        )
 
 
 # ------------------------------------------------------------ Authorization header
@@ -279,6 +323,16 @@ class FailureLimiter:
         self._max = max_clients
         self._lock = threading.Lock()
         self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+
+    def blocked(self, client: str) -> bool:
+        """Whether *client* has no failure left now (nothing is counted)."""
+        now = time.monotonic()
+        with self._lock:
+            state = self._buckets.get(client)
+        if state is None:
+            return False
+        tokens, last = state
+        return min(float(self.burst), tokens + (now - last) * self.per_second) < 1.0
 
     def retry_after(self, client: str) -> float:
         """0 if *client* may fail once more (and count that failure), else seconds to wait."""

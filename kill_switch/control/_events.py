@@ -12,14 +12,20 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-from collections import deque
+from collections import Counter, deque
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Callable
 
 #: Events kept per client before new ones are dropped.
 QUEUE_SIZE = 256
+#: Streams open at once, in all, and per token.
+MAX_CLIENTS = 64
+MAX_PER_TOKEN = 8
+#: Seconds between two checks that a stream's token is still valid (file revocation,
+#: rotation); a revocation through the API ends the stream at once.
+REVALIDATE = 1.0
 
 
 def encode(event: str, data: Any, seq: int) -> bytes:
@@ -29,9 +35,11 @@ def encode(event: str, data: Any, seq: int) -> bytes:
 
 
 class _Client:
-    __slots__ = ("dropped", "frames", "reported_dropped", "wakeup")
+    __slots__ = ("dropped", "frames", "owner", "reported_dropped", "revoked", "wakeup")
 
-    def __init__(self) -> None:
+    def __init__(self, owner: str) -> None:
+        self.owner = owner
+        self.revoked = False
         self.frames: deque[bytes] = deque()
         self.dropped = 0
         self.reported_dropped = 0
@@ -42,10 +50,18 @@ class _Client:
 class Broker:
     """Fan-out of events to every subscribed stream (control loop only)."""
 
-    def __init__(self, *, queue_size: int = QUEUE_SIZE, max_clients: int = 64) -> None:
+    def __init__(
+        self,
+        *,
+        queue_size: int = QUEUE_SIZE,
+        max_clients: int = MAX_CLIENTS,
+        max_per_token: int = MAX_PER_TOKEN,
+    ) -> None:
         self.queue_size = queue_size
         self.max_clients = max_clients
+        self.max_per_token = max_per_token
         self._clients: set[_Client] = set()
+        self._owners: Counter[str] = Counter()
         self._seq = itertools.count(1)
         self.published = 0
         self.dropped = 0
@@ -59,6 +75,17 @@ class Broker:
     def full(self) -> bool:
         """Whether no further stream may open."""
         return len(self._clients) >= self.max_clients
+
+    def full_for(self, owner: str) -> bool:
+        """Whether token *owner* holds as many streams as one token may."""
+        return self._owners[owner] >= self.max_per_token
+
+    def revoke(self, owner: str) -> None:
+        """End every stream opened with token *owner*."""
+        for client in self._clients:
+            if client.owner == owner:
+                client.revoked = True
+                client.wakeup.set()
 
     def publish(self, event: str, data: Any) -> None:
         """Queue *event* for every client; drop it for clients whose queue is full."""
@@ -78,17 +105,30 @@ class Broker:
         for client in self._clients:
             client.wakeup.set()
 
-    async def stream(self, *, heartbeat: float = 15.0) -> AsyncIterator[bytes]:
-        """Frames for one client until the server closes or the client goes away.
+    async def stream(
+        self,
+        owner: str = "",
+        valid: Callable[[], bool] | None = None,
+        *,
+        heartbeat: float = 15.0,
+    ) -> AsyncIterator[bytes]:
+        """Frames for one client until the server closes, the client goes away, or its
+        token *owner* is revoked (``revoke``, or *valid* turning false).
 
         Cancellation (the client disconnecting) ends it at its await; nothing to clean
         but the subscription, which is synchronous.
         """
-        client = _Client()
+        client = _Client(owner)
         self._clients.add(client)
+        self._owners[owner] += 1
+        loop = asyncio.get_running_loop()
+        beat = loop.time() + heartbeat
         try:
             yield b": kill_switch event stream\nretry: 2000\n\n"
             while not self.closed.is_set():
+                if client.revoked or (valid is not None and not valid()):
+                    yield encode("revoked", {"token_id": owner}, next(self._seq))
+                    return
                 while client.frames:
                     yield client.frames.popleft()
                 if client.dropped != client.reported_dropped:
@@ -97,8 +137,13 @@ class Broker:
                     continue
                 client.wakeup.clear()
                 try:
-                    await asyncio.wait_for(client.wakeup.wait(), heartbeat)
+                    await asyncio.wait_for(client.wakeup.wait(), min(REVALIDATE, heartbeat))
                 except TimeoutError:
-                    yield b": heartbeat\n\n"
+                    if loop.time() >= beat:
+                        beat = loop.time() + heartbeat
+                        yield b": heartbeat\n\n"
         finally:
             self._clients.discard(client)
+            self._owners[owner] -= 1
+            if self._owners[owner] <= 0:
+                del self._owners[owner]

@@ -10,7 +10,7 @@ from collections import Counter
 from typing import TYPE_CHECKING, Final
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Iterable, Mapping
 
 #: Upper bounds (seconds) of the kill latency histogram buckets.
 BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -70,6 +70,7 @@ class Metrics:
         events_published: int,
         events_dropped: int,
         event_clients: int,
+        connections: Mapping[str, int] | None = None,
     ) -> str:
         """The Prometheus text format (version 0.0.4)."""
         lines: list[str] = []
@@ -120,4 +121,17 @@ class Metrics:
         lines.append(f"kill_switch_events_dropped_total {events_dropped}")
         family("kill_switch_event_streams", "gauge", "Open event streams.")
         lines.append(f"kill_switch_event_streams {event_clients}")
+        if connections is not None:
+            family("kill_switch_control_connections", "gauge", "Open HTTP connections.")
+            lines.append(f"kill_switch_control_connections {connections['open']}")
+            family(
+                "kill_switch_control_connections_closed_total",
+                "counter",
+                "Connections closed by a limit: evicted for a new one, or no request head in time.",
+            )
+            for why in ("evicted", "header_timeouts"):
+                lines.append(
+                    f'kill_switch_control_connections_closed_total{{reason="{why}"}} '
+                    f"{connections[why]}"
+                )
         return "\n".join(lines) + "\n"

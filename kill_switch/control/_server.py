@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import socket
 import threading
-from typing import TYPE_CHECKING
+import time
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from ._app import ControlApp, create_app
+from ._app import LOOPBACK_HOSTS, ControlApp, create_app
 from ._auth import FailureLimiter, TokenEntry, TokenStore
+from ._protocol import HEADER_TIMEOUT, MAX_CONNECTIONS, protocol_class
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Sequence
@@ -26,6 +29,10 @@ if TYPE_CHECKING:
     import uvicorn
 
     from kill_switch._runtime import Runtime
+
+log = logging.getLogger("kill_switch.control")
+
+_ACCEPT_ERROR = "socket.accept() out of system resource"
 
 #: Seconds ``start`` waits for the server to listen, and ``stop`` for it to finish.
 START_TIMEOUT = 10.0
@@ -60,9 +67,16 @@ class ControlServer:
             ``$KILL_SWITCH_TOKENS``.
         audit_path: the SQLite audit file for ``/api/audit`` (default: the runtime's,
             if it writes one).
+        max_connections: connections open at once (clamped to half the descriptor
+            limit); beyond it a new connection evicts the oldest one still waiting for
+            its request head, so an operator's kill always gets in.
+        header_timeout: seconds a connection has to send a complete request head.
+        allowed_hosts: ``Host`` names accepted, besides the loopback names and *host*
+            itself (DNS rebinding: any other name is refused with 400).
 
     Raises:
-        ValueError: no token is configured (an open kill switch is refused).
+        ValueError: no token is configured (an open kill switch is refused), or a limit
+            is out of range.
     """
 
     def __init__(
@@ -75,7 +89,11 @@ class ControlServer:
         audit_path: str | None = None,
         limiter: FailureLimiter | None = None,
         kill_timeout: float | None = None,
+        max_connections: int = MAX_CONNECTIONS,
+        header_timeout: float = HEADER_TIMEOUT,
+        allowed_hosts: Sequence[str] = (),
     ) -> None:
+        self._protocol = protocol_class(max_connections, header_timeout)
         store = _tokens(tokens)
         if not store.entries():
             raise ValueError(
@@ -84,9 +102,21 @@ class ControlServer:
                 "(tokens=..., a token file, or $KILL_SWITCH_TOKENS)"
             )
         self.tokens = store
+        hosts = [*LOOPBACK_HOSTS, *allowed_hosts]
+        if host not in ("0.0.0.0", "::", ""):
+            hosts.append(f"[{host}]" if ":" in host else host)
         self.app, self.state = create_app(
-            runtime, store, audit_path=audit_path, limiter=limiter, kill_timeout=kill_timeout
+            runtime,
+            store,
+            audit_path=audit_path,
+            limiter=limiter,
+            kill_timeout=kill_timeout,
+            allowed_hosts=hosts,
         )
+        self.state.connections = lambda: {
+            "open": self.open_connections,
+            **self._protocol.counters,
+        }
         self._host = host
         self._port = port
         self._sock: socket.socket | None = None
@@ -94,7 +124,14 @@ class ControlServer:
         self._thread: threading.Thread | None = None
         self._error: Exception | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._accept_error_logged = -60.0
         self.url = ""
+
+    @property
+    def open_connections(self) -> int:
+        """HTTP connections open now (for tests and benchmarks; bounded by the cap)."""
+        server = self._server
+        return len(server.server_state.connections) if server is not None else 0
 
     @property
     def control(self) -> ControlApp:
@@ -134,9 +171,18 @@ class ControlServer:
             log_config=None,
             access_log=False,
             timeout_graceful_shutdown=1,
+            # The request head (line and headers) is bounded by h11: 400 beyond 16 KiB.
             h11_max_incomplete_event_size=16 * 1024,
+            # Idle time between two requests on a kept-alive connection; the time to send
+            # a request head, and the connection cap, are the protocol's (``_protocol``).
+            timeout_keep_alive=5,
+            # The client address is the TCP peer: X-Forwarded-For from anyone (uvicorn
+            # trusts it from loopback by default) would reset the failure limiter and
+            # forge the audited address.
+            proxy_headers=False,
+            forwarded_allow_ips="",
             loop="asyncio",
-            http="h11",
+            http=self._protocol,
         )
         server = uvicorn.Server(config)
         self._server = server
@@ -144,6 +190,7 @@ class ControlServer:
 
         async def main() -> None:
             self._loop = asyncio.get_running_loop()
+            self._loop.set_exception_handler(self._on_loop_error)
             serving = asyncio.ensure_future(server.serve(sockets=[sock]))
             while not server.started and not serving.done():  # noqa: ASYNC110  (uvicorn sets a plain flag)
                 await asyncio.sleep(0.005)
@@ -164,6 +211,21 @@ class ControlServer:
             self.stop()
             raise RuntimeError(f"control plane did not start: {self._error!r}")
         return self
+
+    def _on_loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        # asyncio reports every failed accept (EMFILE...) with a traceback; out of
+        # descriptors that is a flood of identical lines. Say it once a minute.
+        if context.get("message") == _ACCEPT_ERROR:
+            now = time.monotonic()
+            if now - self._accept_error_logged < 60.0:
+                return
+            self._accept_error_logged = now
+            log.error(
+                "control plane: accept() failed (%s); the same error is muted for 60 s",
+                context.get("exception"),
+            )
+            return
+        loop.default_exception_handler(context)
 
     def stop(self) -> None:
         """Stop serving and join the thread (bounded; idempotent)."""
@@ -202,6 +264,9 @@ async def serve(
     audit_path: str | None = None,
     limiter: FailureLimiter | None = None,
     kill_timeout: float | None = None,
+    max_connections: int = MAX_CONNECTIONS,
+    header_timeout: float = HEADER_TIMEOUT,
+    allowed_hosts: Sequence[str] = (),
 ) -> AsyncIterator[ControlServer]:
     """Serve *runtime*'s control plane while the block runs; yields the server (``.url``).
 
@@ -209,7 +274,8 @@ async def serve(
     shut-down is shielded and bounded by twice ``STOP_TIMEOUT``.
 
     Raises:
-        ValueError: no token configured. OSError: the address cannot be bound.
+        ValueError: no token configured, or a limit out of range. OSError: the address
+            cannot be bound.
     """
     server = ControlServer(
         runtime,
@@ -219,6 +285,9 @@ async def serve(
         audit_path=audit_path,
         limiter=limiter,
         kill_timeout=kill_timeout,
+        max_connections=max_connections,
+        header_timeout=header_timeout,
+        allowed_hosts=allowed_hosts,
     )
     try:
         # Inside the try: a cancellation that arrives while the thread starts the server

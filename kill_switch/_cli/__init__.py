@@ -1,4 +1,5 @@
-"""The ``kill-switch`` command line."""
+"""The ``kill-switch`` command line: one module per command family, sharing ``_common``
+(output, the ``Exit`` codes, the control-plane client)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
-from . import _audit_cli, _control_cli, _drill_cli
+from . import audit, control, drill
+from ._common import Exit
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -40,7 +42,7 @@ def _add_demo(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from ._demo import run
+    from .demo import run
 
     return run(db=args.db, audit=not args.no_audit, keep_serving=args.keep_serving)
 
@@ -51,14 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="kill-switch",
         description="The kill switch for async AI agents.",
     )
-    from . import __version__
+    from kill_switch import __version__
 
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_demo(subparsers)
-    _audit_cli.register(subparsers)
-    _control_cli.register(subparsers)
-    _drill_cli.register(subparsers)
+    audit.register(subparsers)
+    control.register(subparsers)
+    drill.register(subparsers)
     return parser
 
 
@@ -69,11 +71,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     func = getattr(args, "func", None)
     if func is None:
         parser.print_help(sys.stderr)
-        return 2
+        return Exit.USAGE
     try:
         return int(func(args))
     except KeyboardInterrupt:
-        return 130
+        return Exit.INTERRUPTED
 
 
 if __name__ == "__main__":  # pragma: no cover

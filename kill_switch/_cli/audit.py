@@ -6,7 +6,7 @@ file).
 
 The database is ``--db``, else ``$KILL_SWITCH_AUDIT_DB``, else ``kill-switch-audit.db``
 in the current directory. ``verify`` exits 0 if the log is intact, 1 naming the first bad
-row if not, 2 if the file cannot be opened as a database.
+row if not, 3 if the file cannot be opened as a database (``_common.Exit``).
 """
 
 from __future__ import annotations
@@ -19,27 +19,17 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
-from ._audit_query import AuditLog, verify
+from kill_switch._audit_query import AuditLog, verify
+
+from ._common import Exit
+from ._common import err as _err
+from ._common import out as _out
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
-
-    from ._audit_query import AuditRecord
+    from kill_switch._audit_query import AuditRecord
 
 DEFAULT_DB = "kill-switch-audit.db"
 ENV_DB = "KILL_SWITCH_AUDIT_DB"
-
-EXIT_OK = 0
-EXIT_TAMPERED = 1
-EXIT_UNREADABLE = 2
-
-
-def _out(line: str) -> None:
-    sys.stdout.write(line + "\n")
-
-
-def _err(line: str) -> None:
-    sys.stderr.write(line + "\n")
 
 
 def _db_path(args: argparse.Namespace) -> str:
@@ -119,10 +109,10 @@ def run_list(args: argparse.Namespace) -> int:
                 tree = log.cascade(args.interrupt)
                 if tree is None:
                     _err(f"no events for interrupt {args.interrupt}")
-                    return EXIT_OK
+                    return Exit.OK
                 for depth, record in tree.walk():
                     _out(_line(record, depth))
-                return EXIT_OK
+                return Exit.OK
             filters = {
                 "session_id": args.session,
                 "interrupt_id": args.interrupt,
@@ -139,16 +129,16 @@ def run_list(args: argparse.Namespace) -> int:
                     _out(_line(record))
     except sqlite3.Error as exc:
         _err(f"kill-switch audit: cannot read {path}: {exc}")
-        return EXIT_UNREADABLE
-    return EXIT_OK
+        return Exit.UNAVAILABLE
+    return Exit.OK
 
 
 def run_verify(args: argparse.Namespace) -> int:
-    """``kill-switch audit verify``: 0 intact, 1 tampered (first bad row), 2 unreadable."""
+    """``kill-switch audit verify``: 0 intact, 1 tampered (first bad row), 3 unreadable."""
     path = _db_path(args)
     if not os.path.exists(path):
         _err(f"kill-switch audit verify: no database at {path}")
-        return EXIT_UNREADABLE
+        return Exit.UNAVAILABLE
     anchor: str | None = "default"
     if args.no_anchor:
         anchor = None
@@ -158,7 +148,7 @@ def run_verify(args: argparse.Namespace) -> int:
         result = verify(path, anchor=anchor)
     except sqlite3.Error as exc:
         _err(f"kill-switch audit verify: {path} is not a readable database: {exc}")
-        return EXIT_UNREADABLE
+        return Exit.UNAVAILABLE
     if args.json:
         _out(
             json.dumps(
@@ -176,17 +166,4 @@ def run_verify(args: argparse.Namespace) -> int:
         )
     else:
         _out(f"{path}: {result.summary()}")
-    return EXIT_OK if result.ok else EXIT_TAMPERED
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``audit ...`` on its own (``python -m kill_switch._audit_cli audit verify``)."""
-    parser = argparse.ArgumentParser(prog="kill-switch")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    code: int = args.func(args)
-    return code
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return Exit.OK if result.ok else Exit.FAILED

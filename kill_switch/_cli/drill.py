@@ -26,12 +26,11 @@ import argparse
 import json
 import math
 import os
-import sys
 import tempfile
 import time
 from typing import TYPE_CHECKING, Any
 
-from ._drill import (
+from kill_switch._drill import (
     LEAKS,
     DrillCheck,
     DrillObjectives,
@@ -41,21 +40,13 @@ from ._drill import (
     summarize,
 )
 
+from ._common import Exit, Failure
+from ._common import err as _err
+from ._common import out as _out
+from ._common import request as _request
+
 if TYPE_CHECKING:
-    from ._drill import DrillSummary
-
-EXIT_PASS = 0
-EXIT_FAIL = 1
-EXIT_USAGE = 2
-EXIT_UNREACHABLE = 3
-
-
-def _out(line: str) -> None:
-    sys.stdout.write(line + "\n")
-
-
-def _err(line: str) -> None:
-    sys.stderr.write(line + "\n")
+    from kill_switch._drill import DrillSummary
 
 
 def _positive(text: str) -> float:
@@ -153,11 +144,9 @@ def run(args: argparse.Namespace) -> int:
         p50_ms=args.p50_ms, p99_ms=args.p99_ms, max_ms=args.max_ms, quiesce_ms=args.quiesce_ms
     )
     if args.session is not None:
-        from ._control_cli import _Failure
-
         try:
             summary = _remote(args, objectives)
-        except _Failure as exc:
+        except Failure as exc:
             _err(f"kill-switch drill: {exc}")
             return exc.code
     else:
@@ -166,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
         _out(json.dumps(summary.to_json(), indent=2))
     else:
         _out(summary.summary())
-    return EXIT_PASS if summary.ok else EXIT_FAIL
+    return Exit.OK if summary.ok else Exit.FAILED
 
 
 # ------------------------------------------------------------------ synthetic
@@ -177,8 +166,8 @@ def _synthetic(args: argparse.Namespace, objectives: DrillObjectives) -> DrillSu
 
     import anyio
 
-    from ._processes import EscalationWarning
-    from ._runtime import Runtime
+    from kill_switch._processes import EscalationWarning
+    from kill_switch._runtime import Runtime
 
     shape = DrillShape(
         calls=args.calls,
@@ -225,8 +214,6 @@ def _synthetic(args: argparse.Namespace, objectives: DrillObjectives) -> DrillSu
 
 
 def _remote(args: argparse.Namespace, objectives: DrillObjectives) -> DrillSummary:
-    from ._control_cli import _request
-
     sid = args.session
     t0 = time.perf_counter()
     _, body = _request(args, "POST", f"/api/sessions/{sid}/kill", {"reason": args.reason})
@@ -282,7 +269,7 @@ def _remote(args: argparse.Namespace, objectives: DrillObjectives) -> DrillSumma
 
 
 def _remote_processes(report: dict[str, Any]) -> tuple[DrillCheck, DrillCheck]:
-    from ._procfs import stat as _stat
+    from kill_switch._procfs import stat as _stat
 
     alive: list[str] = []
     zombies: list[str] = []
@@ -311,11 +298,9 @@ def _remote_processes(report: dict[str, Any]) -> tuple[DrillCheck, DrillCheck]:
 
 
 def _remote_audit(args: argparse.Namespace, interrupt_id: str, quiescent: bool) -> DrillCheck:
-    from ._control_cli import _Failure, _request
-
     try:
         _, rows = _request(args, "GET", "/api/audit", interrupt=interrupt_id)
-    except _Failure as exc:
+    except Failure as exc:
         if "404" in str(exc):
             return DrillCheck("audit", True, "not checked: no SQLite audit log", skipped=True)
         return DrillCheck("audit", False, f"cannot read the audit log: {exc}")

@@ -1,6 +1,7 @@
 """``kill-switch serve | sessions | kill | token``: the operator's commands.
 
     kill-switch serve [--host H] [--port P] [--tokens-file F] [--audit-db PATH]
+                      [--allow-host NAME ...]
     kill-switch sessions [--agent A] [--label k=v] [--state S] [--json]
     kill-switch kill ID --reason TEXT [--no-wait] [--json]
     kill-switch kill (--all | --agent A | --label k=v ...) --reason TEXT [--json]
@@ -8,8 +9,8 @@
 
 ``sessions`` and ``kill`` talk HTTP to a running control plane: ``--url`` or
 ``$KILL_SWITCH_URL`` (default ``http://127.0.0.1:8477``), token from ``--token`` or
-``$KILL_SWITCH_TOKEN``. Exit codes: 0 done, 1 refused (401/403/404/409/4xx), 2 usage,
-3 unreachable or a server error.
+``$KILL_SWITCH_TOKEN``. Exit codes (``_common.Exit``): 0 done, 1 refused (a 4xx), 2 usage,
+3 unreachable, a server error, or an answer that is not the control plane's.
 
 ``serve`` runs a runtime with its control plane and no agents of its own: the normal use
 is to mount the control plane inside the agent's process (``kill_switch.control.serve``),
@@ -18,29 +19,21 @@ where the sessions are.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
-ENV_URL = "KILL_SWITCH_URL"
-ENV_TOKEN = "KILL_SWITCH_TOKEN"
-DEFAULT_URL = "http://127.0.0.1:8477"
+from ._common import DEFAULT_URL, ENV_TOKEN, ENV_URL, Exit, Failure, expect
+from ._common import err as _err
+from ._common import out as _out
+from ._common import parse_labels as _labels
+from ._common import request as _request
+
+if TYPE_CHECKING:
+    import argparse
+
 DEFAULT_PORT = 8477
-
-EXIT_OK = 0
-EXIT_REFUSED = 1
-EXIT_USAGE = 2
-EXIT_UNREACHABLE = 3
-
-
-def _out(line: str) -> None:
-    sys.stdout.write(line + "\n")
-
-
-def _err(line: str) -> None:
-    sys.stderr.write(line + "\n")
 
 
 def _safe(text: object) -> str:
@@ -68,6 +61,13 @@ def register(subparsers: Any) -> None:
         "--tokens-file", metavar="PATH", help="token hash lines (also $KILL_SWITCH_TOKENS)"
     )
     serve.add_argument("--audit-db", metavar="PATH", help="SQLite audit log for the runtime")
+    serve.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a Host name to accept besides the loopback names (repeatable)",
+    )
     serve.set_defaults(func=run_serve)
 
     def client(p: argparse.ArgumentParser) -> None:
@@ -116,63 +116,6 @@ def register(subparsers: Any) -> None:
 # ---------------------------------------------------------------- HTTP
 
 
-class _Failure(Exception):
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-def _request(
-    args: argparse.Namespace, method: str, path: str, body: Any = None, **params: Any
-) -> tuple[int, Any]:
-    import urllib.error
-    import urllib.parse
-    import urllib.request
-
-    url = (args.url or os.environ.get(ENV_URL) or DEFAULT_URL).rstrip("/")
-    token = args.token or os.environ.get(ENV_TOKEN)
-    if not token:
-        raise _Failure(EXIT_USAGE, f"no token: pass --token or set ${ENV_TOKEN}")
-    if not url.startswith(("http://", "https://")):
-        raise _Failure(EXIT_USAGE, f"bad URL {url!r}: expected http:// or https://")
-    query = urllib.parse.urlencode(
-        [
-            (k, v)
-            for k, vs in params.items()
-            if vs is not None
-            for v in (vs if isinstance(vs, list) else [vs])
-        ]
-    )
-    headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
-    data = None
-    if body is not None:
-        data = json.dumps(body).encode()
-        headers["Content-Type"] = "application/json"
-    request = urllib.request.Request(
-        url + path + (f"?{query}" if query else ""), data=data, headers=headers, method=method
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=args.timeout) as response:
-            status, raw, reason = response.status, response.read(), response.reason
-    except urllib.error.HTTPError as exc:
-        status, raw, reason = exc.code, exc.read(), exc.reason
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        why = getattr(exc, "reason", exc)
-        raise _Failure(
-            EXIT_UNREACHABLE, f"cannot reach the control plane at {url}: {why}"
-        ) from None
-    try:
-        payload = json.loads(raw)
-    except ValueError:
-        payload = None
-    if status >= 500:
-        raise _Failure(EXIT_UNREACHABLE, f"server error {status} from {url}")
-    if status >= 400:
-        msg = payload.get("error", {}).get("message") if isinstance(payload, dict) else None
-        raise _Failure(EXIT_REFUSED, f"refused ({status}): {msg or reason}")
-    return status, payload
-
-
 def _table(rows: list[list[str]], header: list[str]) -> None:
     cells = [header, *[[_safe(c) for c in r] for r in rows]]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
@@ -183,7 +126,7 @@ def _table(rows: list[list[str]], header: list[str]) -> None:
 def _run(fn: Any, args: argparse.Namespace) -> int:
     try:
         code: int = fn(args)
-    except _Failure as exc:
+    except Failure as exc:
         _err(f"kill-switch {args.command}: {exc}")
         return exc.code
     return code
@@ -201,9 +144,10 @@ def run_sessions(args: argparse.Namespace) -> int:
             state=args.state,
             label=args.label or None,
         )
+        expect(data, "sessions")
         if args.json:
             _out(json.dumps(data))
-            return EXIT_OK
+            return Exit.OK
         rows = [
             [
                 s["session_id"],
@@ -218,19 +162,9 @@ def run_sessions(args: argparse.Namespace) -> int:
             for s in data["sessions"]
         ]
         _table(rows, ["SESSION", "AGENT", "LABELS", "STATE", "ACTIONS", "COST", "CALLS", "REASON"])
-        return EXIT_OK
+        return Exit.OK
 
     return _run(go, args)
-
-
-def _labels(raw: list[str]) -> dict[str, str]:
-    out = {}
-    for item in raw:
-        k, sep, v = item.partition("=")
-        if not sep or not k:
-            raise _Failure(EXIT_USAGE, f"--label takes key=value, got {item!r}")
-        out[k] = v
-    return out
 
 
 def _result_line(r: dict[str, Any]) -> str:
@@ -251,17 +185,17 @@ def run_kill(args: argparse.Namespace) -> int:
     def go(args: argparse.Namespace) -> int:
         selectors = bool(args.all) + bool(args.agent or args.label)
         if bool(args.session_id) + selectors != 1:
-            raise _Failure(EXIT_USAGE, "give a session ID, or --all, or --agent/--label")
+            raise Failure(Exit.USAGE, "give a session ID, or --all, or --agent/--label")
         wait = "false" if args.no_wait else None
         if args.session_id:
             _, data = _request(
                 args,
                 "POST",
-                f"/api/sessions/{args.session_id}/kill",
+                f"/api/sessions/{quote(args.session_id, safe='')}/kill",
                 {"reason": args.reason},
                 wait=wait,
             )
-            results = [data]
+            results = [expect(data, "session_id", "interrupt_id", "status")]
         else:
             body: dict[str, Any] = {"reason": args.reason}
             if args.all:
@@ -271,7 +205,7 @@ def run_kill(args: argparse.Namespace) -> int:
             if args.label:
                 body["labels"] = _labels(args.label)
             _, data = _request(args, "POST", "/api/kill", body, wait=wait)
-            results = data["results"]
+            results = expect(data, "results")["results"]
         if args.json:
             _out(json.dumps(data))
         elif not results:
@@ -279,20 +213,20 @@ def run_kill(args: argparse.Namespace) -> int:
         else:
             for r in results:
                 _out(_safe(_result_line(r)))
-        return EXIT_OK
+        return Exit.OK
 
     return _run(go, args)
 
 
 def run_token_create(args: argparse.Namespace) -> int:
     """``kill-switch token create``: a new token and its hash line."""
-    from .control._auth import new_token
+    from kill_switch.control._auth import new_token
 
     try:
         token, entry = new_token(args.role, args.token_id)
     except ValueError as exc:
         _err(f"kill-switch token create: {exc}")
-        return EXIT_USAGE
+        return Exit.USAGE
     if args.json:
         _out(
             json.dumps(
@@ -311,67 +245,55 @@ def run_token_create(args: argparse.Namespace) -> int:
             "Give the token to its holder (it is not stored anywhere); add the hash line to "
             "the token file or $KILL_SWITCH_TOKENS."
         )
-    return EXIT_OK
+    return Exit.OK
 
 
 def run_serve(args: argparse.Namespace) -> int:
     """``kill-switch serve``: a runtime with its control plane, until SIGINT/SIGTERM."""
     import asyncio
-    import signal
 
-    from .control._auth import TokenStore
+    from kill_switch.control._auth import TokenStore
 
     try:
         store = TokenStore.from_environment(args.tokens_file)
     except (OSError, ValueError) as exc:
         _err(f"kill-switch serve: bad token configuration: {exc}")
-        return EXIT_USAGE
+        return Exit.USAGE
     if not store.entries():
         _err(
             "kill-switch serve: no token configured; create one with "
             "`kill-switch token create --role operator` and pass --tokens-file or "
             "$KILL_SWITCH_TOKENS"
         )
-        return EXIT_USAGE
+        return Exit.USAGE
 
     async def main() -> None:
         import anyio
 
-        from ._runtime import Runtime
-        from .control import serve
+        from kill_switch._runtime import Runtime
+        from kill_switch._shutdown import graceful_shutdown
+        from kill_switch.control import serve
 
-        stop = anyio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):  # an entry point may install handlers
-            loop.add_signal_handler(sig, stop.set)
-        try:
-            async with (
-                Runtime(audit=args.audit_db) as runtime,
-                serve(runtime, host=args.host, port=args.port, tokens=store) as server,
-            ):
-                _out(f"kill_switch control plane at {server.url}/ (Ctrl-C to stop)")
-                sys.stdout.flush()
-                await stop.wait()
-        finally:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(sig)
+        async with (
+            Runtime(audit=args.audit_db) as runtime,
+            serve(
+                runtime,
+                host=args.host,
+                port=args.port,
+                tokens=store,
+                allowed_hosts=args.allow_host,
+            ) as server,
+            # SIGINT/SIGTERM: every session stopped (trigger shutdown), then the block
+            # ends; the requested end of a server, hence exit 0.
+            graceful_shutdown(runtime),
+        ):
+            _out(f"kill_switch control plane at {server.url}/ (Ctrl-C to stop)")
+            sys.stdout.flush()
+            await anyio.sleep_forever()
 
     try:
         asyncio.run(main())
     except OSError as exc:
         _err(f"kill-switch serve: cannot listen on {args.host}:{args.port}: {exc}")
-        return EXIT_UNREACHABLE
-    return EXIT_OK
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run these commands on their own (``python -m kill_switch._control_cli ...``)."""
-    parser = argparse.ArgumentParser(prog="kill-switch")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    code: int = args.func(args)
-    return code
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        return Exit.UNAVAILABLE
+    return Exit.OK

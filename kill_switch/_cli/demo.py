@@ -41,21 +41,23 @@ import anyio.from_thread
 import anyio.lowlevel
 import anyio.to_thread
 
-from ._current import sleep as ks_sleep
-from ._drill import DrillObjectives, DrillShape, run_drills
-from ._limits import Limits
-from ._policy import StopPolicy
-from ._processes import EscalationWarning
-from ._runtime import Runtime
-from ._sentinel import Sentinel
-from ._shutdown import GracefulShutdown, graceful_shutdown
-from ._supervisor import supervise
+from kill_switch._current import sleep as ks_sleep
+from kill_switch._drill import DrillObjectives, DrillShape, run_drills
+from kill_switch._limits import Limits
+from kill_switch._policy import StopPolicy
+from kill_switch._processes import EscalationWarning
+from kill_switch._runtime import Runtime
+from kill_switch._sentinel import Sentinel
+from kill_switch._shutdown import GracefulShutdown, graceful_shutdown
+from kill_switch._supervisor import supervise
+
+from ._common import Exit
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
 
-    from ._report import StopReport
-    from ._session import Session
+    from kill_switch._report import StopReport
+    from kill_switch._session import Session
 
 #: The researcher's SLA: the supervisor stops it once it has run this long.
 SLA = 0.6
@@ -260,7 +262,7 @@ async def _operator(control: _ControlPlane | None, session: Session, failures: l
 async def _control_plane(runtime: Runtime, db: str | None) -> AsyncIterator[_ControlPlane | None]:
     """Serve the control plane and dashboard while the demo runs, if it can be imported."""
     try:
-        from . import control
+        from kill_switch import control
     except ImportError as exc:
         _say(
             f"no control plane ({exc}): no dashboard, and the operator's kill is an "
@@ -502,7 +504,7 @@ async def _main(db: str | None, keep_serving: bool) -> int:
 
     _say("")
     if db is not None:
-        from ._audit_query import verify
+        from kill_switch._audit_query import verify
 
         result = verify(db)
         _say(f"audit verify {db}: {result.summary()}")
@@ -512,14 +514,14 @@ async def _main(db: str | None, keep_serving: bool) -> int:
         _say("audit verify: skipped, the demo ran without an audit log (--no-audit)")
     if failures:
         _say("FAIL: " + "; ".join(failures))
-        return 1
+        return Exit.FAILED
     _say("PASS: every session stopped by its trigger, nothing left running")
-    return 0
+    return Exit.OK
 
 
 def run(*, db: str | None = None, audit: bool = True, keep_serving: bool = False) -> int:
     """Run the demo; return the process exit code."""
-    from ._audit_cli import DEFAULT_DB, ENV_DB
+    from .audit import DEFAULT_DB, ENV_DB
 
     path = (db or os.environ.get(ENV_DB) or DEFAULT_DB) if audit else None
     if path is not None:
