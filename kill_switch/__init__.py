@@ -78,6 +78,7 @@ from ._triggers import Trigger as Trigger
 from ._watchdog import EXIT_FORCED as EXIT_FORCED
 from ._watchdog import EXIT_FORCED_C_LEVEL as EXIT_FORCED_C_LEVEL
 from ._watchdog import Watchdog as Watchdog
+from .fleet import Fleet as Fleet  # no redis import until a fleet connects
 
 try:
     __version__ = version("kill-switch")
@@ -111,6 +112,7 @@ __all__ = [
     "ErrorStreak",
     "EscalationPolicy",
     "EscalationWarning",
+    "Fleet",
     "GracefulShutdown",
     "InterruptHandle",
     "InterruptRequest",

@@ -26,11 +26,22 @@ from ._session import Session, ToolPolicy
 from ._triggers import bound_text
 
 if TYPE_CHECKING:
+    from types import ModuleType
+
     from ._handle import InterruptHandle
     from ._info import SessionInfo
     from ._report import AuditStatus
+    from .fleet import Fleet
+    from .fleet._link import Link
 
 _MAX_AGENT = 200
+
+
+def _fleet_link() -> ModuleType:
+    from .fleet import _link  # lazy: fleet control only when a runtime joins a fleet
+
+    return _link
+
 _MAX_LABELS = 64
 
 
@@ -70,6 +81,7 @@ class Runtime:
         audit: AuditSink | str | os.PathLike[str] | None = None,
         policy: StopPolicy | None = None,
         track_tasks: bool = True,
+        fleet: Fleet | str | None = None,
     ) -> None:
         if isinstance(audit, (str, os.PathLike)):
             from ._sqlite_audit import SqliteAudit  # lazy: aiosqlite only when asked for
@@ -96,6 +108,9 @@ class Runtime:
         self._context = contextvars.copy_context()
         self._factory: Callable[..., asyncio.Task[Any]] | None = None
         self._prev_factory: Any = None
+        # Fleet control (kill_switch.fleet; redis-py is imported only when one is given).
+        self._fleet = None if fleet is None else _fleet_link().check(fleet)
+        self._fleet_link: Link | None = None
 
     # --------------------------------------------------------------- lifetime
 
@@ -112,6 +127,9 @@ class Runtime:
                 "aiosqlite, which runs only on asyncio"
             ) from None
         self._entered = True
+        if self._fleet is not None:  # fleet: join (loads sticky kills) or refuse to start
+            self._fleet_link = _fleet_link().Link(self._fleet, self, self._record, self._sink)
+            await self._fleet_link.connect()
         self._loop = loop
         self._loop_thread = threading.get_ident()
         ctx = contextvars.copy_context()
@@ -124,6 +142,8 @@ class Runtime:
         if self._track_tasks:
             self._install_task_factory()
         self._monitor = LoopMonitor()
+        if self._fleet_link is not None:  # fleet: heartbeat and command listener
+            self._fleet_link.start()
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -140,6 +160,9 @@ class Runtime:
             self._uninstall_task_factory()
             if self._monitor is not None:
                 self._monitor.close()
+            if self._fleet_link is not None:  # fleet: leave it before the audit closes
+                with anyio.move_on_after(self.policy.stop_timeout + 1.0, shield=True):
+                    await self._fleet_link.close()
             if self._sink is not None:
                 with anyio.move_on_after(self.policy.stop_timeout, shield=True):
                     await self._sink.__aexit__(*exc_info)
@@ -227,6 +250,8 @@ class Runtime:
         if tool_policy is not None and not callable(tool_policy):
             raise TypeError("tool_policy must be callable")
         self._refuse_if_taken(session_id, agent)
+        if self._fleet_link is not None:  # fleet: a killed id or a banned agent/label
+            self._fleet_link.refuse(session_id, agent, checked)
         session = Session(
             self,
             agent,
