@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import functools
 import json
+import signal
+import sqlite3
 import os
 import time
 from collections.abc import Iterator
@@ -194,3 +196,312 @@ async def test_kill_where_requires_a_selector(redis_server: RedisServer) -> None
     async with fleet(redis_server, "nosel") as f:
         with pytest.raises(ValueError, match="selector"):
             await f.kill_where(reason="x")
+
+
+# ------------------------------------------------------------------ sticky and bans
+
+
+async def test_sticky_kill_refused_after_worker_restart(
+    redis_server: RedisServer, workers: list[Worker]
+) -> None:
+    """A killed id is refused when a restarted worker (or any other) tries to start it."""
+    a = spawn(workers, redis_server, "sticky")
+    await in_thread(a.start, "researcher", "s-1")
+    async with fleet(redis_server, "sticky") as f:
+        await f.kill("s-1", reason="runaway", operator="alice")
+        with pytest.raises(NoAnswer, match="refused wherever it starts"):
+            await f.kill("s-never", reason="pre-emptive", operator="alice")
+    a.close()
+    again = spawn(workers, redis_server, "sticky")
+    ev = await in_thread(again.start, "researcher", "s-1")
+    assert ev["event"] == "refused"  # type: ignore[index]
+    assert "killed through the fleet" in ev["reason"]  # type: ignore[index]
+    ev = await in_thread(again.start, "researcher", "s-never")
+    assert ev["event"] == "refused"  # type: ignore[index]
+    ev = await in_thread(again.start, "researcher", "s-other")
+    assert ev["event"] == "started"  # type: ignore[index]
+
+
+async def test_ban_refuses_later_starts_fleet_wide(
+    redis_server: RedisServer, workers: list[Worker]
+) -> None:
+    """kill_where(agent, ban=...) stops the agent and refuses its later starts on every runtime."""
+    a = spawn(workers, redis_server, "ban")
+    await in_thread(a.start, "researcher", "s-1")
+    async with fleet(redis_server, "ban") as f:
+        res = await f.kill_where(agent="researcher", ban=600, reason="quarantine", operator="eve")
+    assert [r.session_id for r in res.reports] == ["s-1"]
+    assert res.ban_until is not None
+    ev = await in_thread(a.start, "researcher", "s-2")
+    assert ev["event"] == "refused" and "banned on the fleet" in ev["reason"]  # type: ignore[index]
+    later = spawn(workers, redis_server, "ban")  # joins after the ban: loads it
+    ev = await in_thread(later.start, "researcher", "s-3")
+    assert ev["event"] == "refused"  # type: ignore[index]
+    ev = await in_thread(later.start, "writer", "s-4")
+    assert ev["event"] == "started"  # type: ignore[index]
+
+
+async def test_selector_kill_without_ban_lets_later_sessions_start(
+    redis_server: RedisServer, workers: list[Worker]
+) -> None:
+    """Negative control for bans: a selector kill without a ban refuses nothing later."""
+    a = spawn(workers, redis_server, "noban")
+    await in_thread(a.start, "researcher", "s-1")
+    async with fleet(redis_server, "noban") as f:
+        await f.kill_where(agent="researcher", reason="once", operator="eve")
+    ev = await in_thread(a.start, "researcher", "s-2")
+    assert ev["event"] == "started"  # type: ignore[index]
+
+
+async def test_kill_during_redis_pause_honoured_after(
+    redis_server: RedisServer, workers: list[Worker]
+) -> None:
+    """A kill sent while Redis is stopped (SIGSTOP) lands and is honoured after SIGCONT."""
+    a = spawn(workers, redis_server, "pause", lease=0.6, on_partition="continue")
+    await in_thread(a.start, "researcher", "s-1")
+    async with fleet(redis_server, "pause", lease=30) as f:
+        redis_server.pause()
+        await in_thread(a.expect, lambda e: e.get("kind") == "fleet_lost")
+        async with anyio.create_task_group() as tg:
+            got: list[ks.StopReport] = []
+
+            async def kill() -> None:
+                got.append(await f.kill("s-1", reason="while away", operator="alice"))
+
+            tg.start_soon(kill)
+            await anyio.wait_all_tasks_blocked()
+            redis_server.resume()
+    assert got[0].trigger == "operator" and got[0].quiescent
+    ev = await in_thread(a.stopped, "s-1")
+    assert ev["operator"] == "alice"  # type: ignore[index]
+
+
+async def test_kill_while_worker_stopped_names_it_then_honoured(
+    redis_server: RedisServer, workers: list[Worker]
+) -> None:
+    """A frozen worker is named as not answering; on SIGCONT it honours the kill."""
+    a = spawn(workers, redis_server, "frozen", lease=30.0, on_partition="continue")
+    await in_thread(a.start, "researcher", "s-1")
+    async with fleet(redis_server, "frozen") as f:
+
+        async def listed() -> bool:
+            return any(s.session_id == "s-1" for s in await f.sessions())
+
+        await poll(listed)
+        os.kill(a.proc.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(NoAnswer) as err:
+                await f.kill("s-1", reason="frozen", operator="alice", timeout=1.0)
+        finally:
+            os.kill(a.proc.pid, signal.SIGCONT)
+    assert err.value.runtimes == (a.runtime_id,)
+    assert a.runtime_id in str(err.value)
+    ev = await in_thread(a.stopped, "s-1")
+    assert ev["operator"] == "alice"  # type: ignore[index]
+
+
+async def test_sticky_kill_survives_redis_restart(
+    tmp_path: Path, workers: list[Worker]
+) -> None:
+    """Redis killed and restarted (AOF): the worker reconnects, kills reach it and stick."""
+    server = RedisServer(tmp_path, persist=True)
+    server.start()
+    try:
+        a = spawn(workers, server, "restart", lease=0.6, on_partition="continue")
+        await in_thread(a.start, "researcher", "s-1")
+        await in_thread(a.start, "researcher", "s-2")
+        async with fleet(server, "restart") as f:
+            await f.kill("s-1", reason="before", operator="alice")
+        server.kill()
+        await in_thread(a.expect, lambda e: e.get("kind") == "fleet_lost")
+        server.start()
+        await in_thread(a.expect, lambda e: e.get("kind") == "fleet_reconnected")
+        async with fleet(server, "restart") as f:
+            report = await f.kill("s-2", reason="after", operator="bob")
+        assert report.operator == "bob"
+        a.close()
+        b = spawn(workers, server, "restart")
+        ev = await in_thread(b.start, "researcher", "s-1")
+        assert ev["event"] == "refused"  # type: ignore[index]
+    finally:
+        server.stop()
+
+
+# ------------------------------------------------------------- dead man's switch
+
+
+async def test_dead_mans_switch_stops_sessions_at_the_lease(
+    redis_server: RedisServer, workers: list[Worker]
+) -> None:
+    """Cut off from Redis past its lease, a worker stops its sessions (trigger fleet_lost)."""
+    a = spawn(workers, redis_server, "dms", lease=0.6)
+    await in_thread(a.start, "researcher", "s-1")
+    redis_server.pause()
+    try:
+        ev = await in_thread(a.stopped, "s-1")
+        assert ev["trigger"] == "fleet_lost"  # type: ignore[index]
+        lost = await in_thread(a.expect, lambda e: e.get("kind") == "fleet_lost")
+        # It fired at the lease, not before: the time since the last renewal exceeds it.
+        assert lost["details"]["seconds_away"] > 0.6  # type: ignore[index]
+        assert lost["details"]["on_partition"] == "stop"  # type: ignore[index]
+        ev = await in_thread(a.start, "researcher", "s-2")
+        assert ev["event"] == "refused" and "unreachable" in ev["reason"]  # type: ignore[index]
+    finally:
+        redis_server.resume()
+    await in_thread(a.expect, lambda e: e.get("kind") == "fleet_reconnected")
+    ev = await in_thread(a.start, "researcher", "s-3")
+    assert ev["event"] == "started"  # type: ignore[index]
+
+
+async def test_on_partition_continue_keeps_sessions(
+    redis_server: RedisServer, workers: list[Worker]
+) -> None:
+    """With on_partition="continue" the worker notes the loss and keeps its sessions."""
+    a = spawn(workers, redis_server, "cont", lease=0.6, on_partition="continue")
+    await in_thread(a.start, "researcher", "s-1")
+    redis_server.pause()
+    try:
+        lost = await in_thread(a.expect, lambda e: e.get("kind") == "fleet_lost")
+        assert lost["details"]["on_partition"] == "continue"  # type: ignore[index]
+    finally:
+        redis_server.resume()
+    await in_thread(a.expect, lambda e: e.get("kind") == "fleet_reconnected")
+    # Still running: the first interrupt it ever gets is this operator's.
+    async with fleet(redis_server, "cont") as f:
+        report = await f.kill("s-1", reason="now", operator="alice")
+    assert report.trigger == "operator" and report.later == ()
+    assert not any(e.get("trigger") == "fleet_lost" for e in a.events)
+
+
+# --------------------------------------------------------------- authentication
+
+
+async def test_forged_kill_dropped_and_audited(
+    redis_server: RedisServer, workers: list[Worker]
+) -> None:
+    """A kill signed with another key is dropped and audited; the session runs on."""
+    a = spawn(workers, redis_server, "forge")
+    await in_thread(a.start, "researcher", "s-1")
+    async with fleet(redis_server, "forge") as f:
+        forged = _wire.sign(
+            b"not-the-fleet-key-at-all",
+            {
+                "v": 1,
+                "type": "kill",
+                "kill_id": "k1",
+                "target": {"session_id": "s-1"},
+                "reason": "forged",
+                "operator": "mallory",
+                "issued_at": time.time(),
+                "ban_until": None,
+            },
+        )
+        await f._conn().xadd(f.keys["commands"], {"m": forged})
+        ev = await in_thread(a.expect, lambda e: e.get("kind") == "fleet_message_rejected")
+        assert "bad signature" in ev["reason"]  # type: ignore[index]
+        report = await f.kill("s-1", reason="real", operator="alice")
+    assert report.reason == "real" and report.later == ()
+
+
+async def test_replayed_and_stale_kills_dropped(
+    redis_server: RedisServer, workers: list[Worker]
+) -> None:
+    """A captured kill appended again, or an old one, is dropped and audited."""
+    a = spawn(workers, redis_server, "replay")
+    await in_thread(a.start, "researcher", "s-1")
+    await in_thread(a.start, "writer", "s-2")
+    async with fleet(redis_server, "replay") as f:
+        await f.kill_where(agent="researcher", reason="first", operator="alice")
+        r = f._conn()
+        (entry,) = await r.xrange(f.keys["commands"])
+        await r.xadd(f.keys["commands"], {"m": entry[1]["m"]})  # the same message again
+        ev = await in_thread(
+            a.expect, lambda e: "already on the stream" in (e.get("reason") or "")
+        )
+        assert ev["kind"] == "fleet_message_rejected"  # type: ignore[index]
+        old = _wire.sign(
+            KEY.encode(),
+            {
+                "v": 1,
+                "type": "kill",
+                "kill_id": "old",
+                "target": {"agent": None, "labels": {}, "all": True},
+                "reason": "last week",
+                "operator": "alice",
+                "issued_at": time.time() - 7 * 86400,
+                "ban_until": None,
+            },
+        )
+        await r.xadd(f.keys["commands"], {"m": old})
+        ev = await in_thread(a.expect, lambda e: "stale" in (e.get("reason") or ""))
+        report = await f.kill("s-2", reason="real", operator="bob")
+    assert report.reason == "real"
+
+
+async def test_no_message_resumes_or_instructs(
+    redis_server: RedisServer, workers: list[Worker]
+) -> None:
+    """A correctly signed message of any kind but kill is refused and audited."""
+    a = spawn(workers, redis_server, "resume")
+    async with fleet(redis_server, "resume") as f:
+        msg = _wire.sign(KEY.encode(), {"v": 1, "type": "resume", "kill_id": "r1"})
+        await f._conn().xadd(f.keys["commands"], {"m": msg})
+        ev = await in_thread(a.expect, lambda e: e.get("kind") == "fleet_message_rejected")
+    assert "unknown message type 'resume'" in ev["reason"]  # type: ignore[index]
+
+
+def test_a_fleet_needs_a_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No key, or a short one, is a clear error: there is no unauthenticated mode."""
+    monkeypatch.delenv("KILL_SWITCH_FLEET_KEY", raising=False)
+    with pytest.raises(ValueError, match="needs a key"):
+        ks.Fleet("redis://127.0.0.1:1")
+    with pytest.raises(ValueError, match="at least 16 bytes"):
+        ks.Fleet("redis://127.0.0.1:1", key="short")
+    assert KEY not in repr(ks.Fleet("redis://127.0.0.1:1", key=KEY))
+
+
+# ------------------------------------------------------------ unavailable, audit
+
+
+async def test_redis_unavailable_at_start_is_a_clear_error(tmp_path: Path) -> None:
+    """A runtime whose fleet's Redis is down refuses to start, within its lease."""
+    from .redis_server import free_port
+
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    with pytest.raises(FleetUnavailable, match="cannot join the fleet"):
+        async with ks.Runtime(fleet=ks.Fleet(url, key=KEY, lease=0.5)):
+            pass
+    with pytest.raises(FleetUnavailable):
+        async with ks.Fleet(url, key=KEY, lease=0.5):
+            pass
+
+
+async def test_fleet_kill_in_owner_log_and_fleet_stream(
+    redis_server: RedisServer, workers: list[Worker], tmp_path: Path
+) -> None:
+    """The owner's SQLite log holds the fleet kill with the requester; the fleet's audit
+    stream quotes a chain head that is in that log."""
+    db = tmp_path / "owner.db"
+    a = spawn(workers, redis_server, "audit", audit=db)
+    await in_thread(a.start, "researcher", "s-1")
+    async with fleet(redis_server, "audit") as f:
+        report = await f.kill("s-1", reason="audit me", operator="alice")
+        (entry,) = await f._conn().xrange(f.keys["audit"])
+    assert report.audit == "durable"
+    stream = _wire.open_envelope(KEY.encode(), entry[1]["m"])
+    assert stream["sessions"] == ["s-1"] and stream["operator"] == "alice"
+    a.close()
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute(
+            "SELECT kind, operator, details FROM events WHERE session_id = 's-1' ORDER BY seq"
+        ).fetchall()
+        kinds = [r[0] for r in rows]
+        assert "fleet_kill" in kinds and "interrupt_requested" in kinds
+        fk = next(r for r in rows if r[0] == "fleet_kill")
+        assert fk[1] == "alice"
+        assert json.loads(fk[2])["kill_id"] == stream["kill_id"]
+        head = stream["head"]
+        (row_hash,) = conn.execute(
+            "SELECT row_hash FROM events WHERE seq = ?", (head["seq"],)
+        ).fetchone()
+        assert row_hash == head["hash"]
