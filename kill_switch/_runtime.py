@@ -42,6 +42,7 @@ def _fleet_link() -> ModuleType:
 
     return _link
 
+
 _MAX_LABELS = 64
 
 

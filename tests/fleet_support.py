@@ -3,6 +3,7 @@ wait (bounded) for the JSON events it prints."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -12,7 +13,10 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).with_name("fleet_worker.py")
@@ -121,10 +125,8 @@ class Worker:
                 self.proc.wait(timeout=10)
         for f in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
             if f is not None:
-                try:
+                with contextlib.suppress(OSError):  # a broken pipe to a dead worker
                     f.close()
-                except OSError:  # a broken pipe to a dead worker: nothing left to flush
-                    pass
 
     def sigkill(self) -> None:
         self.proc.send_signal(signal.SIGKILL)

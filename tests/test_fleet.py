@@ -6,24 +6,27 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import signal
 import sqlite3
-import os
 import time
-from collections.abc import Iterator
-from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import anyio
 import pytest
 
 import kill_switch as ks
-from kill_switch.fleet import FleetUnavailable, NoAnswer
-from kill_switch.fleet import _wire
+from kill_switch.fleet import FleetUnavailable, NoAnswer, _wire
 
 from .fleet_support import KEY, Worker
 from .redis_server import RedisServer
 
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable, Iterator
+    from pathlib import Path
+
 pytest.importorskip("redis")
+T = TypeVar("T")
 pytestmark = pytest.mark.slow
 
 
@@ -60,20 +63,20 @@ def fleet(server: RedisServer, name: str, **kw: object) -> ks.Fleet:
     return ks.Fleet(server.url, key=KEY, name=name, **kw)  # type: ignore[arg-type]  # options pass through
 
 
-async def poll(pred: object, timeout: float = 30.0) -> None:
+async def poll(pred: Callable[[], Awaitable[bool]], within: float = 30.0) -> None:
     """Wait until the async predicate holds (bounded); no sleep stands for a state."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + within
     while True:
-        if await pred():  # type: ignore[operator]  # an async callable
+        if await pred():
             return
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached in time")
         await anyio.sleep(0.02)
 
 
-async def in_thread(fn: object, *args: object, **kw: object) -> object:
+async def in_thread(fn: Callable[..., T], *args: Any, **kw: Any) -> T:
     """Run a blocking worker call (bounded inside) off the event loop."""
-    return await anyio.to_thread.run_sync(functools.partial(fn, *args, **kw))  # type: ignore[arg-type]  # any callable
+    return await anyio.to_thread.run_sync(functools.partial(fn, *args, **kw))
 
 
 # ----------------------------------------------------------------------- inventory
@@ -123,7 +126,8 @@ async def test_sigkilled_worker_shown_lost_with_sessions_unknown(
         (s,) = await f.sessions()
         assert s.state == "unknown"
         (rt,) = await f.runtimes()
-        assert rt.lost and rt.lease_left < 0
+        assert rt.lost
+        assert rt.lease_left < 0
 
 
 # ---------------------------------------------------------------------------- kills
@@ -143,9 +147,10 @@ async def test_kill_by_id_returns_owner_report(
     assert report.session_id == "s-2"
     assert report.trigger == "operator"
     assert report.operator == "alice"
-    assert report.quiescent and report.outcome == "stopped"
+    assert report.quiescent
+    assert report.outcome == "stopped"
     ev = await in_thread(b.stopped, "s-2")
-    assert ev["operator"] == "alice"  # type: ignore[index]
+    assert ev["operator"] == "alice"
     # The other worker's session is untouched.
     assert not any(e["event"] == "stopped" for e in a.events)
 
@@ -214,12 +219,12 @@ async def test_sticky_kill_refused_after_worker_restart(
     a.close()
     again = spawn(workers, redis_server, "sticky")
     ev = await in_thread(again.start, "researcher", "s-1")
-    assert ev["event"] == "refused"  # type: ignore[index]
-    assert "killed through the fleet" in ev["reason"]  # type: ignore[index]
+    assert ev["event"] == "refused"
+    assert "killed through the fleet" in ev["reason"]
     ev = await in_thread(again.start, "researcher", "s-never")
-    assert ev["event"] == "refused"  # type: ignore[index]
+    assert ev["event"] == "refused"
     ev = await in_thread(again.start, "researcher", "s-other")
-    assert ev["event"] == "started"  # type: ignore[index]
+    assert ev["event"] == "started"
 
 
 async def test_ban_refuses_later_starts_fleet_wide(
@@ -233,12 +238,13 @@ async def test_ban_refuses_later_starts_fleet_wide(
     assert [r.session_id for r in res.reports] == ["s-1"]
     assert res.ban_until is not None
     ev = await in_thread(a.start, "researcher", "s-2")
-    assert ev["event"] == "refused" and "banned on the fleet" in ev["reason"]  # type: ignore[index]
+    assert ev["event"] == "refused"
+    assert "banned on the fleet" in ev["reason"]
     later = spawn(workers, redis_server, "ban")  # joins after the ban: loads it
     ev = await in_thread(later.start, "researcher", "s-3")
-    assert ev["event"] == "refused"  # type: ignore[index]
+    assert ev["event"] == "refused"
     ev = await in_thread(later.start, "writer", "s-4")
-    assert ev["event"] == "started"  # type: ignore[index]
+    assert ev["event"] == "started"
 
 
 async def test_selector_kill_without_ban_lets_later_sessions_start(
@@ -250,7 +256,7 @@ async def test_selector_kill_without_ban_lets_later_sessions_start(
     async with fleet(redis_server, "noban") as f:
         await f.kill_where(agent="researcher", reason="once", operator="eve")
     ev = await in_thread(a.start, "researcher", "s-2")
-    assert ev["event"] == "started"  # type: ignore[index]
+    assert ev["event"] == "started"
 
 
 async def test_kill_during_redis_pause_honoured_after(
@@ -271,9 +277,10 @@ async def test_kill_during_redis_pause_honoured_after(
             tg.start_soon(kill)
             await anyio.wait_all_tasks_blocked()
             redis_server.resume()
-    assert got[0].trigger == "operator" and got[0].quiescent
+    assert got[0].trigger == "operator"
+    assert got[0].quiescent
     ev = await in_thread(a.stopped, "s-1")
-    assert ev["operator"] == "alice"  # type: ignore[index]
+    assert ev["operator"] == "alice"
 
 
 async def test_kill_while_worker_stopped_names_it_then_honoured(
@@ -297,12 +304,10 @@ async def test_kill_while_worker_stopped_names_it_then_honoured(
     assert err.value.runtimes == (a.runtime_id,)
     assert a.runtime_id in str(err.value)
     ev = await in_thread(a.stopped, "s-1")
-    assert ev["operator"] == "alice"  # type: ignore[index]
+    assert ev["operator"] == "alice"
 
 
-async def test_sticky_kill_survives_redis_restart(
-    tmp_path: Path, workers: list[Worker]
-) -> None:
+async def test_sticky_kill_survives_redis_restart(tmp_path: Path, workers: list[Worker]) -> None:
     """Redis killed and restarted (AOF): the worker reconnects, kills reach it and stick."""
     server = RedisServer(tmp_path, persist=True)
     server.start()
@@ -322,7 +327,7 @@ async def test_sticky_kill_survives_redis_restart(
         a.close()
         b = spawn(workers, server, "restart")
         ev = await in_thread(b.start, "researcher", "s-1")
-        assert ev["event"] == "refused"  # type: ignore[index]
+        assert ev["event"] == "refused"
     finally:
         server.stop()
 
@@ -339,18 +344,19 @@ async def test_dead_mans_switch_stops_sessions_at_the_lease(
     redis_server.pause()
     try:
         ev = await in_thread(a.stopped, "s-1")
-        assert ev["trigger"] == "fleet_lost"  # type: ignore[index]
+        assert ev["trigger"] == "fleet_lost"
         lost = await in_thread(a.expect, lambda e: e.get("kind") == "fleet_lost")
         # It fired at the lease, not before: the time since the last renewal exceeds it.
-        assert lost["details"]["seconds_away"] > 0.6  # type: ignore[index]
-        assert lost["details"]["on_partition"] == "stop"  # type: ignore[index]
+        assert lost["details"]["seconds_away"] > 0.6
+        assert lost["details"]["on_partition"] == "stop"
         ev = await in_thread(a.start, "researcher", "s-2")
-        assert ev["event"] == "refused" and "unreachable" in ev["reason"]  # type: ignore[index]
+        assert ev["event"] == "refused"
+        assert "unreachable" in ev["reason"]
     finally:
         redis_server.resume()
     await in_thread(a.expect, lambda e: e.get("kind") == "fleet_reconnected")
     ev = await in_thread(a.start, "researcher", "s-3")
-    assert ev["event"] == "started"  # type: ignore[index]
+    assert ev["event"] == "started"
 
 
 async def test_on_partition_continue_keeps_sessions(
@@ -362,14 +368,15 @@ async def test_on_partition_continue_keeps_sessions(
     redis_server.pause()
     try:
         lost = await in_thread(a.expect, lambda e: e.get("kind") == "fleet_lost")
-        assert lost["details"]["on_partition"] == "continue"  # type: ignore[index]
+        assert lost["details"]["on_partition"] == "continue"
     finally:
         redis_server.resume()
     await in_thread(a.expect, lambda e: e.get("kind") == "fleet_reconnected")
     # Still running: the first interrupt it ever gets is this operator's.
     async with fleet(redis_server, "cont") as f:
         report = await f.kill("s-1", reason="now", operator="alice")
-    assert report.trigger == "operator" and report.later == ()
+    assert report.trigger == "operator"
+    assert report.later == ()
     assert not any(e.get("trigger") == "fleet_lost" for e in a.events)
 
 
@@ -398,9 +405,10 @@ async def test_forged_kill_dropped_and_audited(
         )
         await f._conn().xadd(f.keys["commands"], {"m": forged})
         ev = await in_thread(a.expect, lambda e: e.get("kind") == "fleet_message_rejected")
-        assert "bad signature" in ev["reason"]  # type: ignore[index]
+        assert "bad signature" in ev["reason"]
         report = await f.kill("s-1", reason="real", operator="alice")
-    assert report.reason == "real" and report.later == ()
+    assert report.reason == "real"
+    assert report.later == ()
 
 
 async def test_replayed_and_stale_kills_dropped(
@@ -413,12 +421,10 @@ async def test_replayed_and_stale_kills_dropped(
     async with fleet(redis_server, "replay") as f:
         await f.kill_where(agent="researcher", reason="first", operator="alice")
         r = f._conn()
-        (entry,) = await r.xrange(f.keys["commands"])
+        (entry,) = cast("Any", await r.xrange(f.keys["commands"]))
         await r.xadd(f.keys["commands"], {"m": entry[1]["m"]})  # the same message again
-        ev = await in_thread(
-            a.expect, lambda e: "already on the stream" in (e.get("reason") or "")
-        )
-        assert ev["kind"] == "fleet_message_rejected"  # type: ignore[index]
+        ev = await in_thread(a.expect, lambda e: "already on the stream" in (e.get("reason") or ""))
+        assert ev["kind"] == "fleet_message_rejected"
         old = _wire.sign(
             KEY.encode(),
             {
@@ -447,7 +453,7 @@ async def test_no_message_resumes_or_instructs(
         msg = _wire.sign(KEY.encode(), {"v": 1, "type": "resume", "kill_id": "r1"})
         await f._conn().xadd(f.keys["commands"], {"m": msg})
         ev = await in_thread(a.expect, lambda e: e.get("kind") == "fleet_message_rejected")
-    assert "unknown message type 'resume'" in ev["reason"]  # type: ignore[index]
+    assert "unknown message type 'resume'" in ev["reason"]
 
 
 def test_a_fleet_needs_a_key(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -486,17 +492,19 @@ async def test_fleet_kill_in_owner_log_and_fleet_stream(
     await in_thread(a.start, "researcher", "s-1")
     async with fleet(redis_server, "audit") as f:
         report = await f.kill("s-1", reason="audit me", operator="alice")
-        (entry,) = await f._conn().xrange(f.keys["audit"])
+        (entry,) = cast("Any", await f._conn().xrange(f.keys["audit"]))
     assert report.audit == "durable"
     stream = _wire.open_envelope(KEY.encode(), entry[1]["m"])
-    assert stream["sessions"] == ["s-1"] and stream["operator"] == "alice"
+    assert stream["sessions"] == ["s-1"]
+    assert stream["operator"] == "alice"
     a.close()
     with sqlite3.connect(db) as conn:
         rows = conn.execute(
             "SELECT kind, operator, details FROM events WHERE session_id = 's-1' ORDER BY seq"
         ).fetchall()
         kinds = [r[0] for r in rows]
-        assert "fleet_kill" in kinds and "interrupt_requested" in kinds
+        assert "fleet_kill" in kinds
+        assert "interrupt_requested" in kinds
         fk = next(r for r in rows if r[0] == "fleet_kill")
         assert fk[1] == "alice"
         assert json.loads(fk[2])["kill_id"] == stream["kill_id"]

@@ -6,20 +6,23 @@ import json
 import math
 import os
 import time
-from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Final, Literal
 
 import anyio
 import attrs
 
-from .._audit import new_id
-from .._exceptions import KillSwitchError
-from .._report import StopReport
-from .._triggers import bound_operator, bound_reason
+from kill_switch._audit import new_id
+from kill_switch._exceptions import KillSwitchError
+from kill_switch._triggers import bound_operator, bound_reason
+
 from . import _wire
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from redis.asyncio import Redis
+
+    from kill_switch._report import StopReport
 
 ENV_URL: Final = "KILL_SWITCH_FLEET"
 ENV_KEY: Final = "KILL_SWITCH_FLEET_KEY"
@@ -121,7 +124,7 @@ def _seconds(name: str, value: object, *, minimum: float) -> float:
     return float(value)
 
 
-def _redis_errors() -> tuple[type[BaseException], ...]:
+def _redis_errors() -> tuple[type[Exception], ...]:
     from redis.exceptions import RedisError
 
     return (RedisError, OSError, TimeoutError)
@@ -204,7 +207,7 @@ class Fleet:
                 "kill_switch.fleet needs redis-py: pip install 'kill-switch[fleet]'"
             ) from None
         bound = max(self.lease / 3, 0.05)
-        return Redis.from_url(  # type: ignore[no-any-return]  # redis-py types from_url loosely
+        return Redis.from_url(
             self.url,
             decode_responses=True,
             socket_connect_timeout=bound,
@@ -349,7 +352,7 @@ class Fleet:
         *,
         reason: str,
         operator: str | None = None,
-        timeout: float | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109  # bounds remote answers; the kill is sent regardless
     ) -> StopReport:
         """Kill *session_id* wherever it runs and return its owner's StopReport.
 
@@ -366,12 +369,13 @@ class Fleet:
         """
         if not isinstance(session_id, str) or not session_id or len(session_id) > 200:
             raise ValueError(f"session_id must be a non-empty str of <= 200 chars: {session_id!r}")
+        wait = self._wait(timeout)
         raw, payload = self._kill_message(
             reason=reason, operator=operator, target={"session_id": session_id}, ban=None
         )
         kill_id = payload["kill_id"]
         live = await self._publish(raw, store=("killed", session_id))
-        got = await self._collect(kill_id, live, timeout, want=session_id)
+        got = await self._collect(kill_id, live, wait, want=session_id)
         reports, answered = got
         for rep in reports:
             if rep.session_id == session_id:
@@ -406,7 +410,7 @@ class Fleet:
         labels: Mapping[str, str] | None = None,
         all: bool = False,
         ban: float | None = None,
-        timeout: float | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109  # bounds remote answers; the kill is sent regardless
     ) -> FleetKillResult:
         """Kill every session of *agent* and/or carrying every one of *labels* (or
         ``all=True``: every session) on every runtime; wait for every live runtime's
@@ -429,13 +433,12 @@ class Fleet:
                 raise TypeError(f"labels must map non-empty str to str, got {lk!r}: {lv!r}")
         if ban is not None:
             ban = _seconds("ban", ban, minimum=0.0)
+        wait = self._wait(timeout)
         target = {"agent": agent, "labels": wanted, "all": bool(all)}
-        raw, payload = self._kill_message(
-            reason=reason, operator=operator, target=target, ban=ban
-        )
+        raw, payload = self._kill_message(reason=reason, operator=operator, target=target, ban=ban)
         kill_id = payload["kill_id"]
         live = await self._publish(raw, store=("selectors", kill_id))
-        reports, answered = await self._collect(kill_id, live, timeout, want=None)
+        reports, answered = await self._collect(kill_id, live, wait, want=None)
         return FleetKillResult(
             kill_id=kill_id,
             reports=tuple(reports),
@@ -464,14 +467,16 @@ class Fleet:
         now_ms = int(now_t[0]) * 1000 + int(now_t[1]) // 1000
         return [rid for rid, deadline in leases if deadline >= now_ms]
 
+    def _wait(self, timeout: float | None) -> float:
+        return self.timeout if timeout is None else _seconds("timeout", timeout, minimum=0.0)
+
     async def _collect(
-        self, kill_id: str, live: list[str], timeout: float | None, *, want: str | None
+        self, kill_id: str, live: list[str], wait: float, *, want: str | None
     ) -> tuple[list[StopReport], set[str]]:
         """Read signed replies until every live runtime answered (or, for a kill by id,
         the report came), or the timeout passed. Forged replies are dropped."""
         r = self._conn()
         key = self.keys["reply"] + kill_id
-        wait = self.timeout if timeout is None else _seconds("timeout", timeout, minimum=0.0)
         reports: list[StopReport] = []
         answered: set[str] = set()
         pending = set(live)
@@ -480,7 +485,9 @@ class Fleet:
                 try:
                     item = await r.blpop([key], timeout=max(min(wait, 1.0), 0.01))
                 except _redis_errors() as exc:
-                    raise FleetUnavailable(f"lost Redis while waiting for reports: {exc!r}") from None
+                    raise FleetUnavailable(
+                        f"lost Redis while waiting for reports: {exc!r}"
+                    ) from None
                 if item is None:
                     continue
                 try:

@@ -18,21 +18,29 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import anyio
 
-from .._audit import SESSION_FINISHED, SESSION_REFUSED, SESSION_STARTED, AuditEvent, new_id
-from .._exceptions import SessionRefused
+from kill_switch._audit import (
+    SESSION_FINISHED,
+    SESSION_REFUSED,
+    SESSION_STARTED,
+    AuditEvent,
+    new_id,
+)
+from kill_switch._exceptions import SessionRefused
+
 from . import _wire
 from ._fleet import Fleet, FleetUnavailable, _redis_errors
 
 if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+
     from redis.asyncio import Redis
 
-    from .._handle import InterruptHandle
-    from .._runtime import Runtime
+    from kill_switch._handle import InterruptHandle
+    from kill_switch._runtime import Runtime
 
 # Audit event kinds the fleet writes to the owner's log.
 FLEET_KILL = "fleet_kill"
@@ -129,17 +137,20 @@ class Link:
         self._loop = asyncio.get_running_loop()
         self._ops = self.fleet._client()
         self._blocking = self.fleet._client(blocking=True)
+        failure: BaseException | None = None
         try:
             with anyio.fail_after(max(self.fleet.lease, 1.0)):
-                last = await self._ops.xrevrange(self.keys["commands"], count=1)
-                self._last_id = last[0][0] if last else "0-0"
+                last: Any = await self._ops.xrevrange(self.keys["commands"], count=1)
+                self._last_id = str(last[0][0]) if last else "0-0"
                 await self._sync()
                 await self._beat()
         except _redis_errors() as exc:
+            failure = exc
+        if failure is not None:
             await self._close_clients()
             raise FleetUnavailable(
-                f"cannot join the fleet {self.fleet.name!r}: Redis did not answer ({exc!r})"
-            ) from None
+                f"cannot join the fleet {self.fleet.name!r}: Redis did not answer ({failure!r})"
+            )
         self.last_ok = time.monotonic()
 
     def start(self) -> None:
@@ -243,7 +254,7 @@ class Link:
                     if self._resync:
                         await self._sync()
                     await self._beat()
-            except (*_redis_errors(), _wire.Rejected) as exc:
+            except (*_redis_errors(), _wire.Rejected) as exc:  # type: ignore[misc]  # a tuple of Exception classes
                 self._resync = True
                 self.last_error = repr(exc)
             else:
@@ -320,7 +331,7 @@ class Link:
             elif gone:
                 pipe.hdel(skey, *gone)
             if changed:
-                pipe.hset(skey, mapping=changed)
+                pipe.hset(skey, mapping=cast("Any", changed))  # redis-py's Mapping is invariant
             pipe.pexpire(skey, int(self.fleet.retention * 1000))
             await pipe.execute()
         self._published = current
@@ -360,7 +371,7 @@ class Link:
                 assert self._blocking is not None
                 block_ms = max(int(self.interval * 1000), 10)
                 with anyio.fail_after(self.interval * 2 + 1.0):
-                    got = await self._blocking.xread(
+                    got: Any = await self._blocking.xread(
                         {self.keys["commands"]: self._last_id}, count=100, block=block_ms
                     )
             except _redis_errors() as exc:
@@ -379,7 +390,9 @@ class Link:
                     if msg is not None:
                         self._apply(msg, reply=True)
 
-    def _verify(self, raw: str, *, source: str, entry_id: str | None = None) -> dict[str, Any] | None:
+    def _verify(
+        self, raw: str, *, source: str, entry_id: str | None = None
+    ) -> dict[str, Any] | None:
         try:
             msg = _wire.open_envelope(self._key, raw)
             if msg["type"] != "kill":

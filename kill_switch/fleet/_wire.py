@@ -14,12 +14,11 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import attrs
 
-from .._info import SessionInfo
-from .._report import (
+from kill_switch._report import (
     CleanupReport,
     InterruptRequest,
     Latency,
@@ -28,6 +27,9 @@ from .._report import (
     StopReport,
     ThreadReport,
 )
+
+if TYPE_CHECKING:
+    from kill_switch._info import SessionInfo
 
 VERSION: Final = 1
 KINDS: Final = frozenset({"kill", "reply"})
