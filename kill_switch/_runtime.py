@@ -35,15 +35,13 @@ if TYPE_CHECKING:
     from .fleet._link import Link
 
 _MAX_AGENT = 200
+_MAX_LABELS = 64
 
 
 def _fleet_link() -> ModuleType:
     from .fleet import _link  # lazy: fleet control only when a runtime joins a fleet
 
     return _link
-
-
-_MAX_LABELS = 64
 
 
 def _check_labels(labels: Mapping[str, str] | None) -> dict[str, str]:
@@ -74,6 +72,8 @@ class Runtime:
 
     Leaving the block interrupts every session still running (trigger ``shutdown``) and
     waits, bounded by the policy's stop timeout, for them to stop.
+
+    ``fleet`` (a ``Fleet`` or a ``redis://`` URL) joins a fleet: see ``kill_switch.fleet``.
     """
 
     def __init__(
