@@ -9,6 +9,8 @@ import json
 import os
 import signal
 import sqlite3
+import subprocess
+import sys
 import time
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
@@ -18,7 +20,7 @@ import pytest
 import kill_switch as ks
 from kill_switch.fleet import FleetUnavailable, NoAnswer, _wire
 
-from .fleet_support import KEY, Worker
+from .fleet_support import KEY, ROOT, Worker
 from .redis_server import RedisServer
 
 if TYPE_CHECKING:
@@ -513,3 +515,58 @@ async def test_fleet_kill_in_owner_log_and_fleet_stream(
             "SELECT row_hash FROM events WHERE seq = ?", (head["seq"],)
         ).fetchone()
         assert row_hash == head["hash"]
+
+
+# ------------------------------------------------------------------------------ CLI
+
+
+def _cli(args: list[str], env_extra: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    env.pop("KILL_SWITCH_FLEET_KEY", None)
+    env.update(env_extra)
+    return subprocess.run(
+        [sys.executable, "-m", "kill_switch", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+async def test_cli_sessions_and_kill_over_the_fleet(
+    redis_server: RedisServer, workers: list[Worker]
+) -> None:
+    """`kill-switch sessions/kill --fleet` from a CLI process list and stop a worker's session."""
+    a = spawn(workers, redis_server, "default")
+    await in_thread(a.start, "researcher", "s-cli")
+    env = {"KILL_SWITCH_FLEET_KEY": KEY, "KILL_SWITCH_FLEET": redis_server.url}
+
+    def listed() -> bool:
+        out = _cli(["sessions", "--fleet", "--json"], env)
+        assert out.returncode == 0, out.stderr
+        return any(s["session_id"] == "s-cli" for s in json.loads(out.stdout)["sessions"])
+
+    deadline = time.monotonic() + 30
+    while not await in_thread(listed):
+        assert time.monotonic() < deadline, "the session never showed in the fleet inventory"
+    out = await in_thread(
+        _cli,
+        ["kill", "s-cli", "--fleet", redis_server.url, "--reason", "cli", "--operator", "ops"],
+        {"KILL_SWITCH_FLEET_KEY": KEY},
+    )
+    assert out.returncode == 0, out.stderr
+    assert "s-cli: stopped, quiescent" in out.stdout
+    ev = await in_thread(a.stopped, "s-cli")
+    assert ev["operator"] == "ops"
+
+
+def test_cli_fleet_key_only_from_the_environment(redis_server: RedisServer) -> None:
+    """The CLI takes no key option, and without $KILL_SWITCH_FLEET_KEY says so (exit 2)."""
+    out = _cli(["sessions", "--fleet", redis_server.url], {})
+    assert out.returncode == 2
+    assert "KILL_SWITCH_FLEET_KEY" in out.stderr
+    out = _cli(["sessions", "--fleet", redis_server.url, "--fleet-key", KEY], {})
+    assert out.returncode == 2
+    assert "unrecognized arguments" in out.stderr
