@@ -37,10 +37,12 @@ class Worker:
         on_partition: str = "stop",
         audit: Path | None = None,
         key: str = KEY,
+        loop: str = "asyncio",
     ) -> None:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
         env["KILL_SWITCH_FLEET_KEY"] = key
+        env["FLEET_WORKER_LOOP"] = loop
         args = [sys.executable, str(WORKER), url, name, str(lease), on_partition]
         if audit is not None:
             args.append(str(audit))

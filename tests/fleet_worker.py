@@ -12,6 +12,7 @@ stdin commands: ``start AGENT [SESSION_ID] [k=v ...]`` (``-`` for a generated id
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Any
 
@@ -89,4 +90,6 @@ async def _stdin_lines() -> Any:
 
 
 if __name__ == "__main__":
-    anyio.run(main)
+    # $FLEET_WORKER_LOOP=uvloop: the benchmarks run the worker on the loop they measure.
+    uvloop = os.environ.get("FLEET_WORKER_LOOP") == "uvloop"
+    anyio.run(main, backend_options={"use_uvloop": uvloop})

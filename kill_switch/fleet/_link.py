@@ -52,6 +52,9 @@ FLEET_BACK = "fleet_reconnected"
 #: replayed old message is older than this. Covers clock skew between hosts.
 MAX_SKEW = 60.0
 
+#: Seconds a session start or stop waits before it is published (see the heartbeat).
+_DEBOUNCE = 0.05
+
 _WAKE_KINDS = frozenset({SESSION_STARTED, SESSION_FINISHED, "interrupt_completed"})
 
 
@@ -273,6 +276,9 @@ class Link:
             self._sweep()
             with anyio.move_on_after(max(self.interval - (time.monotonic() - began), 0)):
                 await self._wake.wait()
+                # Debounce: a burst of starts and stops is published in one beat, after
+                # the kills that caused it have answered (off their critical path).
+                await anyio.sleep(min(_DEBOUNCE, self.interval))
             self._wake.clear()
 
     def _check_lease(self) -> None:
