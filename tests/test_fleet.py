@@ -570,3 +570,22 @@ def test_cli_fleet_key_only_from_the_environment(redis_server: RedisServer) -> N
     out = _cli(["sessions", "--fleet", redis_server.url, "--fleet-key", KEY], {})
     assert out.returncode == 2
     assert "unrecognized arguments" in out.stderr
+
+
+async def test_redis_password_in_the_url(tmp_path: Path, workers: list[Worker]) -> None:
+    """A password-protected Redis: the right URL joins and kills; a wrong one is refused."""
+    server = RedisServer(tmp_path, password="s3cret-pass")
+    server.start()
+    try:
+        a = spawn(workers, server, "acl")
+        await in_thread(a.start, "researcher", "s-1")
+        async with fleet(server, "acl") as f:
+            report = await f.kill("s-1", reason="acl", operator="alice")
+        assert report.quiescent
+        bad = server.url.replace("s3cret-pass", "wrong")
+        with pytest.raises(FleetUnavailable):
+            async with ks.Fleet(bad, key=KEY, lease=0.5):
+                pass
+        assert "s3cret-pass" not in repr(ks.Fleet(server.url, key=KEY))
+    finally:
+        server.stop()
