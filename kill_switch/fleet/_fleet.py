@@ -190,6 +190,7 @@ class Fleet:
         self.retention = _seconds("retention", retention, minimum=1.0)
         self.keys = _wire.keys(name)
         self._redis: Redis | None = None
+        self._offset = 0.0  # Redis's clock minus this host's, measured on entry
         #: replies dropped because they failed authentication (newest last, bounded).
         self.rejected: list[str] = []
 
@@ -226,7 +227,12 @@ class Fleet:
         self._redis = self._client(blocking=True)
         try:
             with anyio.fail_after(max(self.lease, 1.0)):
-                await self._redis.ping()
+                before = time.time()
+                sec, usec = await self._redis.time()
+                after = time.time()
+            # Kills are dated on Redis's clock (runtimes compare that date with the time
+            # Redis appended them to spot replays), whatever this host's clock says.
+            self._offset = sec + usec / 1e6 - (before + after) / 2
         except _redis_errors() as exc:
             with anyio.move_on_after(1.0, shield=True):
                 await self._redis.aclose()
@@ -333,7 +339,7 @@ class Fleet:
         target: dict[str, Any],
         ban: float | None,
     ) -> tuple[str, dict[str, Any]]:
-        now = time.time()
+        now = time.time() + self._offset
         payload = {
             "v": _wire.VERSION,
             "type": "kill",
@@ -481,7 +487,7 @@ class Fleet:
         answered: set[str] = set()
         pending = set(live)
         with anyio.move_on_after(wait):
-            while pending or (want is not None and not live):
+            while pending:
                 try:
                     item = await r.blpop([key], timeout=max(min(wait, 1.0), 0.01))
                 except _redis_errors() as exc:
