@@ -589,3 +589,30 @@ async def test_redis_password_in_the_url(tmp_path: Path, workers: list[Worker]) 
         assert "s3cret-pass" not in repr(ks.Fleet(server.url, key=KEY))
     finally:
         server.stop()
+
+
+async def test_concurrent_kills_from_two_operators_make_one_stop(
+    redis_server: RedisServer, workers: list[Worker], tmp_path: Path
+) -> None:
+    """Two operators killing one session at once get the same stop; the log has one request."""
+    db = tmp_path / "owner.db"
+    a = spawn(workers, redis_server, "twice", audit=db)
+    await in_thread(a.start, "researcher", "s-1")
+    got: dict[str, ks.StopReport] = {}
+    async with fleet(redis_server, "twice") as f1, fleet(redis_server, "twice") as f2:
+
+        async def kill(f: ks.Fleet, who: str) -> None:
+            got[who] = await f.kill("s-1", reason=f"by {who}", operator=who)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(kill, f1, "alice")
+            tg.start_soon(kill, f2, "bob")
+    assert got["alice"].interrupt_id == got["bob"].interrupt_id
+    a.close()
+    with sqlite3.connect(db) as conn:
+        kinds = [
+            r[0]
+            for r in conn.execute("SELECT kind FROM events WHERE session_id = 's-1'").fetchall()
+        ]
+    assert kinds.count("interrupt_requested") == 1
+    assert kinds.count("interrupt_completed") == 1
