@@ -616,3 +616,37 @@ async def test_concurrent_kills_from_two_operators_make_one_stop(
         ]
     assert kinds.count("interrupt_requested") == 1
     assert kinds.count("interrupt_completed") == 1
+
+
+# ----------------------------------------------------------------------------- demo
+
+
+async def test_demo_kills_a_second_worker_through_the_fleet(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The demo's fleet step kills a second worker process's session via Redis."""
+    from kill_switch.fleet import _demo
+
+    monkeypatch.setenv("KILL_SWITCH_FLEET", redis_server.url)
+    monkeypatch.delenv("KILL_SWITCH_FLEET_KEY", raising=False)
+    said: list[str] = []
+    failures = await _demo.run(lambda *lines: said.extend(lines))
+    assert failures == []
+    text = "\n".join(said)
+    assert "quiescent, trigger operator (demo-operator)" in text
+
+
+async def test_demo_says_when_the_fleet_is_not_there(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without $KILL_SWITCH_FLEET, or with a Redis that does not answer, the step says so."""
+    from kill_switch.fleet import _demo
+
+    from .redis_server import free_port
+
+    said: list[str] = []
+    monkeypatch.delenv("KILL_SWITCH_FLEET", raising=False)
+    assert await _demo.run(lambda *lines: said.extend(lines)) == []
+    assert "skipped (set $KILL_SWITCH_FLEET" in "\n".join(said)
+    monkeypatch.setenv("KILL_SWITCH_FLEET", f"redis://127.0.0.1:{free_port()}/0")
+    said.clear()
+    assert await _demo.run(lambda *lines: said.extend(lines)) == []
+    assert "is not usable" in "\n".join(said)

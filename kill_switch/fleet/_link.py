@@ -180,10 +180,16 @@ class Link:
         """Stop the service tasks and leave the fleet (deregister). Bounded, shielded."""
         if self._remove_listener is not None:
             self._remove_listener()
+        bound = max(self.fleet.lease, 1.0)
+        # Answers in flight go out first: a session killed through the fleet often ends
+        # the worker's last session, and so its runtime, before its report is sent.
+        with anyio.move_on_after(bound, shield=True):
+            if self._kill_tasks:
+                await asyncio.wait(set(self._kill_tasks))
         tasks = [*self._tasks, *self._kill_tasks]
         for t in tasks:
             t.cancel()
-        with anyio.move_on_after(max(self.fleet.lease, 1.0), shield=True):
+        with anyio.move_on_after(bound, shield=True):
             if tasks:
                 await asyncio.wait(tasks)
             if self._ops is not None and not self.lost:
