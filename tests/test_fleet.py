@@ -650,3 +650,30 @@ async def test_demo_says_when_the_fleet_is_not_there(monkeypatch: pytest.MonkeyP
     said.clear()
     assert await _demo.run(lambda *lines: said.extend(lines)) == []
     assert "is not usable" in "\n".join(said)
+
+
+async def test_malformed_signed_kill_dropped_and_listener_lives_on(
+    redis_server: RedisServer, workers: list[Worker]
+) -> None:
+    """A signed kill with a malformed target is dropped and audited; later kills still work."""
+    a = spawn(workers, redis_server, "malformed")
+    await in_thread(a.start, "researcher", "s-1")
+    async with fleet(redis_server, "malformed") as f:
+        bad = _wire.sign(
+            KEY.encode(),
+            {
+                "v": 1,
+                "type": "kill",
+                "kill_id": "m1",
+                "target": ["s-1"],
+                "reason": "x",
+                "operator": None,
+                "issued_at": time.time(),
+                "ban_until": None,
+            },
+        )
+        await f._conn().xadd(f.keys["commands"], {"m": bad})
+        ev = await in_thread(a.expect, lambda e: e.get("kind") == "fleet_message_rejected")
+        assert "malformed kill: target" in ev["reason"]
+        report = await f.kill("s-1", reason="real", operator="alice")
+    assert report.reason == "real"

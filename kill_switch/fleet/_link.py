@@ -103,7 +103,7 @@ class Link:
         self.killed: dict[str, dict[str, Any]] = {}
         self.selectors: dict[str, dict[str, Any]] = {}
         self._applied: set[str] = set()  # kill ids applied here
-        self._streamed: set[str] = set()  # kill ids seen on the stream (replay detection)
+        self._streamed: dict[str, float] = {}  # kill id -> stream time (replay detection)
         self._last_id = "0-0"
         self._published: dict[str, str] = {}
         self._resync = True
@@ -266,6 +266,10 @@ class Link:
             except (*_redis_errors(), _wire.Rejected) as exc:  # type: ignore[misc]  # a tuple of Exception classes
                 self._resync = True
                 self.last_error = repr(exc)
+            except Exception as exc:  # a bug must not silence the dead man's switch below
+                self._resync = True
+                self.last_error = repr(exc)
+                sys.stderr.write(f"kill_switch: fleet heartbeat failed: {exc!r}\n")
             else:
                 self.last_ok = began
                 if self.lost:
@@ -391,6 +395,12 @@ class Link:
                 self._resync = True
                 await anyio.sleep(self.interval)  # back off; the heartbeat resyncs
                 continue
+            except Exception as exc:  # reported, and the listener goes on
+                self.last_error = repr(exc)
+                self._resync = True
+                sys.stderr.write(f"kill_switch: fleet command read failed: {exc!r}\n")
+                await anyio.sleep(self.interval)
+                continue
             for _stream, entries in got or ():
                 for entry_id, fields in entries:
                     self._last_id = entry_id
@@ -409,7 +419,8 @@ class Link:
             msg = _wire.open_envelope(self._key, raw)
             if msg["type"] != "kill":
                 raise _wire.Rejected(f"a {msg['type']} message where only kills are acted on")
-            kill_id = str(msg["kill_id"])
+            _wire.check_kill(msg)
+            kill_id = msg["kill_id"]
             if entry_id is not None:
                 stamp = int(entry_id.split("-", 1)[0]) / 1000
                 if abs(stamp - float(msg["issued_at"])) > MAX_SKEW:
@@ -419,7 +430,13 @@ class Link:
                     )
                 if kill_id in self._streamed:
                     raise _wire.Rejected(f"replayed kill {kill_id}: already on the stream")
-                self._streamed.add(kill_id)
+                # Older entries than the skew window are refused as stale anyway: only
+                # the window's kill ids need remembering.
+                self._streamed[kill_id] = stamp
+                if len(self._streamed) > 1000:
+                    self._streamed = {
+                        k: t for k, t in self._streamed.items() if t > stamp - 2 * MAX_SKEW
+                    }
         except (_wire.Rejected, KeyError, TypeError, ValueError) as exc:
             self._reject(str(exc), raw, source=source)
             return None

@@ -87,6 +87,48 @@ def open_envelope(key: bytes, raw: str | bytes) -> dict[str, Any]:
     return payload
 
 
+def check_kill(msg: dict[str, Any]) -> None:
+    """Check a kill's fields (a signed message may still be malformed: an old version, a
+    bug).
+
+    Raises:
+        Rejected: a field is missing or of the wrong type.
+    """
+
+    def bad(what: str) -> Rejected:
+        return Rejected(f"malformed kill: {what}")
+
+    if not isinstance(msg.get("kill_id"), str) or not msg["kill_id"]:
+        raise bad("kill_id")
+    if not isinstance(msg.get("reason"), str):
+        raise bad("reason")
+    if msg.get("operator") is not None and not isinstance(msg["operator"], str):
+        raise bad("operator")
+    for name in ("issued_at", "ban_until"):
+        value = msg.get(name)
+        if (value is None and name == "ban_until") or (
+            isinstance(value, (int, float)) and not isinstance(value, bool)
+        ):
+            continue
+        raise bad(name)
+    target = msg.get("target")
+    if not isinstance(target, dict):
+        raise bad("target")
+    if "session_id" in target:
+        if not isinstance(target["session_id"], str) or not target["session_id"]:
+            raise bad("target session_id")
+        return
+    labels = target.get("labels", {})
+    if not isinstance(labels, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in labels.items()
+    ):
+        raise bad("target labels")
+    if target.get("agent") is not None and not isinstance(target["agent"], str):
+        raise bad("target agent")
+    if not target.get("all") and target.get("agent") is None and not labels:
+        raise bad("a selector with nothing selected")
+
+
 def snapshot(info: SessionInfo) -> dict[str, Any]:
     """The part of a session's snapshot published to the fleet."""
     return {
