@@ -677,3 +677,23 @@ async def test_malformed_signed_kill_dropped_and_listener_lives_on(
         assert "malformed kill: target" in ev["reason"]
         report = await f.kill("s-1", reason="real", operator="alice")
     assert report.reason == "real"
+
+
+def test_import_kill_switch_does_not_import_redis() -> None:
+    """`import kill_switch` (and a Runtime without a fleet) never imports redis-py."""
+    code = (
+        "import sys, anyio, kill_switch as ks\n"
+        "async def main():\n"
+        "    async with ks.Runtime() as rt:\n"
+        "        async with rt.session('a'):\n"
+        "            pass\n"
+        "anyio.run(main)\n"
+        "assert 'redis' not in sys.modules, 'redis imported'\n"
+        "assert 'kill_switch.fleet._link' not in sys.modules, 'fleet link imported'\n"
+    )
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
