@@ -85,7 +85,7 @@ async def _park(runtime: ks.Runtime, started: list[ks.Session], tg: Any) -> ks.S
 async def bench_kill(loop: str, server: RedisServer, quick: bool) -> list[h.Row]:
     reps, warmup = (8, 2) if quick else (200, 20)
     name = f"bench-kill-{loop}"
-    worker = Worker(server.url, name, lease=5.0, loop=loop)
+    worker = Worker(server.url, name, lease=5.0, loop=loop, quiet=True)
     relay = subprocess.Popen(  # noqa: ASYNC220  (set-up, outside every timed window)
         [sys.executable, "-c", _RELAY, server.url, f"relay-{loop}"],
         stdout=subprocess.PIPE,
@@ -185,7 +185,9 @@ async def bench_kill_all(
     workers_n, per = (2, 10) if quick else (10, 100)
     reps = 1 if quick else 3
     name = f"bench-all-{loop}"
-    workers = [Worker(server.url, name, lease=10.0, loop=loop) for _ in range(workers_n)]
+    workers = [
+        Worker(server.url, name, lease=10.0, loop=loop, quiet=True) for _ in range(workers_n)
+    ]
     samples: list[float] = []
     local: list[float] = []
     try:

@@ -38,11 +38,13 @@ class Worker:
         audit: Path | None = None,
         key: str = KEY,
         loop: str = "asyncio",
+        quiet: bool = False,
     ) -> None:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
         env["KILL_SWITCH_FLEET_KEY"] = key
         env["FLEET_WORKER_LOOP"] = loop
+        env["FLEET_WORKER_QUIET"] = "1" if quiet else "0"
         args = [sys.executable, str(WORKER), url, name, str(lease), on_partition]
         if audit is not None:
             args.append(str(audit))

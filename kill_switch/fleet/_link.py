@@ -53,7 +53,7 @@ FLEET_BACK = "fleet_reconnected"
 MAX_SKEW = 60.0
 
 #: Seconds a session start or stop waits before it is published (see the heartbeat).
-_DEBOUNCE = 0.05
+_DEBOUNCE = 0.2
 
 _WAKE_KINDS = frozenset({SESSION_STARTED, SESSION_FINISHED, "interrupt_completed"})
 
@@ -105,7 +105,7 @@ class Link:
         self._applied: set[str] = set()  # kill ids applied here
         self._streamed: dict[str, float] = {}  # kill id -> stream time (replay detection)
         self._last_id = "0-0"
-        self._published: dict[str, str] = {}
+        self._published: dict[str, tuple[Any, ...]] = {}  # session id -> what changes
         self._resync = True
         self.last_ok = time.monotonic()
         self.lost = False
@@ -323,12 +323,17 @@ class Link:
         """Renew the lease and publish what changed in the inventory (one round trip)."""
         assert self._ops is not None
         k = self.keys
-        current = {
-            info.session_id: json.dumps(_wire.snapshot(info), separators=(",", ":"))
-            for info in self.runtime.sessions()
-        }
+        # Only what changed is encoded and sent: a beat with hundreds of sessions runs on
+        # the same loop as the kills it must not delay.
         full = self._resync or not self._published
-        changed = {sid: v for sid, v in current.items() if full or self._published.get(sid) != v}
+        current: dict[str, tuple[Any, ...]] = {}
+        changed: dict[str, str] = {}
+        for info in self.runtime.sessions():
+            sid = info.session_id
+            key = (info.state, info.interrupt_trigger, info.started_at)
+            current[sid] = key
+            if full or self._published.get(sid) != key:
+                changed[sid] = json.dumps(_wire.snapshot(info), separators=(",", ":"))
         gone = [sid for sid in self._published if sid not in current]
         skey = k["sessions"] + self.runtime_id
         async with self._ops.pipeline(transaction=True) as pipe:
