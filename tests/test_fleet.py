@@ -697,3 +697,19 @@ def test_import_kill_switch_does_not_import_redis() -> None:
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
     )
     assert out.returncode == 0, out.stderr
+
+
+async def test_runtime_joins_with_a_url_and_the_key_from_the_environment(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Runtime(fleet="redis://...") reads the key from $KILL_SWITCH_FLEET_KEY and joins."""
+    monkeypatch.setenv("KILL_SWITCH_FLEET_KEY", KEY)
+    with pytest.raises(TypeError, match="fleet must be a Fleet"):
+        ks.Runtime(fleet=123)  # type: ignore[arg-type]  # the wrong type on purpose
+    async with ks.Runtime(fleet=redis_server.url):
+        async with fleet(redis_server, "default") as f:
+            (rt,) = await f.runtimes()
+            assert not rt.lost
+            assert rt.pid == os.getpid()
+    async with fleet(redis_server, "default") as f:
+        assert await f.runtimes() == ()  # it left the fleet when it closed
