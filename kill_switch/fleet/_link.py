@@ -568,17 +568,19 @@ class Link:
         rkey = self.keys["reply"] + msg["kill_id"]
         try:
             with anyio.fail_after(max(self.fleet.lease, 1.0)):
-                async with self._ops.pipeline(transaction=False) as pipe:
-                    pipe.rpush(rkey, _wire.sign(self._key, payload))
-                    pipe.pexpire(rkey, int(max(self.fleet.timeout, 60.0) * 1000))
-                    if reports:
-                        pipe.xadd(
-                            self.keys["audit"],
-                            {"m": _wire.sign(self._key, audit)},
-                            maxlen=self.fleet.stream_length,
-                            approximate=True,
-                        )
-                    await pipe.execute()
+                # The reply first, alone (one script: push and expire together), then
+                # the audit entry, off the waiting operator's path.
+                await self._ops.eval(
+                    _REPLY, 1, rkey, _wire.sign(self._key, payload),
+                    int(max(self.fleet.timeout, 60.0) * 1000),
+                )  # fmt: skip
+                if reports:
+                    await self._ops.xadd(
+                        self.keys["audit"],
+                        {"m": _wire.sign(self._key, audit)},
+                        maxlen=self.fleet.stream_length,
+                        approximate=True,
+                    )
         except _redis_errors() as exc:  # the kill happened; only its answer is lost
             self.last_error = repr(exc)
             sys.stderr.write(
@@ -597,6 +599,12 @@ class Link:
             "last_error": self.last_error,
         }
 
+
+# Push a reply and give its list an expiry, atomically (a list never outlives its kill).
+_REPLY = """
+redis.call('RPUSH', KEYS[1], ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+"""
 
 # Renew one lease on Redis's clock (so hosts' clocks do not matter), register the
 # runtime, and forget runtimes lost for longer than the retention.
