@@ -494,6 +494,11 @@ async def test_fleet_kill_in_owner_log_and_fleet_stream(
     await in_thread(a.start, "researcher", "s-1")
     async with fleet(redis_server, "audit") as f:
         report = await f.kill("s-1", reason="audit me", operator="alice")
+
+        async def appended() -> bool:  # the audit entry follows the reply
+            return bool(await f._conn().xlen(f.keys["audit"]))
+
+        await poll(appended)
         (entry,) = cast("Any", await f._conn().xrange(f.keys["audit"]))
     assert report.audit == "durable"
     stream = _wire.open_envelope(KEY.encode(), entry[1]["m"])
