@@ -67,6 +67,7 @@ from ._triggers import Trigger as Trigger
 from ._watchdog import EXIT_FORCED as EXIT_FORCED
 from ._watchdog import EXIT_FORCED_C_LEVEL as EXIT_FORCED_C_LEVEL
 from ._watchdog import Watchdog as Watchdog
+from .fleet import Fleet as Fleet  # no redis import until a fleet connects
 
 if TYPE_CHECKING:  # imported on first use (below), so that type checkers see them too
     from ._audit_query import AuditLog as AuditLog
@@ -137,6 +138,7 @@ __all__ = [
     "ErrorStreak",
     "EscalationPolicy",
     "EscalationWarning",
+    "Fleet",
     "GracefulShutdown",
     "InterruptHandle",
     "InterruptRequest",

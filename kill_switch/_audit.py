@@ -74,6 +74,15 @@ ROLLBACK: Final = "rollback"
 CONTROL_DENIED: Final = "control_denied"
 CONTROL_TOKEN_REVOKED: Final = "control_token_revoked"
 
+# Fleet control (``kill_switch.fleet``), in the owning runtime's log.
+#: A kill that reached this runtime through the fleet (the requester's identity kept).
+FLEET_KILL: Final = "fleet_kill"
+#: A fleet message dropped: forged, replayed, stale, malformed or of an unknown type.
+FLEET_MESSAGE_REJECTED: Final = "fleet_message_rejected"
+#: The fleet was out of reach for longer than the lease (the dead man's switch).
+FLEET_LOST: Final = "fleet_lost"
+FLEET_RECONNECTED: Final = "fleet_reconnected"
+
 #: Every kind kill_switch itself writes.
 KINDS: Final[frozenset[str]] = frozenset(
     {
@@ -106,6 +115,10 @@ KINDS: Final[frozenset[str]] = frozenset(
         ROLLBACK,
         CONTROL_DENIED,
         CONTROL_TOKEN_REVOKED,
+        FLEET_KILL,
+        FLEET_MESSAGE_REJECTED,
+        FLEET_LOST,
+        FLEET_RECONNECTED,
     }
 )
 

@@ -26,15 +26,25 @@ from ._session import Session
 from ._triggers import bound_text
 
 if TYPE_CHECKING:
+    from types import ModuleType
+
     from ._guard import ToolPolicy
     from ._handle import InterruptHandle
     from ._info import SessionInfo
     from ._report import AuditStatus
+    from .fleet import Fleet
+    from .fleet._link import Link
 
 T = TypeVar("T")
 
 _MAX_AGENT = 200
 _MAX_LABELS = 64
+
+
+def _fleet_link() -> ModuleType:
+    from .fleet import _link  # lazy: fleet control only when a runtime joins a fleet
+
+    return _link
 
 
 def _check_labels(labels: Mapping[str, str] | None) -> dict[str, str]:
@@ -65,6 +75,8 @@ class Runtime:
 
     Leaving the block interrupts every session still running (trigger ``shutdown``) and
     waits, bounded by the policy's stop timeout, for them to stop.
+
+    ``fleet`` (a ``Fleet`` or a ``redis://`` URL) joins a fleet: see ``kill_switch.fleet``.
     """
 
     def __init__(
@@ -73,6 +85,7 @@ class Runtime:
         audit: AuditSink | str | os.PathLike[str] | None = None,
         policy: StopPolicy | None = None,
         track_tasks: bool = True,
+        fleet: Fleet | str | None = None,
     ) -> None:
         if isinstance(audit, (str, os.PathLike)):
             from ._sqlite_audit import SqliteAudit  # lazy: aiosqlite only when asked for
@@ -99,6 +112,9 @@ class Runtime:
         self._context = contextvars.copy_context()
         self._factory: Callable[..., asyncio.Task[Any]] | None = None
         self._prev_factory: Any = None
+        # Fleet control (kill_switch.fleet; redis-py is imported only when one is given).
+        self._fleet = None if fleet is None else _fleet_link().check(fleet)
+        self._fleet_link: Link | None = None
         self._host = _RuntimeHost(self)
 
     # --------------------------------------------------------------- lifetime
@@ -116,6 +132,9 @@ class Runtime:
                 "aiosqlite, which runs only on asyncio"
             ) from None
         self._entered = True
+        if self._fleet is not None:  # fleet: join (loads sticky kills) or refuse to start
+            self._fleet_link = _fleet_link().Link(self._fleet, self, self._record, self._sink)
+            await self._fleet_link.connect()
         self._loop = loop
         self._loop_thread = threading.get_ident()
         ctx = contextvars.copy_context()
@@ -131,6 +150,8 @@ class Runtime:
         host = self._host
         host.loop, host.loop_thread, host.context = loop, self._loop_thread, ctx
         host.monitor = self._monitor
+        if self._fleet_link is not None:  # fleet: heartbeat and command listener
+            self._fleet_link.start()
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -147,6 +168,9 @@ class Runtime:
             self._uninstall_task_factory()
             if self._monitor is not None:
                 self._monitor.close()
+            if self._fleet_link is not None:  # fleet: leave it before the audit closes
+                with anyio.move_on_after(self.policy.stop_timeout + 1.0, shield=True):
+                    await self._fleet_link.close()
             if self._sink is not None:
                 with anyio.move_on_after(self.policy.stop_timeout, shield=True):
                     await self._sink.__aexit__(*exc_info)
@@ -234,6 +258,8 @@ class Runtime:
         if tool_policy is not None and not callable(tool_policy):
             raise TypeError("tool_policy must be callable")
         self._refuse_if_taken(session_id, agent)
+        if self._fleet_link is not None:  # fleet: a killed id or a banned agent/label
+            self._fleet_link.refuse(session_id, agent, checked)
         session = Session(
             self._host,
             agent,

@@ -13,6 +13,7 @@ Trigger = Literal[
     "parent",
     "shutdown",
     "watchdog",
+    "fleet_lost",
 ]
 
 TRIGGERS: Final[frozenset[str]] = frozenset(get_args(Trigger))

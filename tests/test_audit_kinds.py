@@ -37,11 +37,18 @@ def _module_strings(tree: ast.Module, module: str, *, is_package: bool) -> dict[
                 and isinstance(node.value.value, str)
             ):
                 out[target.id] = node.value.value
-        elif isinstance(node, ast.ImportFrom) and node.level and node.module:
-            # a package's __init__ is its own package; a module's is its parent
-            up = node.level - 1 if is_package else node.level
-            package = module.rsplit(".", up)[0] if up else module
-            source = importlib.import_module(f"{package}.{node.module}")
+        elif (
+            isinstance(node, ast.ImportFrom)
+            and node.module
+            and (node.level or node.module.startswith("kill_switch."))
+        ):
+            if node.level:
+                # a package's __init__ is its own package; a module's is its parent
+                up = node.level - 1 if is_package else node.level
+                package = module.rsplit(".", up)[0] if up else module
+                source = importlib.import_module(f"{package}.{node.module}")
+            else:
+                source = importlib.import_module(node.module)
             for alias in node.names:
                 value = getattr(source, alias.name, None)
                 if isinstance(value, str):

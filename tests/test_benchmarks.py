@@ -116,6 +116,21 @@ def test_scaling_quick_plot_defaults_beside_the_json(tmp_path: Path) -> None:
     assert (tmp_path / "kill_latency.png").read_bytes().startswith(PNG_MAGIC)
 
 
+@pytest.mark.timeout(360)
+def test_fleet_quick_run_kills_across_processes(tmp_path: Path) -> None:
+    """``bench_fleet --quick`` runs its redis-server and workers and writes its results."""
+    pytest.importorskip("redis")
+    out = tmp_path / "bench_fleet.json"
+    proc = _run([str(ROOT / "benchmarks" / "bench_fleet.py"), "--quick", "--json", str(out)], 300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = _check_results(out, "bench_fleet")
+    assert {r["case"] for r in data["rows"]} == {
+        "fleet kill → StopReport",
+        "kill_where(all) → every report",
+        "inventory",
+    }
+
+
 @pytest.mark.timeout(120)
 def test_scaling_without_matplotlib_says_so(tmp_path: Path) -> None:
     """Without matplotlib, bench_scaling exits 2 with a clear message, not a traceback."""

@@ -21,7 +21,7 @@ def test_trigger_set_is_the_documented_one() -> None:
     """The trigger vocabulary is exactly the one the design names."""
     assert {
         "operator", "supervisor", "budget", "deadline",
-        "sentinel", "parent", "shutdown", "watchdog",
+        "sentinel", "parent", "shutdown", "watchdog", "fleet_lost",
     } == ks.TRIGGERS  # fmt: skip
 
 

@@ -33,6 +33,8 @@ from ._common import request as _request
 if TYPE_CHECKING:
     import argparse
 
+from kill_switch.fleet import _cli as fleet_cli  # no redis import until a fleet connects
+
 DEFAULT_PORT = 8477
 
 
@@ -82,6 +84,7 @@ def register(subparsers: Any) -> None:
     sessions.add_argument("--label", action="append", default=[], metavar="K=V")
     sessions.add_argument("--state")
     sessions.set_defaults(func=run_sessions)
+    fleet_cli.add_arguments(sessions)  # fleet: --fleet URL
 
     kill = subparsers.add_parser(
         "kill",
@@ -96,6 +99,7 @@ def register(subparsers: Any) -> None:
     kill.add_argument("--label", action="append", default=[], metavar="K=V")
     kill.add_argument("--no-wait", action="store_true", help="do not wait for the StopReport")
     kill.set_defaults(func=run_kill)
+    fleet_cli.add_arguments(kill, kill=True)  # fleet: --fleet URL, --ban, --operator
 
     token = subparsers.add_parser("token", help="control-plane tokens")
     tcmd = token.add_subparsers(dest="token_command", metavar="{create}", required=True)
@@ -134,6 +138,8 @@ def _run(fn: Any, args: argparse.Namespace) -> int:
 
 def run_sessions(args: argparse.Namespace) -> int:
     """``kill-switch sessions``: the inventory as a table (or JSON)."""
+    if fleet_cli.wanted(args):  # fleet: every runtime's sessions, from Redis
+        return fleet_cli.run_sessions(args)
 
     def go(args: argparse.Namespace) -> int:
         _, data = _request(
@@ -181,6 +187,8 @@ def _result_line(r: dict[str, Any]) -> str:
 
 def run_kill(args: argparse.Namespace) -> int:
     """``kill-switch kill``: stop one session or a selection; print each result."""
+    if fleet_cli.wanted(args):  # fleet: kill wherever it runs, through Redis
+        return fleet_cli.run_kill(args)
 
     def go(args: argparse.Namespace) -> int:
         selectors = bool(args.all) + bool(args.agent or args.label)

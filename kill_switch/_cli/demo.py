@@ -492,6 +492,9 @@ async def _main(db: str | None, keep_serving: bool) -> int:
             signal.signal(sig, handler)
         _print_stops(fleet)
         failures += _check(fleet.sessions, control is not None)
+        from kill_switch.fleet import _demo as fleet_demo  # a second process, killed via Redis
+
+        failures += await fleet_demo.run(_say)
 
         stopped = await _drill(runtime, failures)
         if stopped is not None:

@@ -1,0 +1,111 @@
+"""A real redis-server on a free loopback port with its own temporary directory, for the
+fleet tests and benchmarks: start, stop, kill and restart it, pause it (SIGSTOP)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class RedisServer:
+    """One redis-server process (Debian's package); ``persist`` keeps an fsync'd AOF."""
+
+    def __init__(self, directory: Path, *, persist: bool = False, password: str | None = None):
+        exe = shutil.which("redis-server")
+        if exe is None:
+            raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
+        self.exe = exe
+        self.dir = directory
+        self.port = free_port()
+        self.persist = persist
+        self.password = password
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.paused = False
+
+    @property
+    def url(self) -> str:
+        auth = f"default:{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 20.0) -> None:
+        """Start it and wait until it answers PING (bounded)."""
+        args = [self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir)]
+        args += ["--save", "", "--daemonize", "no", "--loglevel", "warning"]
+        if self.persist:
+            args += ["--appendonly", "yes", "--appendfsync", "always"]
+        else:
+            args += ["--appendonly", "no"]
+        if self.password:
+            args += ["--requirepass", self.password]
+        self.proc = subprocess.Popen(
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited with {self.proc.returncode}")
+            if self.ping():
+                return
+            time.sleep(0.01)  # polling a readiness state, with a deadline
+        raise TimeoutError(f"redis-server on port {self.port} not ready within {timeout} s")
+
+    def ping(self) -> bool:
+        """Whether it answers PING now (a NOAUTH error counts: it is up)."""
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(64).startswith((b"+PONG", b"-NOAUTH"))
+        except OSError:
+            return False
+
+    def pause(self) -> None:
+        """SIGSTOP it: connections stay open, nothing answers (a partition)."""
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGSTOP)
+        self.paused = True
+
+    def resume(self) -> None:
+        """SIGCONT it."""
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGCONT)
+        self.paused = False
+
+    def kill(self) -> None:
+        """SIGKILL it and reap it (no shutdown save)."""
+        if self.proc is None:
+            return
+        if self.paused:
+            self.resume()
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+        self.proc = None
+
+    def stop(self) -> None:
+        """Stop it (SIGTERM, then SIGKILL past a bound)."""
+        if self.proc is None:
+            return
+        if self.paused:
+            self.resume()
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        self.proc = None
