@@ -226,6 +226,41 @@ class AuditLog:
         records.extend(_spooled_record(v) for v in wanted[:room])
         return records
 
+    def page(
+        self,
+        *,
+        session_id: str | None = None,
+        interrupt_id: str | None = None,
+        trigger: str | None = None,
+        kind: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        after: int | None = None,
+        before: int | None = None,
+        order: Literal["asc", "desc"] = "asc",
+        limit: int = 100,
+    ) -> list[AuditRecord]:
+        """One page of chained rows for a paging reader (the control plane's API): the
+        filters of ``events``, plus ``seq`` strictly between *after* and *before*, in
+        *order* of ``seq``. Spooled events have no ``seq`` and are not paged."""
+        where, args = _where(session_id, interrupt_id, trigger, kind, since, until)
+        extra = []
+        if after is not None:
+            extra.append("seq > ?")
+            args.append(int(after))
+        if before is not None:
+            extra.append("seq < ?")
+            args.append(int(before))
+        if extra:
+            where += (" AND " if where else " WHERE ") + " AND ".join(extra)
+        direction = "DESC" if order == "desc" else "ASC"
+        args.append(int(limit))
+        with _snapshot(self._conn):
+            if not _has_events(self._conn):
+                return []
+            sql = f"{_SELECT}{where} ORDER BY seq {direction} LIMIT ?"
+            return [_record(r) for r in self._conn.execute(sql, args)]
+
     def spooled(self) -> list[AuditRecord]:
         """The events in the spool that are not in the chain yet, in spool order."""
         pending = self._read_spool()

@@ -46,6 +46,7 @@ from kill_switch._drill import DrillObjectives, DrillShape, run_drills
 from kill_switch._limits import Limits
 from kill_switch._policy import StopPolicy
 from kill_switch._processes import EscalationWarning
+from kill_switch._procfs import alive
 from kill_switch._runtime import Runtime
 from kill_switch._sentinel import Sentinel
 from kill_switch._shutdown import GracefulShutdown, graceful_shutdown
@@ -280,21 +281,6 @@ async def _control_plane(runtime: Runtime, db: str | None) -> AsyncIterator[_Con
 # ---------------------------------------------------------------- reporting
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie is not running; it only waits to be reaped by its parent.
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def _plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
@@ -382,15 +368,15 @@ def _check(sessions: list[Session], control: bool) -> list[str]:
 
 def _survivors(sessions: list[Session]) -> list[str]:
     """Every process a report names that is still running (checked now, not reported)."""
-    alive = []
+    running = []
     for session in sessions:
         if session.report is None:
             continue
         for p in session.report.processes:
             for pid in sorted({p.pid, *p.members}):
-                if _alive(pid):
-                    alive.append(f"process {pid} of {session.agent} is still alive")
-    return alive
+                if alive(pid):
+                    running.append(f"process {pid} of {session.agent} is still alive")
+    return running
 
 
 # ---------------------------------------------------------------- the run

@@ -30,6 +30,7 @@ import tempfile
 import time
 from typing import TYPE_CHECKING, Any
 
+from kill_switch._audit import ESCALATED, INTERRUPT_COMPLETED, INTERRUPT_REQUESTED
 from kill_switch._drill import (
     LEAKS,
     DrillCheck,
@@ -306,8 +307,8 @@ def _remote_audit(args: argparse.Namespace, interrupt_id: str, quiescent: bool) 
         return DrillCheck("audit", False, f"cannot read the audit log: {exc}")
     events = rows.get("events", []) if isinstance(rows, dict) else []
     kinds = {e.get("kind") for e in events if isinstance(e, dict)}
-    last = "interrupt_completed" if quiescent else "escalated"
-    missing = {"interrupt_requested", last} - kinds
+    last = INTERRUPT_COMPLETED if quiescent else ESCALATED
+    missing = {INTERRUPT_REQUESTED, last} - kinds
     if missing:
         return DrillCheck(
             "audit", False, f"interrupt {interrupt_id} has no {', '.join(sorted(missing))} row"

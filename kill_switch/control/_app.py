@@ -34,7 +34,16 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.responses import HTMLResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from kill_switch._audit import INTERRUPT_REQUESTED, SESSION_FINISHED, SESSION_STARTED, AuditEvent
+from kill_switch._audit import (
+    CONTROL_DENIED,
+    CONTROL_TOKEN_REVOKED,
+    INTERRUPT_REQUESTED,
+    SESSION_FINISHED,
+    SESSION_STARTED,
+    AuditEvent,
+    DurableAuditSink,
+)
+from kill_switch._audit_query import AuditLog
 from kill_switch._triggers import MAX_REASON
 
 from ._auth import BadCredentials, FailureLimiter, Principal, Role, TokenStore, allows, bearer_token
@@ -72,7 +81,7 @@ MAX_PAGE: Final = 1000
 FORBIDDEN_ACTIONS: Final = frozenset(
     {"resume", "config", "configure", "budgets", "limits", "tools", "prompt", "instruct"}
 )
-DENIED: Final = "control_denied"
+DENIED: Final = CONTROL_DENIED
 #: Characters of a refused request's path written to the audit log.
 MAX_AUDITED_PATH: Final = 200
 
@@ -237,10 +246,10 @@ class ControlApp:
         self.tokens = tokens
         self.limiter = limiter if limiter is not None else FailureLimiter()
         self.kill_timeout = kill_timeout
-        sink = runtime._sink
-        if audit_path is None and type(sink).__name__ == "SqliteAudit":
-            audit_path = getattr(sink, "path", None)
-            anchor_path = getattr(sink, "anchor_path", None)
+        sink = runtime.audit
+        if audit_path is None and isinstance(sink, DurableAuditSink):
+            audit_path = sink.path
+            anchor_path = sink.anchor_path
         self.audit_path = audit_path
         self.anchor_path = anchor_path
         self.audit_kind = (
@@ -354,7 +363,7 @@ class ControlApp:
             and (self.runtime.get(session_id) is not None or self.book.get(session_id))
         ):
             session_id = None
-        self.runtime._record(
+        self.runtime.record(
             AuditEvent(
                 DENIED,
                 session_id,
@@ -682,25 +691,15 @@ class ControlApp:
         after, before = num("after", int), num("before", int)
 
         def query() -> list[Any]:
-            from kill_switch._audit_query import _SELECT, _record, _where, open_readonly
-
-            where, args = _where(**filters)
-            extra = []
-            if after is not None:
-                extra.append("seq > ?")
-                args.append(after)
-            if before is not None:
-                extra.append("seq < ?")
-                args.append(before)
-            if extra:
-                where += (" AND " if where else " WHERE ") + " AND ".join(extra)
-            sql = f"{_SELECT}{where} ORDER BY seq {order.upper()} LIMIT ?"
-            args.append(limit)
-            conn = open_readonly(path, timeout=2.0)
-            try:
-                return [_record(r).to_json() for r in conn.execute(sql, args)]
-            finally:
-                conn.close()
+            with AuditLog(path, spool=None) as log:
+                page = log.page(
+                    **filters,
+                    after=after,
+                    before=before,
+                    order="desc" if order == "desc" else "asc",
+                    limit=limit,
+                )
+            return [r.to_json() for r in page]
 
         try:
             rows = await anyio.to_thread.run_sync(query)
@@ -771,9 +770,9 @@ class ControlApp:
         if not self.tokens.revoke(token_id):
             raise Refused(404, "no such active token")
         self.broker.revoke(token_id)
-        self.runtime._record(
+        self.runtime.record(
             AuditEvent(
-                "control_token_revoked",
+                CONTROL_TOKEN_REVOKED,
                 None,
                 operator=principal.token_id,
                 details={"token_id": token_id},

@@ -179,7 +179,7 @@ async def live_detail(session: Session, wait: float) -> dict[str, Any] | None:
             fut.set_exception(exc)
 
     try:
-        session._loop.call_soon_threadsafe(read)
+        session.loop.call_soon_threadsafe(read)
     except RuntimeError:  # the agent's loop is closed
         return None
     try:
