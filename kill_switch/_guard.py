@@ -22,7 +22,8 @@ import attrs
 from ._audit import LIMIT_EXCEEDED, LIMIT_WARNING, TOOL_BLOCKED
 from ._decision import ALLOW, Decision, ToolCall
 from ._exceptions import LimitExceeded, ToolBlocked
-from ._limits import Ledger, Limits, LimitWarning, _current_cost
+from ._ledger import Ledger
+from ._limits import Limits, LimitWarning, _current_cost
 from ._validate import non_negative
 
 if TYPE_CHECKING:

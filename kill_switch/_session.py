@@ -5,7 +5,7 @@ The session is a facade over its parts, each of which an interrupt reaches:
 * the **body** (the agent loop) runs in an anyio ``CancelScope`` the interrupt cancels;
 * the **planes** (``Plane``): the tool tasks (``_tool_tasks``), the sync tools' worker
   threads (``_threads``), the process trees (``_processes``), the limits' timers
-  (``_limits.Ledger``), each seeing the session only as a ``PlaneHost``;
+  (``_ledger.Ledger``), each seeing the session only as a ``PlaneHost``;
 * the **guard** (``_guard``): every later ``call()`` / ``guard()`` is blocked, from any
   thread, once the session has a request — before the loop has even run the fan-out;
 * the **stop** (``_stop``): fan-out, settling, quiescence, the report and its audit.

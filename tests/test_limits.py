@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import kill_switch as ks
 from kill_switch import Alert, Detector, Limits, LimitWarning, Sentinel, report_cost
-from kill_switch._limits import Ledger
+from kill_switch._ledger import Ledger
 from kill_switch.testing import FakeClock
 
 if TYPE_CHECKING:
