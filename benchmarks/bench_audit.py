@@ -40,7 +40,7 @@ import anyio
 
 import kill_switch as ks
 from kill_switch import AuditEvent, SqliteAudit
-from kill_switch._audit_chain import COLUMN_SQL, COLUMNS, MIGRATIONS
+from kill_switch._audit._chain import COLUMN_SQL, COLUMNS, MIGRATIONS
 from kill_switch.testing import MemoryAudit
 
 if TYPE_CHECKING:

@@ -9,39 +9,15 @@ import importlib
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING
 
-from ._audit import AuditEvent as AuditEvent
-from ._audit import AuditSink as AuditSink
 from ._cleanup import Transaction as Transaction
-from ._current import bind as bind
-from ._current import check as check
-from ._current import sleep as sleep
-from ._decision import Decision as Decision
-from ._decision import ToolCall as ToolCall
-from ._exceptions import Interrupted as Interrupted
-from ._exceptions import KillSwitchError as KillSwitchError
-from ._exceptions import LimitExceeded as LimitExceeded
-from ._exceptions import SessionRefused as SessionRefused
-from ._exceptions import ToolBlocked as ToolBlocked
-from ._handle import InterruptHandle as InterruptHandle
-from ._info import CallInfo as CallInfo
-from ._info import ProcessInfo as ProcessInfo
-from ._info import SessionInfo as SessionInfo
-from ._info import ThreadInfo as ThreadInfo
-from ._limits import Limits as Limits
-from ._limits import LimitWarning as LimitWarning
-from ._limits import ToolRules as ToolRules
-from ._limits import report_cost as report_cost
-from ._policy import StopPolicy as StopPolicy
-from ._processes import EscalationPolicy as EscalationPolicy
-from ._processes import EscalationWarning as EscalationWarning
-from ._processes import TrackedProcess as TrackedProcess
-from ._report import CleanupReport as CleanupReport
-from ._report import InterruptRequest as InterruptRequest
-from ._report import Latency as Latency
-from ._report import LeakedTask as LeakedTask
-from ._report import ProcessReport as ProcessReport
-from ._report import StopReport as StopReport
-from ._report import ThreadReport as ThreadReport
+from ._planes._context import bind as bind
+from ._planes._context import check as check
+from ._planes._context import sleep as sleep
+from ._planes._processes import EscalationPolicy as EscalationPolicy
+from ._planes._processes import EscalationWarning as EscalationWarning
+from ._planes._processes import TrackedProcess as TrackedProcess
+from ._planes._threads import abandoned_threads as abandoned_threads
+from ._planes._threads import from_thread as from_thread
 from ._runtime import Runtime as Runtime
 from ._sentinel import Alert as Alert
 from ._sentinel import CallRate as CallRate
@@ -58,23 +34,49 @@ from ._shutdown import GracefulShutdown as GracefulShutdown
 from ._shutdown import graceful_shutdown as graceful_shutdown
 from ._supervisor import Supervisor as Supervisor
 from ._supervisor import supervise as supervise
-from ._threads import abandoned_threads as abandoned_threads
-from ._threads import from_thread as from_thread
 from ._tools import bind_session as bind_session
 from ._tools import tool as tool
-from ._triggers import TRIGGERS as TRIGGERS
-from ._triggers import Trigger as Trigger
+from ._vocabulary._audit_event import AuditEvent as AuditEvent
+from ._vocabulary._audit_event import AuditSink as AuditSink
+from ._vocabulary._decision import Decision as Decision
+from ._vocabulary._decision import ToolCall as ToolCall
+from ._vocabulary._exceptions import Interrupted as Interrupted
+from ._vocabulary._exceptions import KillSwitchError as KillSwitchError
+from ._vocabulary._exceptions import LimitExceeded as LimitExceeded
+from ._vocabulary._exceptions import SessionRefused as SessionRefused
+from ._vocabulary._exceptions import ToolBlocked as ToolBlocked
+from ._vocabulary._handle import InterruptHandle as InterruptHandle
+from ._vocabulary._limits import Limits as Limits
+from ._vocabulary._limits import LimitWarning as LimitWarning
+from ._vocabulary._limits import ToolRules as ToolRules
+from ._vocabulary._limits import report_cost as report_cost
+from ._vocabulary._policy import StopPolicy as StopPolicy
+from ._vocabulary._report import CleanupReport as CleanupReport
+from ._vocabulary._report import InterruptRequest as InterruptRequest
+from ._vocabulary._report import Latency as Latency
+from ._vocabulary._report import LeakedTask as LeakedTask
+from ._vocabulary._report import ProcessReport as ProcessReport
+from ._vocabulary._report import StopReport as StopReport
+from ._vocabulary._report import ThreadReport as ThreadReport
+from ._vocabulary._snapshots import CallInfo as CallInfo
+from ._vocabulary._snapshots import ProcessInfo as ProcessInfo
+from ._vocabulary._snapshots import SessionInfo as SessionInfo
+from ._vocabulary._snapshots import ThreadInfo as ThreadInfo
+from ._vocabulary._triggers import TRIGGERS as TRIGGERS
+from ._vocabulary._triggers import Trigger as Trigger
 from ._watchdog import EXIT_FORCED as EXIT_FORCED
 from ._watchdog import EXIT_FORCED_C_LEVEL as EXIT_FORCED_C_LEVEL
 from ._watchdog import Watchdog as Watchdog
 from .fleet import Fleet as Fleet  # no redis import until a fleet connects
 
 if TYPE_CHECKING:  # imported on first use (below), so that type checkers see them too
-    from ._audit_query import AuditLog as AuditLog
-    from ._audit_query import AuditRecord as AuditRecord
-    from ._audit_query import CascadeNode as CascadeNode
-    from ._audit_query import VerifyResult as VerifyResult
-    from ._audit_query import verify as verify_audit
+    from ._audit._query import AuditLog as AuditLog
+    from ._audit._query import AuditRecord as AuditRecord
+    from ._audit._query import CascadeNode as CascadeNode
+    from ._audit._query import VerifyResult as VerifyResult
+    from ._audit._query import verify as verify_audit
+    from ._audit._sqlite import AuditStatistics as AuditStatistics
+    from ._audit._sqlite import SqliteAudit as SqliteAudit
     from ._drill import DrillCheck as DrillCheck
     from ._drill import DrillObjectives as DrillObjectives
     from ._drill import DrillResult as DrillResult
@@ -83,27 +85,25 @@ if TYPE_CHECKING:  # imported on first use (below), so that type checkers see th
     from ._drill import DrillVerdict as DrillVerdict
     from ._drill import drill as drill
     from ._drill import run_drills as run_drills
-    from ._sqlite_audit import AuditStatistics as AuditStatistics
-    from ._sqlite_audit import SqliteAudit as SqliteAudit
 
 #: Names whose modules are imported on first access: ``import kill_switch`` does not load
 #: aiosqlite, sqlite3 or the drill until an audit log or a drill is asked for.
 _LAZY: dict[str, tuple[str, str]] = {
-    "AuditLog": ("._audit_query", "AuditLog"),
-    "AuditRecord": ("._audit_query", "AuditRecord"),
-    "AuditStatistics": ("._sqlite_audit", "AuditStatistics"),
-    "CascadeNode": ("._audit_query", "CascadeNode"),
+    "AuditLog": ("._audit._query", "AuditLog"),
+    "AuditRecord": ("._audit._query", "AuditRecord"),
+    "AuditStatistics": ("._audit._sqlite", "AuditStatistics"),
+    "CascadeNode": ("._audit._query", "CascadeNode"),
     "DrillCheck": ("._drill", "DrillCheck"),
     "DrillObjectives": ("._drill", "DrillObjectives"),
     "DrillResult": ("._drill", "DrillResult"),
     "DrillShape": ("._drill", "DrillShape"),
     "DrillSummary": ("._drill", "DrillSummary"),
     "DrillVerdict": ("._drill", "DrillVerdict"),
-    "SqliteAudit": ("._sqlite_audit", "SqliteAudit"),
-    "VerifyResult": ("._audit_query", "VerifyResult"),
+    "SqliteAudit": ("._audit._sqlite", "SqliteAudit"),
+    "VerifyResult": ("._audit._query", "VerifyResult"),
     "drill": ("._drill", "drill"),
     "run_drills": ("._drill", "run_drills"),
-    "verify_audit": ("._audit_query", "verify"),
+    "verify_audit": ("._audit._query", "verify"),
 }
 
 try:

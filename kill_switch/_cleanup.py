@@ -9,13 +9,13 @@ from typing import TYPE_CHECKING, Literal
 
 import anyio
 
-from ._exceptions import Interrupted
-from ._report import CleanupReport
+from ._vocabulary._exceptions import Interrupted
+from ._vocabulary._report import CleanupReport
 
 if TYPE_CHECKING:
     from types import TracebackType
 
-    from ._plane import PlaneHost
+    from ._vocabulary._plane import PlaneHost
 
 Hook = Callable[[], "Awaitable[object] | object"]
 

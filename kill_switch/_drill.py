@@ -35,12 +35,10 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 import anyio
 import attrs
 
-from ._audit import ESCALATED, INTERRUPT_COMPLETED, INTERRUPT_REQUESTED, DurableAuditSink
-from ._current import check as ks_check
-from ._current import sleep as ks_sleep
-from ._policy import StopPolicy
-from ._processes import TRACKING_ENV
-from ._procfs import (
+from ._planes._context import check as ks_check
+from ._planes._context import sleep as ks_sleep
+from ._planes._processes import TRACKING_ENV
+from ._planes._procfs import (
     START_RESOLUTION,
     Stat,
     command,
@@ -50,13 +48,20 @@ from ._procfs import (
     start_time,
 )
 from ._session import Session
-from ._validate import attrs_check, count, non_negative, positive, positive_int, seconds
+from ._vocabulary._audit_event import (
+    ESCALATED,
+    INTERRUPT_COMPLETED,
+    INTERRUPT_REQUESTED,
+    DurableAuditSink,
+)
+from ._vocabulary._policy import StopPolicy
+from ._vocabulary._validate import attrs_check, count, non_negative, positive, positive_int, seconds
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Sequence
 
-    from ._report import StopReport
     from ._runtime import Runtime
+    from ._vocabulary._report import StopReport
 
 CheckName = Literal["report", "tasks", "processes", "zombies", "threads", "audit"]
 CHECKS: Final[tuple[CheckName, ...]] = (
@@ -454,7 +459,7 @@ def _check_audit(path: str | None, report: StopReport | None, *, verify_chain: b
         return DrillCheck("audit", True, "not checked: no SQLite audit log", skipped=True)
     if report is None:
         return DrillCheck("audit", False, "no report, so no interrupt to look for")
-    from ._audit_query import AuditLog  # the durable layer; loaded only when used
+    from ._audit._query import AuditLog  # the durable layer; loaded only when used
 
     try:
         with AuditLog(path) as log:

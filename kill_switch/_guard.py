@@ -19,17 +19,17 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
 
-from ._audit import LIMIT_EXCEEDED, LIMIT_WARNING, TOOL_BLOCKED
-from ._decision import ALLOW, Decision, ToolCall
-from ._exceptions import LimitExceeded, ToolBlocked
 from ._ledger import Ledger
-from ._limits import Limits, LimitWarning, _current_cost
-from ._validate import non_negative
+from ._vocabulary._audit_event import LIMIT_EXCEEDED, LIMIT_WARNING, TOOL_BLOCKED
+from ._vocabulary._decision import ALLOW, Decision, ToolCall
+from ._vocabulary._exceptions import LimitExceeded, ToolBlocked
+from ._vocabulary._limits import Limits, LimitWarning, _current_cost
+from ._vocabulary._validate import non_negative
 
 if TYPE_CHECKING:
-    from ._plane import PlaneHost
-    from ._report import InterruptRequest
     from ._sentinel import Sentinel, SessionWatch
+    from ._vocabulary._plane import PlaneHost
+    from ._vocabulary._report import InterruptRequest
 
 T = TypeVar("T")
 

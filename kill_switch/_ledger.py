@@ -15,15 +15,15 @@ import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ._limits import Clock, LimitName, Limits, LimitWarning
-from ._plane import Plane
-from ._validate import non_negative
+from ._vocabulary._limits import Clock, LimitName, Limits, LimitWarning
+from ._vocabulary._plane import Plane
+from ._vocabulary._validate import non_negative
 
 if TYPE_CHECKING:
     import asyncio
 
-    from ._plane import PlaneHost
-    from ._report import InterruptRequest
+    from ._vocabulary._plane import PlaneHost
+    from ._vocabulary._report import InterruptRequest
 
 
 #: (code, reason, owner ledger) of a refused reservation.

@@ -15,23 +15,23 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import anyio
 
-from ._audit import SESSION_REFUSED, AuditEvent, AuditSink, DurableAuditSink
-from ._current import _current_session
-from ._exceptions import SessionRefused
-from ._limits import Limits, LimitWarning
-from ._out_of_band import LoopMonitor
-from ._policy import StopPolicy
+from ._loop_monitor import LoopMonitor
+from ._planes._context import _current_session
 from ._sentinel import Sentinel
 from ._session import Session
-from ._triggers import bound_text
+from ._vocabulary._audit_event import SESSION_REFUSED, AuditEvent, AuditSink, DurableAuditSink
+from ._vocabulary._exceptions import SessionRefused
+from ._vocabulary._limits import Limits, LimitWarning
+from ._vocabulary._policy import StopPolicy
+from ._vocabulary._triggers import bound_text
 
 if TYPE_CHECKING:
     from types import ModuleType
 
     from ._guard import ToolPolicy
-    from ._handle import InterruptHandle
-    from ._info import SessionInfo
-    from ._report import AuditStatus
+    from ._vocabulary._handle import InterruptHandle
+    from ._vocabulary._report import AuditStatus
+    from ._vocabulary._snapshots import SessionInfo
     from .fleet import Fleet
     from .fleet._link import Link
 
@@ -88,7 +88,7 @@ class Runtime:
         fleet: Fleet | str | None = None,
     ) -> None:
         if isinstance(audit, (str, os.PathLike)):
-            from ._sqlite_audit import SqliteAudit  # lazy: aiosqlite only when asked for
+            from ._audit._sqlite import SqliteAudit  # lazy: aiosqlite only when asked for
 
             audit = SqliteAudit(audit)
         if audit is not None and not isinstance(audit, AuditSink):
@@ -242,7 +242,7 @@ class Runtime:
         agent = bound_text(agent, "agent", _MAX_AGENT)
         checked = _check_labels(labels)
         if session_id is None:
-            from ._audit import new_id
+            from ._vocabulary._audit_event import new_id
 
             session_id = new_id()
         elif not isinstance(session_id, str) or not session_id or len(session_id) > 200:

@@ -25,13 +25,13 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 
 import attrs
 
-from ._audit import SENTINEL_ALERT, SENTINEL_ERROR
-from ._validate import attrs_check, positive, positive_int, seconds
+from ._vocabulary._audit_event import SENTINEL_ALERT, SENTINEL_ERROR
+from ._vocabulary._validate import attrs_check, positive, positive_int, seconds
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
 
-    from ._plane import PlaneHost
+    from ._vocabulary._plane import PlaneHost
 
 Severity = Literal["info", "warning", "critical"]
 Mode = Literal["observe", "enforce"]

@@ -22,23 +22,25 @@ from typing import TYPE_CHECKING, Any, TypeVar, Unpack, cast
 
 import anyio
 
-from . import _block, _processes, _threads, _tools
-from ._audit import (
+from . import _tools
+from ._cleanup import Hook, Transaction, _hook_name, check_hook
+from ._guard import ToolPolicy
+from ._planes import _processes, _threads
+from ._planes._context import _current_session
+from ._planes._tool_tasks import current_task, tool_name
+from ._session_host import SessionHost
+from ._vocabulary import _block
+from ._vocabulary._audit_event import (
     SESSION_FINISHED,
     SESSION_STARTED,
 )
-from ._cleanup import Hook, Transaction, _hook_name, check_hook
-from ._current import _current_session
-from ._exceptions import Interrupted
-from ._guard import ToolPolicy
-from ._session_host import SessionHost
-from ._tool_tasks import current_task, tool_name
+from ._vocabulary._exceptions import Interrupted
 
 if TYPE_CHECKING:
     import types
     from collections.abc import Awaitable, Callable, Mapping
 
-    from ._decision import Decision
+    from ._vocabulary._decision import Decision
 
 T = TypeVar("T")
 

@@ -22,22 +22,22 @@ from typing import TYPE_CHECKING, Any, cast
 
 import anyio
 
-from . import _processes, _threads
-from ._audit import (
+from ._guard import Guard, ToolPolicy
+from ._planes import _processes, _threads
+from ._planes._tool_tasks import ToolTasks
+from ._stop import Stop
+from ._vocabulary._audit_event import (
     CANCELLED_BEFORE_START,
     INTERRUPT_REPEATED,
     INTERRUPT_REQUESTED,
     AuditEvent,
     new_id,
 )
-from ._exceptions import Interrupted
-from ._guard import Guard, ToolPolicy
-from ._handle import InterruptHandle
-from ._info import CallInfo, ProcessInfo, SessionInfo, State, ThreadInfo
-from ._report import InterruptRequest, StopReport
-from ._stop import Stop
-from ._tool_tasks import ToolTasks
-from ._triggers import bound_operator, bound_reason, check_trigger
+from ._vocabulary._exceptions import Interrupted
+from ._vocabulary._handle import InterruptHandle
+from ._vocabulary._report import InterruptRequest, StopReport
+from ._vocabulary._snapshots import CallInfo, ProcessInfo, SessionInfo, State, ThreadInfo
+from ._vocabulary._triggers import bound_operator, bound_reason, check_trigger
 
 if TYPE_CHECKING:
     import asyncio
@@ -45,14 +45,14 @@ if TYPE_CHECKING:
     from contextvars import Token
 
     from ._cleanup import Hook
-    from ._decision import Decision
-    from ._exceptions import ToolBlocked
-    from ._limits import Limits, LimitWarning
-    from ._plane import LoopHost, P, Plane, PlaneHost
-    from ._policy import StopPolicy
-    from ._report import CleanupReport
     from ._runtime import Runtime
     from ._sentinel import Sentinel
+    from ._vocabulary._decision import Decision
+    from ._vocabulary._exceptions import ToolBlocked
+    from ._vocabulary._limits import Limits, LimitWarning
+    from ._vocabulary._plane import LoopHost, P, Plane, PlaneHost
+    from ._vocabulary._policy import StopPolicy
+    from ._vocabulary._report import CleanupReport
 
 
 class SessionHost:
@@ -372,7 +372,7 @@ class SessionHost:
 
     # ------------------------------------------- the PlaneHost contract
     # What planes, the ledger, the sentinel's watch and cleanup runs may use of their
-    # session (kill_switch._plane.PlaneHost); not meant for agent code.
+    # session (kill_switch._vocabulary._plane.PlaneHost); not meant for agent code.
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:

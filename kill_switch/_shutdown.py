@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from ._audit import FORCED_EXIT, AuditEvent, DurableAuditSink
+from ._vocabulary._audit_event import FORCED_EXIT, AuditEvent, DurableAuditSink
 from ._watchdog import Watchdog
 
 if TYPE_CHECKING:

@@ -15,18 +15,24 @@ from typing import TYPE_CHECKING
 import anyio
 import attrs
 
-from ._audit import ESCALATED, INTERRUPT_COMPLETED, INTERRUPT_DELIVERED, LATE_RESULT, OUT_OF_BAND
 from ._cleanup import Hook, run_hooks
-from ._plane import StopFields
-from ._report import CleanupReport, Latency, StopReport
+from ._vocabulary._audit_event import (
+    ESCALATED,
+    INTERRUPT_COMPLETED,
+    INTERRUPT_DELIVERED,
+    LATE_RESULT,
+    OUT_OF_BAND,
+)
+from ._vocabulary._plane import StopFields
+from ._vocabulary._report import CleanupReport, Latency, StopReport
 
 if TYPE_CHECKING:
     import asyncio
     from collections.abc import Callable, Sequence
 
-    from ._plane import ForcePath, LoopHost, Plane, PlaneHost
-    from ._report import AuditStatus, InterruptRequest, Outcome
-    from ._tool_tasks import ToolTasks
+    from ._planes._tool_tasks import ToolTasks
+    from ._vocabulary._plane import ForcePath, LoopHost, Plane, PlaneHost
+    from ._vocabulary._report import AuditStatus, InterruptRequest, Outcome
 
 
 class Stop:

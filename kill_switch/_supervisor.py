@@ -25,15 +25,15 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from ._validate import seconds
+from ._vocabulary._validate import seconds
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
 
-    from ._handle import InterruptHandle
-    from ._info import SessionInfo
     from ._runtime import Runtime
     from ._session import Session
+    from ._vocabulary._handle import InterruptHandle
+    from ._vocabulary._snapshots import SessionInfo
 
 
 class Supervisor:

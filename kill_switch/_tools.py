@@ -21,9 +21,9 @@ import functools
 import inspect
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast, overload
 
-from ._block import is_own
-from ._current import _current_session as _host_var
-from ._exceptions import ToolBlocked
+from ._planes._context import _current_session as _host_var
+from ._vocabulary._block import is_own
+from ._vocabulary._exceptions import ToolBlocked
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Iterator

@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable
 from typing import IO, Final
 
-from ._stderr import say
+from ._vocabulary._stderr import say
 
 #: Exit status of an orderly forced exit (EX_SOFTWARE): the deadline passed, the
 #: tracebacks and the ``forced_exit`` record were written, process groups killed.

@@ -6,8 +6,8 @@ import threading
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ._audit import AuditEvent
-    from ._report import AuditStatus
+    from ._vocabulary._audit_event import AuditEvent
+    from ._vocabulary._report import AuditStatus
 
 __all__ = ["FakeClock", "MemoryAudit"]
 

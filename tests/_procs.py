@@ -1,6 +1,6 @@
 """Process helpers the tests share: is a pid running, wait until pids are gone, clean up.
 
-Built on ``kill_switch._procfs``, the package's one ``/proc`` reader;
+Built on ``kill_switch._planes._procfs``, the package's one ``/proc`` reader;
 ``tests/test_procfs.py`` checks that reader against psutil, an independent one, so a
 test that trusts these helpers does not trust the code under test blindly.
 """
@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import anyio
 import psutil
 
-from kill_switch import _procfs
+from kill_switch._planes import _procfs
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

@@ -1,4 +1,4 @@
-"""Every audit event kind the package writes is declared in ``kill_switch._audit.KINDS``."""
+"""Every audit event kind the package writes is declared in ``_audit_event.KINDS``."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import typing
 import pytest
 
 import kill_switch
-from kill_switch import _audit, _cleanup
+from kill_switch import _cleanup
+from kill_switch._vocabulary import _audit_event as _audit
 
 PACKAGE = pathlib.Path(kill_switch.__file__).parent
 #: Functions that only pass a kind through from their own caller (checked at the callers).
@@ -142,7 +143,10 @@ def test_scan_flags_an_undeclared_kind(tmp_path: pathlib.Path) -> None:
     assert unresolved == ["_bad.py:3 kind"]
 
 
-@pytest.mark.parametrize("module", ["_limits", "_sentinel", "_threads", "_processes"])
+@pytest.mark.parametrize(
+    "module",
+    ["_vocabulary._limits", "_ledger", "_sentinel", "_planes._threads", "_planes._processes"],
+)
 def test_planes_define_no_kinds_of_their_own(module: str) -> None:
     """No plane module declares kind constants any more; they import them from _audit."""
     source = inspect.getsource(importlib.import_module(f"kill_switch.{module}"))

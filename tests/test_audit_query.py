@@ -12,7 +12,7 @@ import pytest
 
 import kill_switch as ks
 from kill_switch import AuditEvent, AuditLog, SqliteAudit
-from kill_switch._audit_query import open_readonly
+from kill_switch._audit._query import open_readonly
 from kill_switch._cli import main as cli
 
 if TYPE_CHECKING:

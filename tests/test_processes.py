@@ -16,7 +16,8 @@ import psutil
 import pytest
 
 import kill_switch as ks
-from kill_switch import EscalationPolicy, EscalationWarning, _cgroup
+from kill_switch import EscalationPolicy, EscalationWarning
+from kill_switch._planes import _cgroup
 from kill_switch.testing import MemoryAudit
 
 from ._procs import alive, kill_quietly, no_zombies_no_leaks, wait_gone

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import psutil
 import pytest
 
-from kill_switch import _procfs
+from kill_switch._planes import _procfs
 
 from ._procs import killpg_quietly
 

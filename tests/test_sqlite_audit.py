@@ -19,7 +19,7 @@ import pytest
 import kill_switch as ks
 from kill_switch import AuditEvent, AuditLog, AuditRecord, SqliteAudit
 from kill_switch import verify_audit as verify
-from kill_switch._audit_chain import MIGRATIONS, SCHEMA_VERSION, row_hash
+from kill_switch._audit._chain import MIGRATIONS, SCHEMA_VERSION, row_hash
 from kill_switch._cli import main as cli
 
 if TYPE_CHECKING:

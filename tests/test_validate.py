@@ -8,7 +8,7 @@ import attrs
 import pytest
 
 import kill_switch as ks
-from kill_switch import _validate as v
+from kill_switch._vocabulary import _validate as v
 
 NOT_NUMBERS = [True, False, "1", None, [1], 1j]
 NOT_FINITE = [math.nan, math.inf, -math.inf]

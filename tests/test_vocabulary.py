@@ -8,7 +8,7 @@ import anyio
 import pytest
 
 import kill_switch as ks
-from kill_switch._triggers import MAX_REASON, bound_reason, check_trigger
+from kill_switch._vocabulary._triggers import MAX_REASON, bound_reason, check_trigger
 
 
 @pytest.mark.parametrize("trigger", sorted(ks.TRIGGERS))

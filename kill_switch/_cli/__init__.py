@@ -7,7 +7,8 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
-from . import audit, control, drill
+from kill_switch._cli import audit, control, drill
+
 from ._common import Exit
 
 if TYPE_CHECKING:

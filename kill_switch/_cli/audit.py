@@ -19,14 +19,14 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
-from kill_switch._audit_query import AuditLog, verify
+from kill_switch._audit._query import AuditLog, verify
 
 from ._common import Exit
 from ._common import err as _err
 from ._common import out as _out
 
 if TYPE_CHECKING:
-    from kill_switch._audit_query import AuditRecord
+    from kill_switch._audit._query import AuditRecord
 
 DEFAULT_DB = "kill-switch-audit.db"
 ENV_DB = "KILL_SWITCH_AUDIT_DB"

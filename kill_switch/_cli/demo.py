@@ -41,24 +41,24 @@ import anyio.from_thread
 import anyio.lowlevel
 import anyio.to_thread
 
-from kill_switch._current import sleep as ks_sleep
 from kill_switch._drill import DrillObjectives, DrillShape, run_drills
-from kill_switch._limits import Limits
-from kill_switch._policy import StopPolicy
-from kill_switch._processes import EscalationWarning
-from kill_switch._procfs import alive
+from kill_switch._planes._context import sleep as ks_sleep
+from kill_switch._planes._processes import EscalationWarning
+from kill_switch._planes._procfs import alive
 from kill_switch._runtime import Runtime
 from kill_switch._sentinel import Sentinel
 from kill_switch._shutdown import GracefulShutdown, graceful_shutdown
 from kill_switch._supervisor import supervise
+from kill_switch._vocabulary._limits import Limits
+from kill_switch._vocabulary._policy import StopPolicy
 
 from ._common import Exit
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
 
-    from kill_switch._report import StopReport
     from kill_switch._session import Session
+    from kill_switch._vocabulary._report import StopReport
 
 #: The researcher's SLA: the supervisor stops it once it has run this long.
 SLA = 0.6
@@ -493,7 +493,7 @@ async def _main(db: str | None, keep_serving: bool) -> int:
 
     _say("")
     if db is not None:
-        from kill_switch._audit_query import verify
+        from kill_switch._audit._query import verify
 
         result = verify(db)
         _say(f"audit verify {db}: {result.summary()}")

@@ -30,7 +30,6 @@ import tempfile
 import time
 from typing import TYPE_CHECKING, Any
 
-from kill_switch._audit import ESCALATED, INTERRUPT_COMPLETED, INTERRUPT_REQUESTED
 from kill_switch._drill import (
     LEAKS,
     DrillCheck,
@@ -40,6 +39,7 @@ from kill_switch._drill import (
     run_drills,
     summarize,
 )
+from kill_switch._vocabulary._audit_event import ESCALATED, INTERRUPT_COMPLETED, INTERRUPT_REQUESTED
 
 from ._common import Exit, Failure
 from ._common import err as _err
@@ -167,7 +167,7 @@ def _synthetic(args: argparse.Namespace, objectives: DrillObjectives) -> DrillSu
 
     import anyio
 
-    from kill_switch._processes import EscalationWarning
+    from kill_switch._planes._processes import EscalationWarning
     from kill_switch._runtime import Runtime
 
     shape = DrillShape(
@@ -270,7 +270,7 @@ def _remote(args: argparse.Namespace, objectives: DrillObjectives) -> DrillSumma
 
 
 def _remote_processes(report: dict[str, Any]) -> tuple[DrillCheck, DrillCheck]:
-    from kill_switch._procfs import stat as _stat
+    from kill_switch._planes._procfs import stat as _stat
 
     alive: list[str] = []
     zombies: list[str] = []

@@ -39,7 +39,8 @@ cross-site page cannot make a browser kill anything; state-changing requests tha
 browser marks cross-site are refused as well.
 """
 
-from . import _extra  # noqa: F401  (first: a clear ImportError without the server extra)
+from kill_switch.control import _extra  # noqa: F401  (first: a clear ImportError without the server extra
+
 from ._app import ControlApp as ControlApp
 from ._app import create_app as create_app
 from ._auth import ROLES as ROLES

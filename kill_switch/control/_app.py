@@ -34,7 +34,8 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.responses import HTMLResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from kill_switch._audit import (
+from kill_switch._audit._query import AuditLog
+from kill_switch._vocabulary._audit_event import (
     CONTROL_DENIED,
     CONTROL_TOKEN_REVOKED,
     INTERRUPT_REQUESTED,
@@ -43,8 +44,7 @@ from kill_switch._audit import (
     AuditEvent,
     DurableAuditSink,
 )
-from kill_switch._audit_query import AuditLog
-from kill_switch._triggers import MAX_REASON
+from kill_switch._vocabulary._triggers import MAX_REASON
 
 from ._auth import BadCredentials, FailureLimiter, Principal, Role, TokenStore, allows, bearer_token
 from ._events import Broker
@@ -58,7 +58,7 @@ if TYPE_CHECKING:
     from starlette.requests import Request
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-    from kill_switch._audit_query import VerifyResult
+    from kill_switch._audit._query import VerifyResult
     from kill_switch._runtime import Runtime
     from kill_switch._session import Session
 
@@ -81,7 +81,6 @@ MAX_PAGE: Final = 1000
 FORBIDDEN_ACTIONS: Final = frozenset(
     {"resume", "config", "configure", "budgets", "limits", "tools", "prompt", "instruct"}
 )
-DENIED: Final = CONTROL_DENIED
 #: Characters of a refused request's path written to the audit log.
 MAX_AUDITED_PATH: Final = 200
 
@@ -365,7 +364,7 @@ class ControlApp:
             session_id = None
         self.runtime.record(
             AuditEvent(
-                DENIED,
+                CONTROL_DENIED,
                 session_id,
                 operator=principal.token_id if principal else None,
                 reason=why[:MAX_REASON],
@@ -711,7 +710,7 @@ class ControlApp:
         """The hash chain and anchored head, checked now."""
         self.require(request, "viewer")
         path = self._audit_file()
-        from kill_switch._audit_query import verify
+        from kill_switch._audit._query import verify
 
         def check() -> VerifyResult:
             return verify(path, anchor=self.anchor_path)

@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 if TYPE_CHECKING:
-    from kill_switch._info import SessionInfo, State
-    from kill_switch._report import StopReport
     from kill_switch._session import Session
+    from kill_switch._vocabulary._report import StopReport
+    from kill_switch._vocabulary._snapshots import SessionInfo, State
 
 #: Sessions kept after they left the runtime's inventory.
 RECENT = 1000
@@ -100,7 +100,7 @@ class Book:
         old = self._entries.pop(report.session_id, None)
         base = info or (old.info if old else None)
         if base is None:
-            from kill_switch._info import SessionInfo as _Info
+            from kill_switch._vocabulary._snapshots import SessionInfo as _Info
 
             base = _Info(
                 session_id=report.session_id,

@@ -11,18 +11,17 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 import anyio
 import attrs
 
-from kill_switch._audit import new_id
-from kill_switch._exceptions import KillSwitchError
-from kill_switch._triggers import bound_operator, bound_reason
-
-from . import _wire
+from kill_switch._vocabulary._audit_event import new_id
+from kill_switch._vocabulary._exceptions import KillSwitchError
+from kill_switch._vocabulary._triggers import bound_operator, bound_reason
+from kill_switch.fleet import _wire
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
     from redis.asyncio import Redis
 
-    from kill_switch._report import StopReport
+    from kill_switch._vocabulary._report import StopReport
 
 ENV_URL: Final = "KILL_SWITCH_FLEET"
 ENV_KEY: Final = "KILL_SWITCH_FLEET_KEY"

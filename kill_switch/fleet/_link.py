@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import anyio
 
-from kill_switch._audit import (
+from kill_switch._vocabulary._audit_event import (
     FLEET_KILL,
     FLEET_LOST,
     SESSION_FINISHED,
@@ -31,11 +31,11 @@ from kill_switch._audit import (
     AuditEvent,
     new_id,
 )
-from kill_switch._audit import FLEET_MESSAGE_REJECTED as FLEET_REJECTED
-from kill_switch._audit import FLEET_RECONNECTED as FLEET_BACK
-from kill_switch._exceptions import SessionRefused
+from kill_switch._vocabulary._audit_event import FLEET_MESSAGE_REJECTED as FLEET_REJECTED
+from kill_switch._vocabulary._audit_event import FLEET_RECONNECTED as FLEET_BACK
+from kill_switch._vocabulary._exceptions import SessionRefused
+from kill_switch.fleet import _wire
 
-from . import _wire
 from ._fleet import Fleet, FleetUnavailable, _redis_errors
 
 if TYPE_CHECKING:
@@ -43,8 +43,8 @@ if TYPE_CHECKING:
 
     from redis.asyncio import Redis
 
-    from kill_switch._handle import InterruptHandle
     from kill_switch._runtime import Runtime
+    from kill_switch._vocabulary._handle import InterruptHandle
 
 
 #: Most seconds between a kill's signature time and its stream entry (Redis clock): a

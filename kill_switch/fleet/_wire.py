@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import attrs
 
-from kill_switch._report import (
+from kill_switch._vocabulary._report import (
     CleanupReport,
     InterruptRequest,
     Latency,
@@ -29,7 +29,7 @@ from kill_switch._report import (
 )
 
 if TYPE_CHECKING:
-    from kill_switch._info import SessionInfo
+    from kill_switch._vocabulary._snapshots import SessionInfo
 
 VERSION: Final = 1
 KINDS: Final = frozenset({"kill", "reply"})

@@ -27,8 +27,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from kill_switch import _tools
-
-from . import missing
+from kill_switch.integrations import missing
 
 try:
     import mcp

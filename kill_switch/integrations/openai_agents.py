@@ -23,8 +23,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from kill_switch import _tools
-
-from . import missing
+from kill_switch.integrations import missing
 
 try:
     import agents

@@ -24,10 +24,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from kill_switch import _tools
-from kill_switch._exceptions import ToolBlocked
 from kill_switch._tools import _current_session
+from kill_switch._vocabulary._exceptions import ToolBlocked
+from kill_switch.integrations import missing
 
-from . import missing
 from ._executor import SessionExecutor, tool_name
 
 try:

@@ -14,12 +14,12 @@ import math
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, ParamSpec, TypeVar
 
-from ._validate import non_negative
+from kill_switch._vocabulary._validate import non_negative
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from ._plane import PlaneHost
+    from kill_switch._vocabulary._plane import PlaneHost
 
 P = ParamSpec("P")
 R = TypeVar("R")

@@ -43,30 +43,31 @@ import anyio.abc
 import anyio.lowlevel
 import attrs
 
-from ._audit import (
+from kill_switch._vocabulary._audit_event import (
     PROCESS_CONTAINMENT,
     PROCESS_ESCAPED,
     PROCESS_EXITED,
     PROCESS_SIGNAL,
     PROCESS_STARTED,
 )
+from kill_switch._vocabulary._plane import Plane, StopFields
+from kill_switch._vocabulary._report import ProcessReport
+from kill_switch._vocabulary._snapshots import ProcessInfo
+from kill_switch._vocabulary._validate import attrs_check, positive_int, seconds
+
 from ._cgroup import CgroupUnavailable, SessionCgroup
-from ._info import ProcessInfo
-from ._plane import Plane, StopFields
 from ._procfs import alive as _alive
 from ._procfs import cmdline as _cmdline
 from ._procfs import descendants as _descendants
 from ._procfs import has_in_environ
 from ._procfs import scan as _scan
 from ._procfs import stat as _stat
-from ._report import ProcessReport
-from ._validate import attrs_check, positive_int, seconds
 
 if TYPE_CHECKING:
     import asyncio
 
-    from ._plane import ForcePath, PlaneHost
-    from ._report import InterruptRequest
+    from kill_switch._vocabulary._plane import ForcePath, PlaneHost
+    from kill_switch._vocabulary._report import InterruptRequest
 
 PIPE: Final = subprocess.PIPE
 STDOUT: Final = subprocess.STDOUT

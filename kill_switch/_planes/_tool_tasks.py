@@ -26,18 +26,18 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from ._audit import LEAKED_TASK
-from ._block import is_own
-from ._exceptions import Interrupted, ToolBlocked
-from ._info import CallInfo
-from ._plane import Plane, StopFields
-from ._report import LeakedTask
+from kill_switch._vocabulary._audit_event import LEAKED_TASK
+from kill_switch._vocabulary._block import is_own
+from kill_switch._vocabulary._exceptions import Interrupted, ToolBlocked
+from kill_switch._vocabulary._plane import Plane, StopFields
+from kill_switch._vocabulary._report import LeakedTask
+from kill_switch._vocabulary._snapshots import CallInfo
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
-    from ._plane import CallGuard, PlaneHost
-    from ._report import InterruptRequest
+    from kill_switch._vocabulary._plane import CallGuard, PlaneHost
+    from kill_switch._vocabulary._report import InterruptRequest
 
 #: Re-delivery of the tool plane's cancellation to calls that swallowed it backs off
 #: from the next loop iteration up to this many seconds between rounds.

@@ -24,11 +24,10 @@ if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Coroutine, Iterable
     from typing import Any
 
-    from ._audit import AuditEvent
+    from ._audit_event import AuditEvent
     from ._decision import Decision
     from ._exceptions import Interrupted, ToolBlocked
     from ._handle import InterruptHandle
-    from ._info import State
     from ._policy import StopPolicy
     from ._report import (
         AuditStatus,
@@ -38,6 +37,7 @@ if TYPE_CHECKING:
         ProcessReport,
         ThreadReport,
     )
+    from ._snapshots import State
 
 P = TypeVar("P", bound="Plane")
 

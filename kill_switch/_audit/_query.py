@@ -19,8 +19,13 @@ from typing import IO, TYPE_CHECKING, Any, Literal
 
 import attrs
 
-from ._audit import INTERRUPT_DELIVERED, INTERRUPT_REQUESTED, STICKY_KINDS
-from ._audit_chain import (
+from kill_switch._vocabulary._audit_event import (
+    INTERRUPT_DELIVERED,
+    INTERRUPT_REQUESTED,
+    STICKY_KINDS,
+)
+
+from ._chain import (
     COLUMN_SQL,
     COLUMNS,
     GENESIS,

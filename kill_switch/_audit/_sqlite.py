@@ -34,8 +34,11 @@ import aiosqlite
 import anyio
 import attrs
 
-from ._audit import STICKY_KINDS, AuditEvent
-from ._audit_chain import (
+from kill_switch._vocabulary._audit_event import STICKY_KINDS, AuditEvent
+from kill_switch._vocabulary._stderr import say
+from kill_switch._vocabulary._validate import positive_int, seconds
+
+from ._chain import (
     COLUMN_SQL,
     COLUMNS,
     GENESIS,
@@ -52,13 +55,11 @@ from ._audit_chain import (
     row_hash,
     values_to_json,
 )
-from ._stderr import say
-from ._validate import positive_int, seconds
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
-    from ._report import AuditStatus
+    from kill_switch._vocabulary._report import AuditStatus
 
 T = TypeVar("T")
 
@@ -645,7 +646,7 @@ class SqliteAudit:
         Reads the database read-only in a worker thread, plus the spool and events not
         yet written. An unreadable database contributes nothing (and says so on stderr).
         """
-        from ._audit_query import AuditLog
+        from ._query import AuditLog
 
         def read() -> set[str]:
             ids: set[str] = set()
@@ -672,7 +673,7 @@ class SqliteAudit:
 
         Returns a ``VerifyResult``.
         """
-        from ._audit_query import verify
+        from ._query import verify
 
         return await anyio.to_thread.run_sync(
             lambda: verify(self.path, anchor=self.anchor_path, spool=self.spool_path)

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 if TYPE_CHECKING:
-    from ._audit import AuditEvent
+    from kill_switch._vocabulary._audit_event import AuditEvent
 
 #: ``PRAGMA user_version`` of a database this code writes.
 SCHEMA_VERSION: Final = 1

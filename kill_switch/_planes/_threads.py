@@ -54,13 +54,14 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 import anyio
 import attrs
 
-from ._audit import THREAD_ABANDONED, THREAD_RETURNED
-from ._current import _current_session
-from ._decision import Decision
-from ._exceptions import Interrupted
-from ._info import ThreadInfo
-from ._plane import Plane, PlaneHost, StopFields
-from ._report import InterruptRequest, ThreadOutcome, ThreadReport
+from kill_switch._vocabulary._audit_event import THREAD_ABANDONED, THREAD_RETURNED
+from kill_switch._vocabulary._decision import Decision
+from kill_switch._vocabulary._exceptions import Interrupted
+from kill_switch._vocabulary._plane import Plane, PlaneHost, StopFields
+from kill_switch._vocabulary._report import InterruptRequest, ThreadOutcome, ThreadReport
+from kill_switch._vocabulary._snapshots import ThreadInfo
+
+from ._context import _current_session
 from ._tool_tasks import tool_name
 
 if TYPE_CHECKING:

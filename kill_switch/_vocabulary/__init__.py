@@ -1,0 +1,3 @@
+"""Layer 0, the vocabulary: frozen values, exceptions, triggers, validators, audit event
+kinds, and the Plane/PlaneHost contracts. Imports nothing above it.
+"""
