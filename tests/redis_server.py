@@ -3,10 +3,12 @@ fleet tests and benchmarks: start, stop, kill and restart it, pause it (SIGSTOP)
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import time
 from typing import TYPE_CHECKING
@@ -24,9 +26,17 @@ def free_port() -> int:
 
 
 class RedisServer:
-    """One redis-server process (Debian's package); ``persist`` keeps an fsync'd AOF."""
+    """One redis-server process (Debian's package); ``persist`` keeps an fsync'd AOF;
+    ``tls`` serves TLS only, with a certificate from a CA of its own (``ca_file``)."""
 
-    def __init__(self, directory: Path, *, persist: bool = False, password: str | None = None):
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        persist: bool = False,
+        password: str | None = None,
+        tls: bool = False,
+    ):
         exe = shutil.which("redis-server")
         if exe is None:
             raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
@@ -37,10 +47,16 @@ class RedisServer:
         self.password = password
         self.proc: subprocess.Popen[bytes] | None = None
         self.paused = False
+        self.tls = tls
+        self.ca_file = str(directory / "ca.crt") if tls else None
+        if tls:
+            _make_certificates(directory)
 
     @property
     def url(self) -> str:
         auth = f"default:{self.password}@" if self.password else ""
+        if self.tls:
+            return f"rediss://{auth}127.0.0.1:{self.port}/0?ssl_ca_certs={self.ca_file}"
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 20.0) -> None:
@@ -53,6 +69,13 @@ class RedisServer:
             args += ["--appendonly", "no"]
         if self.password:
             args += ["--requirepass", self.password]
+        if self.tls:
+            d = self.dir
+            args[2] = "0"  # TLS only: no plain port
+            args += ["--tls-port", str(self.port), "--tls-auth-clients", "no"]
+            args += ["--tls-cert-file", str(d / "server.crt")]
+            args += ["--tls-key-file", str(d / "server.key")]
+            args += ["--tls-ca-cert-file", str(d / "ca.crt")]
         self.proc = subprocess.Popen(
             args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
         )
@@ -68,7 +91,13 @@ class RedisServer:
     def ping(self) -> bool:
         """Whether it answers PING now (a NOAUTH error counts: it is up)."""
         try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+            with contextlib.ExitStack() as stack:
+                s = stack.enter_context(
+                    socket.create_connection(("127.0.0.1", self.port), timeout=0.5)
+                )
+                if self.tls:
+                    context = ssl.create_default_context(cafile=self.ca_file)
+                    s = stack.enter_context(context.wrap_socket(s, server_hostname="127.0.0.1"))
                 s.sendall(b"PING\r\n")
                 return s.recv(64).startswith((b"+PONG", b"-NOAUTH"))
         except OSError:
@@ -109,3 +138,24 @@ class RedisServer:
             self.proc.kill()
             self.proc.wait(timeout=10)
         self.proc = None
+
+
+def _make_certificates(directory: Path) -> None:
+    """A CA of its own and a server certificate for 127.0.0.1 it signed (openssl CLI)."""
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
+
+    openssl(
+        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt",
+        "-days", "1", "-subj", "/CN=kill_switch test CA",
+    )  # fmt: skip
+    openssl(
+        "req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
+        "-subj", "/CN=127.0.0.1",
+    )  # fmt: skip
+    (directory / "san.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
+    openssl(
+        "x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+        "-CAcreateserial", "-out", "server.crt", "-days", "1", "-extfile", "san.cnf",
+    )  # fmt: skip

@@ -596,6 +596,29 @@ async def test_redis_password_in_the_url(tmp_path: Path, workers: list[Worker]) 
         server.stop()
 
 
+async def test_redis_over_tls(tmp_path: Path, workers: list[Worker]) -> None:
+    """A TLS-only Redis (``rediss://``, a CA of its own): a fleet that trusts the CA joins
+    and kills across processes; one that does not trust it is refused, never downgraded."""
+    server = RedisServer(tmp_path, tls=True)
+    server.start()
+    try:
+        a = spawn(workers, server, "tls")
+        await in_thread(a.start, "researcher", "s-1")
+        async with fleet(server, "tls") as f:
+            report = await f.kill("s-1", reason="over tls", operator="alice")
+        assert report.quiescent
+        untrusted = server.url.split("?", 1)[0]  # the system's CAs only: verification fails
+        with pytest.raises(FleetUnavailable):
+            async with ks.Fleet(untrusted, key=KEY, lease=0.5):
+                pass
+        plain = untrusted.replace("rediss://", "redis://")  # no TLS: the server refuses
+        with pytest.raises(FleetUnavailable):
+            async with ks.Fleet(plain, key=KEY, lease=0.5):
+                pass
+    finally:
+        server.stop()
+
+
 async def test_concurrent_kills_from_two_operators_make_one_stop(
     redis_server: RedisServer, workers: list[Worker], tmp_path: Path
 ) -> None:
