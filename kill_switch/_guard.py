@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
 
 from ._ledger import Ledger
 from ._vocabulary._audit_event import LIMIT_EXCEEDED, LIMIT_WARNING, TOOL_BLOCKED
-from ._vocabulary._decision import ALLOW, Decision, ToolCall
+from ._vocabulary._decision import Decision, ToolCall
 from ._vocabulary._exceptions import LimitExceeded, ToolBlocked
 from ._vocabulary._limits import Limits, LimitWarning, _current_cost
 from ._vocabulary._validate import non_negative
@@ -162,22 +162,6 @@ class Guard:
         if code == "budget" or code == "deadline":
             return LimitExceeded(decision, session_id=self.host.id, tool=tool)
         return ToolBlocked(decision, session_id=self.host.id, tool=tool)
-
-    def check(self, tool: str, args: Mapping[str, Any] | None) -> Decision:
-        """``session.guard()``: check a call a framework runs itself. Never raises."""
-        try:
-            kwargs = dict(args) if args is not None else {}
-            if not isinstance(tool, str):
-                return Decision.block(
-                    f"tool name must be a str, not {type(tool).__name__}", "bad_request"
-                )
-            decision = self.admit(tool, (), kwargs, 0.0)
-        except Exception as exc:  # guard() never raises, by contract
-            return Decision.block(f"guard failed: {exc!r}", "guard_error")
-        if decision is None:
-            return ALLOW
-        self.blocked(decision, tool)
-        return decision
 
     # ---------------------------------------------------------------- limits
 
