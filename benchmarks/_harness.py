@@ -27,6 +27,7 @@ import argparse
 import asyncio
 import datetime
 import gc
+import http.client
 import json
 import math
 import os
@@ -39,8 +40,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import anyio
+
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+
+    import kill_switch as ks
 
 T = TypeVar("T")
 
@@ -144,6 +149,26 @@ async def interleave(
     return out
 
 
+def batch_timer(
+    call: Callable[[], Awaitable[object]], batch: int
+) -> Callable[[], Awaitable[float]]:
+    """A variant for :func:`interleave`: the ns of *batch* awaits of ``call()`` in a row.
+
+    Each variant built with it pays the same ``call()`` indirection, so ratios between
+    them hold; a loop timing a bare await stays written out where it is the baseline.
+    """
+
+    async def variant() -> float:
+        with gc_paused(collect=False):
+            t0 = now_ns()
+            for _ in range(batch):
+                await call()
+            t1 = now_ns()
+        return t1 - t0
+
+    return variant
+
+
 def interleave_sync(
     variants: Mapping[str, Callable[[], float]],
     *,
@@ -159,6 +184,135 @@ def interleave_sync(
             if i >= warmup:
                 out[name].append(sample)
     return out
+
+
+# ------------------------------------------------------------------- what a kill stops
+
+
+async def parked_session(
+    runtime: ks.Runtime,
+    n: int,
+    park: Callable[[], Awaitable[Any]] = anyio.sleep_forever,
+    *,
+    tool: str | None = "park",
+) -> tuple[ks.Session, asyncio.Task[None]]:
+    """A session of *runtime* in its own task, its body and *n* tool calls parked in
+    *park*; returns once all *n* are in flight (set-up, outside any timed window).
+
+    The task ends when the session is stopped: await it after the kill (tear-down).
+    """
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Future[ks.Session] = loop.create_future()
+
+    async def host() -> None:
+        async with runtime.session("bench") as session:
+            for _ in range(n):
+                session.start_soon(park, tool=tool)
+            ready.set_result(session)
+            await park()
+
+    task = loop.create_task(host())
+    session = await ready
+    await until(lambda: session.info().calls_in_flight >= n)
+    return session, task
+
+
+async def timed_interrupt(
+    session: ks.Session, *, collect: bool = True
+) -> tuple[float, ks.StopReport]:
+    """(ns, report) of ``session.interrupt()`` until its report, the collector paused
+    (after a collection unless not *collect*: see :func:`gc_paused`)."""
+    with gc_paused(collect=collect):
+        t0 = now_ns()
+        report = await session.interrupt("bench", trigger="supervisor")
+        t1 = now_ns()
+    return t1 - t0, report
+
+
+async def cancel_all(tasks: Sequence[asyncio.Task[Any]]) -> float:
+    """ns to cancel *tasks* and gather them, the collector paused: a raw kill's floor."""
+    with gc_paused():
+        t0 = now_ns()
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        t1 = now_ns()
+    return t1 - t0
+
+
+async def raw_kill(n: int) -> float:
+    """*n* raw tasks parked on futures, then :func:`cancel_all` on them."""
+    loop = asyncio.get_running_loop()
+    parked = 0
+
+    async def park() -> None:
+        nonlocal parked
+        parked += 1
+        await loop.create_future()
+
+    tasks = [loop.create_task(park()) for _ in range(n)]
+    await until(lambda: parked >= n)
+    return await cancel_all(tasks)
+
+
+class ControlClient:
+    """A kept-alive HTTP/1.1 connection to the control plane, used from one thread
+    (``http.client``: the least a client can add to the timed round trip)."""
+
+    def __init__(self, url: str, token: str) -> None:
+        host, port = url.removeprefix("http://").split(":")
+        self.conn = http.client.HTTPConnection(host, int(port), timeout=30)
+        self.headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+
+    def ready(self) -> None:
+        """A round trip before the timed one (set-up): reconnects if the server closed
+        the idle kept-alive connection, so the kill never pays for a new connection."""
+        for attempt in (1, 2):
+            try:
+                self.conn.request("GET", "/healthz")
+                self.conn.getresponse().read()
+                return
+            except (OSError, http.client.HTTPException):
+                self.conn.close()
+                if attempt == 2:
+                    raise
+
+    def kill(self, session_id: str, calls: int | None = None) -> tuple[float, dict[str, Any]]:
+        """``POST /api/sessions/{id}/kill`` until its JSON is read: (ns, the answer).
+
+        Raises:
+            RuntimeError: not a 200, or (*calls* given) the report is not quiescent with
+                *calls* tool calls cancelled.
+        """
+        self.ready()
+        with gc_paused(collect=False):
+            t0 = now_ns()
+            self.conn.request(
+                "POST", f"/api/sessions/{session_id}/kill", b'{"reason": "bench"}', self.headers
+            )
+            response = self.conn.getresponse()
+            data = json.loads(response.read())
+            t1 = now_ns()
+        if response.status != 200:
+            raise RuntimeError(f"HTTP kill answered {response.status}: {data}")
+        report = data["report"]
+        if calls is not None and (
+            not report["quiescent"] or report["tool_calls_cancelled"] != calls
+        ):
+            raise RuntimeError(f"bad stop report: {report}")
+        return t1 - t0, data
+
+    def health(self) -> float:
+        """ns of one ``GET /healthz`` round trip: the HTTP floor."""
+        with gc_paused(collect=False):
+            t0 = now_ns()
+            self.conn.request("GET", "/healthz")
+            self.conn.getresponse().read()
+            t1 = now_ns()
+        return t1 - t0
+
+    def close(self) -> None:
+        self.conn.close()
 
 
 # ------------------------------------------------------------------- event loops
@@ -483,6 +637,28 @@ def per_call_main(
 
 
 # ------------------------------------------------------------------- command line
+
+
+def run_loops(
+    args: argparse.Namespace,
+    benchmark: str,
+    title: str,
+    summary: str,
+    bench: Callable[..., Awaitable[list[Row]]],
+    *bench_args: Any,
+    **extra: Any,
+) -> list[Row]:
+    """A benchmark's run once its *args* are parsed: *title* with the environment,
+    ``bench(loop, *bench_args)`` on each loop, the *summary* table, and the results
+    file (with *extra*) if ``--json`` asked for one. Returns the rows."""
+    print(f"{title}   [{environment_line(environment())}]")
+    rows: list[Row] = []
+    for loop in parse_loops(args.loops):
+        rows += run_on(loop, bench, loop, *bench_args)
+    print_table(rows, summary)
+    if args.json:
+        write_json(args.json, benchmark, rows, quick=args.quick, **extra)
+    return rows
 
 
 def make_parser(description: str | None) -> argparse.ArgumentParser:

@@ -24,17 +24,13 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import http.client
-import json
 import sys
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a file: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from typing import TYPE_CHECKING, Any
-
-import anyio
+from typing import TYPE_CHECKING
 
 import kill_switch as ks
 from benchmarks import _harness as h
@@ -48,76 +44,20 @@ TARGET_P50_NS = 5_000_000.0
 TARGET_ADDED_NS = 2_000_000.0
 
 
-class Client:
-    """A kept-alive HTTP/1.1 connection to the control plane (used from one thread)."""
-
-    def __init__(self, url: str, token: str) -> None:
-        host, port = url.removeprefix("http://").split(":")
-        self.conn = http.client.HTTPConnection(host, int(port), timeout=30)
-        self.auth = {"Authorization": f"Bearer {token}"}
-
-    def kill(self, session_id: str) -> tuple[float, dict[str, Any]]:
-        body = b'{"reason": "benchmark"}'
-        headers = {**self.auth, "Content-Type": "application/json"}
-        with h.gc_paused(collect=False):
-            t0 = h.now_ns()
-            self.conn.request("POST", f"/api/sessions/{session_id}/kill", body, headers)
-            response = self.conn.getresponse()
-            data = json.loads(response.read())
-            t1 = h.now_ns()
-        if response.status != 200:
-            raise RuntimeError(f"kill answered {response.status}: {data}")
-        return t1 - t0, data
-
-    def health(self) -> float:
-        with h.gc_paused(collect=False):
-            t0 = h.now_ns()
-            self.conn.request("GET", "/healthz")
-            response = self.conn.getresponse()
-            response.read()
-            t1 = h.now_ns()
-        return t1 - t0
-
-    def close(self) -> None:
-        self.conn.close()
-
-
-async def _park() -> None:
-    await anyio.sleep_forever()
-
-
 def make_variants(
-    runtime: ks.Runtime, n: int, client: Client, pool: concurrent.futures.Executor
+    runtime: ks.Runtime, n: int, client: h.ControlClient, pool: concurrent.futures.Executor
 ) -> dict[str, Callable[[], Awaitable[float]]]:
     """The interleaved variants, each returning one sample in ns."""
     loop = asyncio.get_running_loop()
 
-    async def parked_session() -> tuple[ks.Session, asyncio.Task[None]]:
-        ready: asyncio.Future[ks.Session] = loop.create_future()
-
-        async def host() -> None:
-            async with runtime.session("bench") as session:
-                for _ in range(n):
-                    session.start_soon(_park, tool="park")
-                ready.set_result(session)
-                await anyio.sleep_forever()
-
-        task = loop.create_task(host())
-        session = await ready
-        await h.until(lambda: session.info().calls_in_flight >= n)
-        return session, task
-
     async def http_kill() -> float:
-        session, task = await parked_session()
-        sample, data = await loop.run_in_executor(pool, client.kill, session.id)
+        session, task = await h.parked_session(runtime, n)
+        sample, _ = await loop.run_in_executor(pool, client.kill, session.id, n)
         await task
-        report = data["report"]
-        if not report["quiescent"] or report["tool_calls_cancelled"] != n:
-            raise RuntimeError(f"bad stop report: {report}")
         return sample
 
     async def in_process() -> float:
-        session, task = await parked_session()
+        session, task = await h.parked_session(runtime, n)
         with h.gc_paused(collect=False):
             t0 = h.now_ns()
             report = await session.interrupt("benchmark", trigger="operator", operator="bench")
@@ -135,7 +75,7 @@ def make_variants(
         return t1 - t0
 
     async def foreign_thread() -> float:
-        session, task = await parked_session()
+        session, task = await h.parked_session(runtime, n)
         sample = await loop.run_in_executor(pool, foreign, session)
         await task
         return sample
@@ -175,7 +115,7 @@ async def bench(loop: str, n: int, quick: bool) -> list[h.Row]:
     reps, warmup = (20, 3) if quick else (300, 20)
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="client") as pool:
         async with ks.Runtime() as runtime, control.serve(runtime, tokens=[entry]) as server:
-            client = Client(server.url, token)
+            client = h.ControlClient(server.url, token)
             try:
                 variants = make_variants(runtime, n, client, pool)
                 samples = await h.interleave(variants, reps=reps, warmup=warmup)
@@ -190,14 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = h.make_parser(__doc__)
     parser.add_argument("--n", type=int, default=100, help="tool calls parked (default 100)")
     args = parser.parse_args(argv)
-    env = h.environment()
-    print(f"control plane kill, end to end   [{h.environment_line(env)}]")
-    rows: list[h.Row] = []
-    for loop in h.parse_loops(args.loops):
-        rows += h.run_on(loop, bench, loop, args.n, args.quick)
-    h.print_table(rows, "control plane summary")
-    if args.json:
-        h.write_json(args.json, NAME, rows, quick=args.quick)
+    title = "control plane kill, end to end"
+    h.run_loops(args, NAME, title, "control plane summary", bench, args.n, args.quick)
     return 0
 
 

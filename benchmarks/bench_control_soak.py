@@ -36,7 +36,6 @@ import anyio
 
 import kill_switch as ks
 from benchmarks import _harness as h
-from benchmarks.bench_control import Client
 from benchmarks.control_load import LoadProcess
 from kill_switch import control
 
@@ -55,36 +54,17 @@ LOADED = "HTTP kill, soak load"
 QUIET = "HTTP kill, quiet"
 
 
-async def _park() -> None:
-    await anyio.sleep_forever()
-
-
 def make_variants(
     runtime: ks.Runtime,
     server: control.ControlServer,
     n: int,
-    client: Client,
+    client: h.ControlClient,
     load: LoadProcess,
     pool: concurrent.futures.Executor,
     counts: dict[str, Any],
 ) -> dict[str, Callable[[], Awaitable[float]]]:
     """The interleaved variants, each returning one sample in ns."""
     loop = asyncio.get_running_loop()
-
-    async def parked_session() -> tuple[ks.Session, asyncio.Task[None]]:
-        ready: asyncio.Future[ks.Session] = loop.create_future()
-
-        async def host() -> None:
-            async with runtime.session("bench") as session:
-                for _ in range(n):
-                    session.start_soon(_park, tool="park")
-                ready.set_result(session)
-                await anyio.sleep_forever()
-
-        task = loop.create_task(host())
-        session = await ready
-        await h.until(lambda: session.info().calls_in_flight >= n)
-        return session, task
 
     async def kill(loaded: bool) -> float:
         if loaded and not load.running:
@@ -100,12 +80,9 @@ def make_variants(
             start = (await loop.run_in_executor(pool, load.stats))["requests"]
             while (await loop.run_in_executor(pool, load.stats))["requests"] < start + FLOOD_WARM:  # noqa: ASYNC110  (another process)
                 await asyncio.sleep(0.001)
-        session, task = await parked_session()
-        sample, data = await loop.run_in_executor(pool, client.kill, session.id)
+        session, task = await h.parked_session(runtime, n)
+        sample, _ = await loop.run_in_executor(pool, client.kill, session.id, n)
         await task
-        report = data["report"]
-        if not report["quiescent"] or report["tool_calls_cancelled"] != n:
-            raise RuntimeError(f"bad stop report: {report}")
         return sample
 
     async def loaded() -> float:
@@ -139,7 +116,7 @@ async def bench(loop: str, n: int, quick: bool, rate: float) -> list[h.Row]:
     counts: dict[str, Any] = {}
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="client") as pool:
         async with ks.Runtime() as runtime, control.serve(runtime, tokens=[entry]) as server:
-            client = Client(server.url, token)
+            client = h.ControlClient(server.url, token)
             load = LoadProcess(server.url, rate=rate)
             try:
                 variants = make_variants(runtime, server, n, client, load, pool, counts)
@@ -182,14 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     n = 10 if args.quick else args.n
-    env = h.environment()
-    print(f"control plane kill under a hostile load   [{h.environment_line(env)}]")
-    rows: list[h.Row] = []
-    for loop in h.parse_loops(args.loops):
-        rows += h.run_on(loop, bench, loop, n, args.quick, args.rate)
-    h.print_table(rows, "control plane under load: summary")
-    if args.json:
-        h.write_json(args.json, NAME, rows, quick=args.quick)
+    title = "control plane kill under a hostile load"
+    summary = "control plane under load: summary"
+    h.run_loops(args, NAME, title, summary, bench, n, args.quick, args.rate)
     return 0
 
 

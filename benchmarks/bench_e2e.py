@@ -364,25 +364,6 @@ def escalations(report: ks.StopReport) -> tuple[int, int]:
 # --------------------------------------------------------------------- raw floors
 
 
-async def raw_tasks(n: int) -> float:
-    """*n* tasks parked on futures, cancelled and gathered."""
-    loop = asyncio.get_running_loop()
-    parked = 0
-
-    async def park() -> None:
-        nonlocal parked
-        parked += 1
-        await loop.create_future()
-
-    tasks = [loop.create_task(park()) for _ in range(n)]
-    await h.until(lambda: parked >= n)
-    t0 = h.now_ns()
-    for t in tasks:
-        t.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-    return h.now_ns() - t0
-
-
 def start_raw_trees() -> list[tuple[subprocess.Popen[bytes], list[int]]]:
     """The 10 trees, each in a new session, started and forked (set-up, blocking)."""
     trees = []
@@ -611,45 +592,6 @@ def _no_poller() -> Iterator[dict[str, Any]]:
     yield {}
 
 
-class Client:
-    """A kept-alive HTTP/1.1 connection to the control plane (used from one thread)."""
-
-    def __init__(self, url: str, token: str) -> None:
-        host, port = url.removeprefix("http://").split(":")
-        self.conn = http.client.HTTPConnection(host, int(port), timeout=30)
-        self.headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
-
-    def ready(self) -> None:
-        """A round trip before the timed one (set-up): reconnects if the server closed
-        the idle kept-alive connection, so the kill never pays for a new connection."""
-        for attempt in (1, 2):
-            try:
-                self.conn.request("GET", "/healthz")
-                self.conn.getresponse().read()
-                return
-            except (OSError, http.client.HTTPException):
-                self.conn.close()
-                if attempt == 2:
-                    raise
-
-    def kill(self, session_id: str) -> tuple[int, dict[str, Any]]:
-        self.ready()
-        with h.gc_paused(collect=False):
-            t0 = h.now_ns()
-            self.conn.request(
-                "POST", f"/api/sessions/{session_id}/kill", b'{"reason": "bench"}', self.headers
-            )
-            response = self.conn.getresponse()
-            data = json.loads(response.read())
-            t1 = h.now_ns()
-        if response.status != 200:
-            raise KillFailed(f"HTTP kill answered {response.status}: {data}")
-        return t1 - t0, data
-
-    def close(self) -> None:
-        self.conn.close()
-
-
 # --------------------------------------------------------------------- the run
 
 
@@ -662,7 +604,7 @@ class Run:
         sink: ks.SqliteAudit,
         db: str,
         raw_db: sqlite3.Connection,
-        client: Client,
+        client: h.ControlClient,
         pool: concurrent.futures.Executor,
     ) -> None:
         self.runtime = runtime
@@ -729,7 +671,7 @@ class Run:
         return {KS_HTTP: float(sample)}
 
     async def raw(self) -> dict[str, float]:
-        tasks = await raw_tasks(N_CALLS)
+        tasks = await h.raw_kill(N_CALLS)
         with h.gc_paused():
             trees = await raw_trees(GRACE)
         with h.gc_paused():
@@ -791,7 +733,7 @@ async def bench(
             ks.Runtime(audit=sink, policy=POLICY) as runtime,
             control.serve(runtime, tokens=[op_entry, view_entry]) as server,
         ):
-            client = Client(server.url, op_token)
+            client = h.ControlClient(server.url, op_token)
             run = Run(runtime, sink, db, raw_db, client, pool)
             remove = runtime.add_listener(run.listener)
             sibling = None

@@ -107,13 +107,7 @@ def make_variants(
     async def raw_gather() -> float:
         tasks = [loop.create_task(p.park()) for _ in range(n)]
         await p.until(n)
-        with h.gc_paused():
-            t0 = h.now_ns()
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            t1 = h.now_ns()
-        return t1 - t0
+        return await h.cancel_all(tasks)
 
     async def raw_counter() -> float:
         tasks = [loop.create_task(p.park()) for _ in range(n)]
@@ -179,15 +173,11 @@ def make_variants(
         task = loop.create_task(host())
         session = await ready
         await p.until(n + 1)  # the tool calls and the body
-        with h.gc_paused():
-            t0 = h.now_ns()
-            handle = session.interrupt("bench", trigger="supervisor")
-            report = await handle
-            t1 = h.now_ns()
+        sample, report = await h.timed_interrupt(session)
         await task
         assert report.quiescent, report
         assert report.tool_calls_cancelled == n, (report.tool_calls_cancelled, n)
-        return t1 - t0
+        return sample
 
     async def session_native() -> float:
         return await run_session(False)
@@ -260,15 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, action="append", help="N to measure (repeatable)")
     args = parser.parse_args(argv)
     ns: tuple[int, ...] = tuple(args.n) if args.n else (QUICK_NS if args.quick else FULL_NS)
-    env = h.environment()
-    print(f"fan-out: interrupt() → await handle   [{h.environment_line(env)}]")
-    rows: list[h.Row] = []
-    for loop in h.parse_loops(args.loops):
-        rows += h.run_on(loop, bench, loop, ns, args.quick, args.park)
-    h.print_table(rows, "fan-out summary")
-    extra: dict[str, Any] = {"park": args.park}
-    if args.json:
-        h.write_json(args.json, NAME, rows, quick=args.quick, **extra)
+    title = "fan-out: interrupt() → await handle"
+    summary = "fan-out summary"
+    h.run_loops(args, NAME, title, summary, bench, ns, args.quick, args.park, park=args.park)
     return 0
 
 

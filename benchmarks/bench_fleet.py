@@ -338,21 +338,15 @@ async def bench(loop: str, server: RedisServer, quick: bool) -> list[h.Row]:
 def main(argv: list[str] | None = None) -> int:
     parser = h.make_parser(__doc__)
     args = parser.parse_args(argv)
-    env = h.environment()
-    print(f"fleet control on Redis   [{h.environment_line(env)}]")
     os.environ.setdefault("KILL_SWITCH_FLEET_KEY", KEY)
-    rows: list[h.Row] = []
     with tempfile.TemporaryDirectory(prefix="bench-fleet-") as tmp:
         server = RedisServer(Path(tmp))
         server.start()
         try:
-            for loop in h.parse_loops(args.loops):
-                rows += h.run_on(loop, bench, loop, server, args.quick)
+            title = "fleet control on Redis"
+            h.run_loops(args, NAME, title, "fleet summary", bench, server, args.quick)
         finally:
             server.stop()
-    h.print_table(rows, "fleet summary")
-    if args.json:
-        h.write_json(args.json, NAME, rows, quick=args.quick)
     return 0
 
 

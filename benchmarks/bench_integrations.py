@@ -65,17 +65,6 @@ def call_variants(session: ks.Session, batch: int) -> dict[str, Callable[[], Awa
     async def handler(args: Any) -> None:
         return None
 
-    def timed(step: Callable[[], Awaitable[Any]]) -> Callable[[], Awaitable[float]]:
-        async def run() -> float:
-            with h.gc_paused(collect=False):
-                t0 = h.now_ns()
-                for _ in range(batch):
-                    await step()
-                t1 = h.now_ns()
-            return t1 - t0
-
-        return run
-
     async def pydantic_ai_step() -> None:
         await capability.wrap_tool_execute(
             None,  # type: ignore[arg-type]  # the hook reads only call.tool_name
@@ -86,11 +75,11 @@ def call_variants(session: ks.Session, batch: int) -> dict[str, Callable[[], Awa
         )
 
     return {
-        BASE_CALL: timed(lambda: call(noop)),
-        "session.wrap(noop)()": timed(wrapped),
-        "@ks.tool": timed(declared),
-        "framework_tool (openai-agents, langgraph)": timed(framework),
-        "pydantic-ai wrap_tool_execute": timed(pydantic_ai_step),
+        BASE_CALL: h.batch_timer(lambda: call(noop), batch),
+        "session.wrap(noop)()": h.batch_timer(wrapped, batch),
+        "@ks.tool": h.batch_timer(declared, batch),
+        "framework_tool (openai-agents, langgraph)": h.batch_timer(framework, batch),
+        "pydantic-ai wrap_tool_execute": h.batch_timer(pydantic_ai_step, batch),
     }
 
 
@@ -98,16 +87,12 @@ async def bench_calls(loop: str, quick: bool, batch: int) -> list[h.Row]:
     reps, warmup = (20, 3) if quick else (300, 20)
     async with ks.Runtime() as runtime, runtime.session("bench") as session:
         samples = await h.interleave(call_variants(session, batch), reps=reps, warmup=warmup)
-    stats = {n: h.summarize([v / batch for v in vs]) for n, vs in samples.items()}
-    rows = []
-    for name, st in stats.items():
-        base = None if name == BASE_CALL else (BASE_CALL, stats[BASE_CALL])
-        row = h.make_row(NAME, "per call", name, loop, None, st, baseline=base, batch=batch)
-        if base is not None:
-            row.extra["extra_p50_ns"] = st.p50 - stats[BASE_CALL].p50
+    baselines = {name: BASE_CALL for name in samples if name != BASE_CALL}
+    rows = h.per_call_rows(NAME, loop, batch, samples, baselines)
+    for row in rows:
+        if row.baseline is not None:
             row.target = "≤1 µs extra p50"
             row.met = row.extra["extra_p50_ns"] <= TARGET_EXTRA_NS
-        rows.append(row)
     return rows
 
 
@@ -265,10 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         rows += h.run_on(loop, bench_calls, loop, args.quick, args.batch)
         rows += h.run_on(loop, bench_stops, loop, args.quick)
     print("\n== integrations summary")
-    h.print_table(rows)
-    for r in rows:
-        if "extra_p50_ns" in r.extra:
-            print(f"  {r.loop:8} {r.variant:44} +{r.extra['extra_p50_ns']:.0f} ns/call p50")
+    h.print_extra(rows)
     if args.json:
         h.write_json(args.json, NAME, rows, quick=args.quick)
     return 0

@@ -72,18 +72,7 @@ def make_variants(
     loop = asyncio.get_running_loop()
 
     async def with_session(measure: Callable[[ks.Session], Awaitable[float]]) -> float:
-        ready: asyncio.Future[ks.Session] = loop.create_future()
-
-        async def host() -> None:
-            async with runtime.session("bench") as session:
-                for _ in range(n):
-                    session.start_soon(_park)
-                ready.set_result(session)
-                await _park()
-
-        task = loop.create_task(host())
-        session = await ready
-        await h.until(lambda: session.info().calls_in_flight >= n)
+        session, task = await h.parked_session(runtime, n, _park, tool=None)
         sample = await measure(session)
         await session.handle
         await task
@@ -235,14 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, action="append", help="N to measure (repeatable)")
     args = parser.parse_args(argv)
     ns: tuple[int, ...] = tuple(args.n) if args.n else (QUICK_NS if args.quick else FULL_NS)
-    env = h.environment()
-    print(f"interrupt() call cost   [{h.environment_line(env)}]")
-    rows: list[h.Row] = []
-    for loop in h.parse_loops(args.loops):
-        rows += h.run_on(loop, bench, loop, ns, args.quick)
-    h.print_table(rows, "interrupt() summary")
-    if args.json:
-        h.write_json(args.json, NAME, rows, quick=args.quick)
+    h.run_loops(args, NAME, "interrupt() call cost", "interrupt() summary", bench, ns, args.quick)
     return 0
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 if __package__ in (None, ""):  # run as a file: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -35,9 +34,6 @@ from kill_switch import (
     RepeatedCall,
     Sentinel,
 )
-
-if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
 
 NAME = "limits"
 TARGET_EXTRA_NS = 3000.0
@@ -67,20 +63,6 @@ def sentinel() -> Sentinel:
 LIMITS = Limits(max_actions=HUGE, max_cost=float(HUGE), max_duration=3600.0, warn_at=0.99)
 
 
-def timed(call: Callable[[], Awaitable[object]], batch: int) -> Callable[[], Awaitable[float]]:
-    """A variant timing *batch* awaits of ``call()``."""
-
-    async def variant() -> float:
-        with h.gc_paused(collect=False):
-            t0 = h.now_ns()
-            for _ in range(batch):
-                await call()
-            t1 = h.now_ns()
-        return t1 - t0
-
-    return variant
-
-
 BASELINE = "plain await"
 
 
@@ -101,10 +83,10 @@ async def bench(loop: str, quick: bool, batch: int) -> list[h.Row]:
         runtime.session("timed", limits=timeout_limits, sentinel=sentinel()) as with_timeout,
     ):
         variants = {
-            BASELINE: timed(noop, batch),
-            "bare guard": timed(lambda: bare.call(noop, cost=0.01), batch),
-            "limits + 5 detectors": timed(lambda: limited.call(noop, cost=0.01), batch),
-            "... + tool timeout": timed(lambda: with_timeout.call(noop, cost=0.01), batch),
+            BASELINE: h.batch_timer(noop, batch),
+            "bare guard": h.batch_timer(lambda: bare.call(noop, cost=0.01), batch),
+            "limits + 5 detectors": h.batch_timer(lambda: limited.call(noop, cost=0.01), batch),
+            "... + tool timeout": h.batch_timer(lambda: with_timeout.call(noop, cost=0.01), batch),
         }
         samples = await h.interleave(variants, reps=reps, warmup=warmup)
         assert not limited.interrupted, limited.alerts

@@ -96,22 +96,7 @@ def call_variants(runtime: ks.Runtime, n: int) -> dict[str, Callable[[], Awaitab
         return t1 - t0
 
     async def raw() -> float:
-        parked = 0
-
-        async def park() -> None:
-            nonlocal parked
-            parked += 1
-            await loop.create_future()
-
-        tasks = [loop.create_task(park()) for _ in range(n)]
-        await h.until(lambda: parked >= n)
-        with h.gc_paused():
-            t0 = h.now_ns()
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            t1 = h.now_ns()
-        return t1 - t0
+        return await h.raw_kill(n)
 
     return {KS: session, RAW: raw}
 
@@ -193,20 +178,15 @@ async def bench(
     rows: list[h.Row] = []
     warmup = 1 if quick else 3
     async with ks.Runtime() as runtime:
-        for n in calls:
-            samples = await h.interleave(
-                call_variants(runtime, n), reps=reps_for(n, quick), warmup=warmup
-            )
-            new = point_rows(CASE_CALLS, loop, n, samples)
-            h.print_table(new)
-            rows += new
-        for m in sessions:
-            samples = await h.interleave(
-                session_variants(runtime, m), reps=reps_for(m, quick), warmup=warmup
-            )
-            new = point_rows(CASE_SESSIONS, loop, m, samples)
-            h.print_table(new)
-            rows += new
+        curves = ((CASE_CALLS, call_variants, calls), (CASE_SESSIONS, session_variants, sessions))
+        for case, variants, points in curves:
+            for n in points:
+                samples = await h.interleave(
+                    variants(runtime, n), reps=reps_for(n, quick), warmup=warmup
+                )
+                new = point_rows(case, loop, n, samples)
+                h.print_table(new)
+                rows += new
     return rows
 
 
@@ -323,22 +303,13 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     calls = QUICK_CALLS if args.quick else CALLS
     sessions = QUICK_SESSIONS if args.quick else SESSIONS
-    env = h.environment()
-    print(f"scaling: kill latency vs tool calls and sessions   [{h.environment_line(env)}]")
-    rows: list[h.Row] = []
-    for loop in h.parse_loops(args.loops):
-        rows += h.run_on(loop, bench, loop, calls, sessions, args.quick)
-    h.print_table(rows, "scaling summary")
-    if args.json:
-        h.write_json(
-            args.json,
-            NAME,
-            rows,
-            quick=args.quick,
-            plot=None if path is None else str(path),
-        )
+    title = "scaling: kill latency vs tool calls and sessions"
+    plotted = None if path is None else str(path)
+    rows = h.run_loops(
+        args, NAME, title, "scaling summary", bench, calls, sessions, args.quick, plot=plotted
+    )
     if path is not None:
-        plot(rows, path, env)
+        plot(rows, path, h.environment())
         print(f"\nplot: {path}")
     return 0
 

@@ -95,16 +95,12 @@ def make_stop_variants(runtime: ks.Runtime) -> dict[str, Callable[[], Awaitable[
         session = await entered
         await h.until(ready.is_set)
         await asyncio.sleep(PARK_SETTLE)
-        with h.gc_paused(collect=False):
-            t0 = h.now_ns()
-            handle = session.interrupt("bench", trigger="supervisor")
-            report = await handle
-            t1 = h.now_ns()
+        sample, report = await h.timed_interrupt(session, collect=False)
         await task
         assert report.quiescent, report
         if with_thread:
             assert [t.outcome for t in report.threads] == ["interrupted"], report.threads
-        return t1 - t0
+        return sample
 
     async def session_thread() -> float:
         return await run_session(True)
@@ -190,14 +186,8 @@ async def bench(loop: str, quick: bool) -> list[h.Row]:
 def main(argv: list[str] | None = None) -> int:
     parser = h.make_parser(__doc__)
     args = parser.parse_args(argv)
-    env = h.environment()
-    print(f"threads: interrupt() → await handle, ks.check()   [{h.environment_line(env)}]")
-    rows: list[h.Row] = []
-    for loop in h.parse_loops(args.loops):
-        rows += h.run_on(loop, bench, loop, args.quick)
-    h.print_table(rows, "thread plane summary")
-    if args.json:
-        h.write_json(args.json, NAME, rows, quick=args.quick)
+    title = "threads: interrupt() → await handle, ks.check()"
+    h.run_loops(args, NAME, title, "thread plane summary", bench, args.quick)
     return 0
 
 

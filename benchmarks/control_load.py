@@ -53,15 +53,19 @@ class Load:
         self.reopened = 0
         self.open = 0
 
+    async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A new connection to the server, retried until it accepts one."""
+        while True:
+            try:
+                return await asyncio.open_connection(self.host, self.port)
+            except OSError:
+                await asyncio.sleep(0.05)
+
     async def _hold(self, head: bytes, opened: asyncio.Event) -> None:
         """One socket held open (re-opened when the server closes it)."""
         first = True
         while True:
-            try:
-                reader, writer = await asyncio.open_connection(self.host, self.port)
-            except OSError:
-                await asyncio.sleep(0.05)
-                continue
+            reader, writer = await self._connect()
             self.open += 1
             if not first:
                 self.reopened += 1
@@ -82,11 +86,7 @@ class Load:
         loop = asyncio.get_running_loop()
         due = loop.time()
         while True:
-            try:
-                reader, writer = await asyncio.open_connection(self.host, self.port)
-            except OSError:
-                await asyncio.sleep(0.05)
-                continue
+            reader, writer = await self._connect()
             try:
                 while True:
                     if self.gap:

@@ -13,6 +13,7 @@ import pytest
 import kill_switch as ks
 from kill_switch import AuditEvent, AuditLog, SqliteAudit
 from kill_switch._audit._query import open_readonly
+from kill_switch._audit._store import Store
 from kill_switch._cli import main as cli
 
 if TYPE_CHECKING:
@@ -156,6 +157,30 @@ async def test_spooled_events_are_filtered_deduplicated_and_counted(tmp_path: Pa
     result = ks.verify_audit(db)
     assert (result.ok, result.count, result.spooled) == (True, 3, 1)
     assert ks.verify_audit(db, spool=None).spooled == 0
+
+
+async def test_a_spool_longer_than_one_id_lookup_is_deduplicated_whole(tmp_path: Path) -> None:
+    """1,200 spooled events (three lookups of 500 ids), every other one already a row:
+    the reader shows exactly the others, once; the next writer appends only those."""
+    db = tmp_path / "a.db"
+    events = [AuditEvent("k", "s", wall_time=float(i)) for i in range(1200)]
+    chained, pending = events[::2], events[1::2]
+    async with SqliteAudit(db) as audit:
+        for event in chained:
+            audit.record(event)
+        assert await audit.flush() == "durable"
+    # One fsynced append of all of them, as a writer that lost its commit's outcome does.
+    assert Store(str(db), SqliteAudit(db).spool_path, None, False).spool(events)
+    with AuditLog(db) as log:
+        assert [r.event_id for r in log.spooled()] == [e.event_id for e in pending]
+        assert len(log.events()) == 1200
+    assert ks.verify_audit(db).spooled == 600
+    async with SqliteAudit(db):
+        pass  # closing replays the spool
+    with AuditLog(db) as log:
+        assert [r.event_id for r in log.events()] == [e.event_id for e in chained + pending]
+        assert log.spooled() == []
+    assert (ks.verify_audit(db).ok, ks.verify_audit(db).count) == (True, 1200)
 
 
 def test_cli_lists_spooled_events_without_a_sequence_number(

@@ -69,8 +69,8 @@ def _fresh(code: str) -> subprocess.CompletedProcess[str]:
 
 def test_import_does_not_load_sqlite_or_the_drill() -> None:
     """``import kill_switch`` loads neither aiosqlite, sqlite3 nor the drill; first use does."""
-    heavy = ["aiosqlite", "sqlite3", "kill_switch._audit._sqlite", "kill_switch._audit._query",
-             "kill_switch._drill"]  # fmt: skip
+    heavy = ["aiosqlite", "sqlite3", "kill_switch._audit._sqlite", "kill_switch._audit._store",
+             "kill_switch._audit._query", "kill_switch._drill"]  # fmt: skip
     code = (
         "import sys, kill_switch\n"
         f"print(sorted(m for m in {heavy!r} if m in sys.modules))\n"

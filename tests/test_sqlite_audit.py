@@ -3,6 +3,7 @@ tamper detection, fallback spool and replay (FAULTS 39-43, 46-49)."""
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import json
 import os
@@ -717,3 +718,22 @@ async def test_terminated_ids_include_spooled_events(tmp_path: Path) -> None:
         assert await audit.flush() == "degraded"
     async with SqliteAudit(missing, spool=spool, anchor=None) as audit:
         assert await audit.terminated_session_ids() == frozenset({"s-9"})
+
+
+def test_only_the_writer_module_imports_aiosqlite() -> None:
+    """aiosqlite is imported by ``_audit/_sqlite.py`` alone (the store, the chain and the
+    readers are plain sqlite3); finding that one module is the scan's own control."""
+    package = Path(ks.__file__).parent
+    importers = set()
+    for path in package.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom) and node.level == 0
+                else []
+            )
+            if any(n == "aiosqlite" or n.startswith("aiosqlite.") for n in names):
+                importers.add(path.relative_to(package).as_posix())
+    assert importers == {"_audit/_sqlite.py"}

@@ -2,8 +2,8 @@
 
 Every row of ``events`` carries ``row_hash = sha256(canonical(tag, seq, content,
 prev_hash))`` where ``prev_hash`` is the previous row's ``row_hash`` (``GENESIS`` for
-seq 1). The writer (``_sqlite_audit``) and the verifier (``_audit_query``) both use the
-functions here, so the two can never disagree about what a row's hash covers.
+seq 1). The writer (``_store``) and the verifier (``_query``) both use the functions
+here, so the two can never disagree about what a row's hash covers.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 if TYPE_CHECKING:
+    import sqlite3
+
     from kill_switch._vocabulary._audit_event import AuditEvent
 
 #: ``PRAGMA user_version`` of a database this code writes.
@@ -246,6 +248,30 @@ def read_spool(path: str) -> tuple[list[Values], int]:
     finally:
         os.close(fd)  # closing drops the flock
     return parse_spool(raw)
+
+
+def unique(values: list[Values]) -> list[Values]:
+    """*values* with each event id once (its first), in order: an event can be spooled
+    twice (a retried record, or a batch spooled while it was committing)."""
+    seen: set[str] = set()
+    out = []
+    for v in values:
+        if v[0] not in seen:
+            seen.add(v[0])
+            out.append(v)
+    return out
+
+
+def present_ids(conn: sqlite3.Connection, ids: Sequence[str]) -> set[str]:
+    """The event ids among *ids* that are rows of ``events`` already (the table must
+    exist); asked 500 at a time, under SQLite's cap on bound parameters."""
+    present: set[str] = set()
+    for i in range(0, len(ids), 500):
+        chunk = ids[i : i + 500]
+        marks = ",".join("?" * len(chunk))
+        sql = f"SELECT event_id FROM events WHERE event_id IN ({marks})"
+        present.update(r[0] for r in conn.execute(sql, chunk))
+    return present
 
 
 def read_anchor(path: str) -> tuple[int, str] | None:

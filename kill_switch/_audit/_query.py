@@ -34,9 +34,11 @@ from ._chain import (
     SPOOL_SUFFIX,
     TRIGGERS,
     Values,
+    present_ids,
     read_anchor,
     read_spool,
     row_hash,
+    unique,
 )
 
 if TYPE_CHECKING:
@@ -212,14 +214,10 @@ class AuditLog:
         if limit is not None:
             sql += " LIMIT ?"
             args.append(int(limit))
-        # The spool first, then the rows and the check for replayed ids in one snapshot:
-        # an event a writer replays meanwhile is then seen exactly once.
-        pending = self._read_spool() if spooled else []
-        with _snapshot(self._conn):
+        with self._snapshot_and_spool(spooled) as pending:
             # no table yet: a writer that never got to create it spooled everything
             rows = self._conn.execute(sql, args) if _has_events(self._conn) else ()
             records = [_record(r) for r in rows]
-            pending = _not_in_chain(self._conn, pending)
         room = None if limit is None else max(0, int(limit) - len(records))
         equal = {
             "session_id": session_id,
@@ -268,16 +266,22 @@ class AuditLog:
 
     def spooled(self) -> list[AuditRecord]:
         """The events in the spool that are not in the chain yet, in spool order."""
-        pending = self._read_spool()
-        with _snapshot(self._conn):
-            pending = _not_in_chain(self._conn, pending)
-        return [_spooled_record(v) for v in pending]
+        with self._snapshot_and_spool() as pending:
+            return [_spooled_record(v) for v in pending]
 
-    def _read_spool(self) -> list[Values]:
-        if self.spool_path is None:
-            return []
-        values, _bad = read_spool(self.spool_path)  # torn lines are the writer's to report
-        return values
+    @contextlib.contextmanager
+    def _snapshot_and_spool(self, spooled: bool = True) -> Iterator[list[Values]]:
+        """One read transaction, yielding the spooled events not in the chain in it.
+
+        The spool is read first, then the check for replayed ids runs in the snapshot
+        the caller's queries see: an event a writer replays meanwhile is seen exactly
+        once. Not *spooled*: the snapshot alone.
+        """
+        pending: list[Values] = []
+        if spooled and self.spool_path is not None:
+            pending, _bad = read_spool(self.spool_path)  # torn lines: the writer reports
+        with _snapshot(self._conn):
+            yield _not_in_chain(self._conn, pending)
 
     def cascade(self, interrupt_id: str) -> CascadeNode | None:
         """The tree of an interrupt: its request, each step, and child sessions' stops."""
@@ -340,11 +344,10 @@ class AuditLog:
     def verify(self) -> VerifyResult:
         """Check every row's hash, the chain links, the sequence and the anchored head."""
         anchored = read_anchor(self.anchor_path) if self.anchor_path else None
-        pending = self._read_spool()
-        conn = self._conn
-        with _snapshot(conn):  # one snapshot, taken after reading the anchor and the spool
-            result = _verify(conn, self.anchor_path, anchored)
-            spooled = len(_not_in_chain(conn, pending))
+        # one snapshot, taken after reading the anchor and the spool
+        with self._snapshot_and_spool() as pending:
+            result = _verify(self._conn, self.anchor_path, anchored)
+            spooled = len(pending)
         return attrs.evolve(result, spooled=spooled) if spooled else result
 
 
@@ -375,19 +378,9 @@ def _not_in_chain(conn: sqlite3.Connection, values: list[Values]) -> list[Values
     commit and the spool's truncation leaves both), each once, in spool order."""
     if not values:
         return []
-    ids = list(dict.fromkeys(v[0] for v in values))
-    present: set[str] = set()
-    for i in range(0, len(ids) if _has_events(conn) else 0, 500):
-        chunk = ids[i : i + 500]
-        marks = ",".join("?" * len(chunk))
-        sql = f"SELECT event_id FROM events WHERE event_id IN ({marks})"
-        present.update(r[0] for r in conn.execute(sql, chunk))
-    out: list[Values] = []
-    for v in values:
-        if v[0] not in present:
-            present.add(v[0])
-            out.append(v)
-    return out
+    values = unique(values)
+    present = present_ids(conn, [v[0] for v in values]) if _has_events(conn) else set()
+    return [v for v in values if v[0] not in present]
 
 
 def _matching(

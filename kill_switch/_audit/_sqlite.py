@@ -3,17 +3,14 @@
 Invariants:
     * ``record()`` only appends to a list under a lock and wakes the writer; it never
       touches the disk, never blocks on I/O and never raises.
-    * One writer task owns the connection. Each batch is one ``BEGIN IMMEDIATE``
-      transaction that reads the chain head and appends the batch (group commit: one
-      fsync per batch, not per event), run as a single call on aiosqlite's thread.
+    * One writer task owns the connection. Each batch is committed as a single call on
+      aiosqlite's thread (``Store.commit``: one transaction; its own invariants, and the
+      spool's and the anchor's, are at the top of ``_store.py``).
     * An event counts as durable only after ``COMMIT`` returned with
       ``synchronous=FULL``. If the database is locked past ``busy_timeout``, full,
       read-only, corrupt or gone, the batch goes to an append-only, fsynced JSONL spool
       (and to stderr if even that fails) and ``flush()`` says ``"degraded"``. The spool
       is replayed in order, deduplicated by event id, once the database works again.
-    * After each commit the chain head (row count + last hash) is anchored in a side
-      file, only ever moved forward along the same chain, so ``verify`` can detect tail
-      truncation and whole-chain rewrites.
 """
 
 from __future__ import annotations
@@ -21,13 +18,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import fcntl
 import json
 import os
 import sqlite3
 import threading
 import time
-import urllib.parse
 from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
 
 import aiosqlite
@@ -38,23 +33,8 @@ from kill_switch._vocabulary._audit_event import STICKY_KINDS, AuditEvent
 from kill_switch._vocabulary._stderr import say
 from kill_switch._vocabulary._validate import positive_int, seconds
 
-from ._chain import (
-    COLUMN_SQL,
-    COLUMNS,
-    GENESIS,
-    HEAD_SUFFIX,
-    MIGRATIONS,
-    SCHEMA_VERSION,
-    SPOOL_SUFFIX,
-    Values,
-    decode_head,
-    encode_head,
-    event_values,
-    parse_spool,
-    read_anchor,
-    row_hash,
-    values_to_json,
-)
+from ._chain import HEAD_SUFFIX, SPOOL_SUFFIX, event_values, values_to_json
+from ._store import Store
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -63,11 +43,6 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-_INSERT: Final = (
-    f"INSERT INTO events ({COLUMN_SQL}, prev_hash, row_hash) "
-    f"VALUES ({', '.join('?' * (len(COLUMNS) + 2))})"
-)
-_HEAD: Final = "SELECT seq, row_hash FROM events ORDER BY seq DESC LIMIT 1"
 # SQLite's error names for "someone else holds the lock": the connection is fine.
 _BUSY: Final = frozenset({"SQLITE_BUSY", "SQLITE_BUSY_SNAPSHOT", "SQLITE_LOCKED"})
 
@@ -100,14 +75,6 @@ class AuditStatistics:
     last_error: str | None
 
 
-class _ChainError(Exception):
-    """The database no longer matches what this writer expected (gone, renumbered)."""
-
-
-class _SchemaError(Exception):
-    """The database was written by a newer kill_switch."""
-
-
 def _fallback_lines(events: Sequence[AuditEvent], why: str) -> None:
     """The last resort: one stderr line per event, carrying its event id."""
     for event in events:
@@ -122,282 +89,6 @@ def _describe(exc: BaseException) -> str:
 
 def _is_busy(exc: BaseException) -> bool:
     return getattr(exc, "sqlite_errorname", None) in _BUSY
-
-
-class _Store:
-    """The synchronous side: runs on aiosqlite's thread (or a worker thread for files)."""
-
-    def __init__(self, path: str, spool: str, anchor: str | None, head_to_stderr: bool):
-        self.path = path
-        self.spool_path = spool
-        self.anchor_path = anchor
-        self.head_to_stderr = head_to_stderr
-        self.identity: tuple[int, int] | None = None
-        self.anchor_fd: int | None = None
-        self.warned_fork = False
-
-    # ------------------------------------------------------------------ open
-
-    def connect_uri(self) -> str:
-        """An URI that creates the file only if no anchored chain says it existed."""
-        anchored = self.read_anchor()
-        must_exist = anchored is not None and anchored[0] > 0
-        mode = "rw" if must_exist else "rwc"
-        return f"file:{urllib.parse.quote(self.path)}?mode={mode}"
-
-    def setup(self, conn: sqlite3.Connection, max_bytes: int | None) -> None:
-        """Pragmas for every connection, then bring the schema to SCHEMA_VERSION."""
-        mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-        if str(mode).lower() != "wal":
-            raise sqlite3.OperationalError(f"journal_mode is {mode!r}; WAL is required")
-        conn.execute("PRAGMA synchronous=FULL")
-        conn.execute("PRAGMA recursive_triggers=ON")
-        if max_bytes is not None:
-            page = conn.execute("PRAGMA page_size").fetchone()[0]
-            conn.execute(f"PRAGMA max_page_count={max(2, max_bytes // page)}")
-        if conn.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
-            self._migrate(conn)
-        st = os.stat(self.path)
-        self.identity = (st.st_dev, st.st_ino)
-
-    def _migrate(self, conn: sqlite3.Connection) -> None:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            # Read again under the write lock: another process may have migrated.
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise _SchemaError(
-                    f"audit database schema version {version} is newer than this "
-                    f"kill_switch ({SCHEMA_VERSION})"
-                )
-            for target in range(version + 1, SCHEMA_VERSION + 1):
-                for statement in MIGRATIONS[target]:
-                    conn.execute(statement)
-            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-
-    # ---------------------------------------------------------------- commit
-
-    def commit(
-        self, conn: sqlite3.Connection, events: Sequence[AuditEvent], replay: bool, dedup: bool
-    ) -> tuple[int, str, int]:
-        """Append the spool (if *replay*) then *events* as one transaction.
-
-        Returns (head seq, head hash, rows inserted). Raises whatever SQLite raised; the
-        transaction is then rolled back and nothing of the batch is in the database.
-        """
-        spool_fd: int | None = None
-        try:
-            rows: list[Values] = []
-            if replay:
-                spool_fd = self._lock_spool()
-                rows.extend(self._read_spool_fd(spool_fd))
-            rows.extend(event_values(e) for e in events)
-            rows = _unique(rows)
-            try:
-                result = self._append(conn, rows, dedup or replay)
-            except sqlite3.IntegrityError:
-                if dedup or replay:
-                    raise
-                # An event recorded twice (a caller retrying): skip what is already in.
-                result = self._append(conn, rows, True)
-            if spool_fd is not None:
-                os.ftruncate(spool_fd, 0)
-                os.fsync(spool_fd)
-            self._anchor(conn, result[0], result[1], result[3])
-            return result[:3]
-        finally:
-            if spool_fd is not None:
-                fcntl.flock(spool_fd, fcntl.LOCK_UN)
-                os.close(spool_fd)
-
-    def _append(
-        self, conn: sqlite3.Connection, rows: list[Values], dedup: bool
-    ) -> tuple[int, str, int, tuple[int, str]]:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            self._check_identity()
-            if dedup and rows:
-                present = _present_ids(conn, [r[0] for r in rows])
-                rows = [r for r in rows if r[0] not in present]
-            head = conn.execute(_HEAD).fetchone()
-            seq, prev = (head[0], head[1]) if head is not None else (0, GENESIS)
-            base = (seq, prev)
-            params = []
-            for values in rows:
-                seq += 1
-                digest = row_hash(seq, values, prev)
-                params.append((*values, prev, digest))
-                prev = digest
-            if params:
-                conn.executemany(_INSERT, params)
-                last = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
-                if last != seq:  # SQLite assigns max + 1: anything else breaks the chain
-                    raise _ChainError(f"expected head seq {seq}, database assigned {last}")
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                # The original error is the one to report.
-                with contextlib.suppress(sqlite3.Error):
-                    conn.execute("ROLLBACK")
-            raise
-        return seq, prev, len(params), base
-
-    def _check_identity(self) -> None:
-        try:
-            st = os.stat(self.path)
-        except FileNotFoundError:
-            raise _ChainError(f"audit database {self.path} is gone") from None
-        if (st.st_dev, st.st_ino) != self.identity:
-            raise _ChainError(f"audit database {self.path} was replaced")
-
-    # ---------------------------------------------------------------- anchor
-
-    def read_anchor(self) -> tuple[int, str] | None:
-        return None if self.anchor_path is None else read_anchor(self.anchor_path)
-
-    def _anchor(
-        self, conn: sqlite3.Connection, count: int, head: str, base: tuple[int, str]
-    ) -> None:
-        """Move the anchored head forward to (count, head) if it extends the old one.
-
-        *base* is the head this batch was appended to (read in its transaction): an
-        anchor equal to it is extended without a lookup.
-        """
-        if self.head_to_stderr:
-            say(f"kill_switch audit head {self.path}: count={count} hash={head}")
-        if self.anchor_path is None:
-            return
-        try:
-            if self.anchor_fd is None:
-                self.anchor_fd = os.open(self.anchor_path, os.O_RDWR | os.O_CREAT, 0o644)
-            fd = self.anchor_fd
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            try:
-                old = decode_head(os.pread(fd, 4096, 0))
-                if old is not None and old != base:
-                    if old[0] >= count:
-                        return  # another writer anchored further along already
-                    if old[0] > 0 and not self._extends(conn, old):
-                        return
-                # Fixed width: rewriting in place never leaves a longer stale tail.
-                os.pwrite(fd, encode_head(count, head), 0)
-            finally:
-                fcntl.flock(fd, fcntl.LOCK_UN)
-        except (OSError, sqlite3.Error) as exc:  # rows are committed; only the anchor lags
-            say(f"kill_switch: could not anchor audit head of {self.path}: {exc!r}")
-
-    def _extends(self, conn: sqlite3.Connection, old: tuple[int, str]) -> bool:
-        row = conn.execute("SELECT row_hash FROM events WHERE seq = ?", (old[0],)).fetchone()
-        if row is not None and row[0] == old[1]:
-            return True
-        if not self.warned_fork:
-            self.warned_fork = True
-            say(
-                f"kill_switch: audit chain {self.path} does not extend its anchored head "
-                f"(row {old[0]}): it was truncated or rewritten; the anchor is kept as "
-                "evidence. Run `kill-switch audit verify`."
-            )
-        return False
-
-    def close_anchor(self) -> None:
-        if self.anchor_fd is not None:
-            fd, self.anchor_fd = self.anchor_fd, None
-            os.close(fd)
-
-    # ----------------------------------------------------------------- spool
-
-    def _lock_spool(self) -> int | None:
-        try:
-            fd = os.open(self.spool_path, os.O_RDWR)
-        except FileNotFoundError:
-            return None
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        return fd
-
-    def _read_spool_fd(self, fd: int | None) -> list[Values]:
-        if fd is None:
-            return []
-        size = os.fstat(fd).st_size
-        raw = os.pread(fd, size, 0) if size else b""
-        return _parse_spool(raw, self.spool_path)
-
-    def read_spool(self) -> list[Values]:
-        """Every event in the spool file, in order (torn or foreign lines skipped)."""
-        fd = self._lock_spool()
-        try:
-            return self._read_spool_fd(fd)
-        finally:
-            if fd is not None:
-                fcntl.flock(fd, fcntl.LOCK_UN)
-                os.close(fd)
-
-    def spool(self, events: Sequence[AuditEvent]) -> bool:
-        """Append *events* to the spool and fsync it; ``False`` if that failed.
-
-        A failed fsync is not retried: after one, the kernel may have dropped the data
-        and a second fsync can "succeed" without it (the PostgreSQL fsync lesson).
-        """
-        data = b"".join(
-            json.dumps(values_to_json(event_values(e)), ensure_ascii=False).encode(
-                "utf-8", "backslashreplace"
-            )
-            + b"\n"
-            for e in events
-        )
-        try:
-            fd = os.open(self.spool_path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
-        except OSError as exc:
-            say(f"kill_switch: audit spool {self.spool_path} unavailable: {exc!r}")
-            return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            size = os.fstat(fd).st_size
-            if size and os.pread(fd, 1, size - 1) != b"\n":
-                data = b"\n" + data  # a torn line from a crash stays on its own line
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-            return True
-        except OSError as exc:
-            say(f"kill_switch: audit spool {self.spool_path} write failed: {exc!r}")
-            return False
-        finally:
-            os.close(fd)  # closing drops the flock
-
-
-def _parse_spool(raw: bytes, where: str) -> list[Values]:
-    out, bad = parse_spool(raw)
-    if bad:
-        say(f"kill_switch: skipped {bad} unreadable line(s) in audit spool {where}")
-    return out
-
-
-def _unique(rows: list[Values]) -> list[Values]:
-    seen: set[str] = set()
-    out = []
-    for row in rows:
-        if row[0] not in seen:
-            seen.add(row[0])
-            out.append(row)
-    return out
-
-
-def _present_ids(conn: sqlite3.Connection, ids: list[str]) -> set[str]:
-    present: set[str] = set()
-    for i in range(0, len(ids), 500):
-        chunk = ids[i : i + 500]
-        marks = ",".join("?" * len(chunk))
-        present.update(
-            r[0]
-            for r in conn.execute(f"SELECT event_id FROM events WHERE event_id IN ({marks})", chunk)
-        )
-    return present
 
 
 async def _on_connection(db: aiosqlite.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
@@ -469,7 +160,7 @@ class SqliteAudit:
         self.path = db
         self.spool_path = spool_path
         self.anchor_path = anchor_path
-        self._store = _Store(db, spool_path, anchor_path, head_to_stderr)
+        self._store = Store(db, spool_path, anchor_path, head_to_stderr)
         self._busy_timeout = float(busy_timeout)
         self._retry_interval = float(retry_interval)
         self._close_timeout = float(close_timeout)
