@@ -6,7 +6,9 @@ escapee) and the members of its process group, and collects its ``ProcessReport`
 
     SIGTERM → group       killpg; a group that cannot take it, each live pid by pidfd
     grace                 the group is done early once every member it had has exited
-    SIGKILL → group       plus an audit event and an ``EscalationWarning``
+    SIGKILL → group       plus each member already known, by its pidfd (one that left
+                          the group after SIGTERM is out of killpg's reach), an audit
+                          event and an ``EscalationWarning``
     verify / give up      settled once every pid is gone, ``survived`` after kill_timeout
     reap                  the leader, with waitpid(pid) - never waitpid(-1)
 
@@ -15,7 +17,8 @@ Invariants:
 * A leader that is stopped is reaped only after the last signal to its group: its
   zombie pins the pgid, so ``killpg`` can never reach a reused group. A group that
   answered ESRCH is known empty and never signalled again; our own group never is.
-* Single pids are signalled through a pidfd where the kernel has one (no PID reuse).
+* Single pids are signalled through a pidfd where the kernel has one (no PID reuse);
+  by pid only while their watch shows them alive.
 * Loop thread only: the ladder runs in callbacks (pidfd readers, timers) and never
   blocks.
 """
@@ -212,7 +215,12 @@ class TrackedGroup:
             self._check_settled()
 
     def signal(self, sig: signal.Signals) -> None:
-        """Send *sig* to the group (or to each live pid if the group cannot take it)."""
+        """Send *sig* to the group (or to each live pid if the group cannot take it).
+
+        SIGKILL also goes to each member already known, one by one: a member can leave
+        the group after SIGTERM (``setsid`` in its handler), and ``killpg`` no longer
+        reaches it. By pidfd, so a recycled pid is never hit.
+        """
         name = sig.name
         self.signals.append(name)
         pgid = self.pgid
@@ -240,6 +248,8 @@ class TrackedGroup:
                 },
             )
             if result == "sent":
+                if sig == signal.SIGKILL:
+                    self.kill_members()
                 return
             if result == "esrch":
                 # The group is empty (or says so): never signal this pgid again.
@@ -247,6 +257,10 @@ class TrackedGroup:
             else:
                 self.error = f"killpg({pgid}, {name}): {result}"
         self._send_each(sig, self.alive())
+
+    def kill_members(self) -> None:
+        """SIGKILL each member already known and not seen to exit, one by one."""
+        self._send_each(signal.SIGKILL, [w for w in self.members.values() if w.exited_at is None])
 
     def _send_each(self, sig: Signals, watches: list[PidWatch]) -> None:
         name = sig.name
