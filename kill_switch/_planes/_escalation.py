@@ -191,16 +191,19 @@ class TrackedGroup:
         self._check_settled()
 
     def add_member(self, pid: int) -> None:
+        """Watch *pid* as a member of this group (found by discovery)."""
         if pid not in self.members and pid != self.pid:
             self.members[pid] = PidWatch(self.plane.loop, pid, self._member_exited, child=False)
 
     def alive(self) -> list[PidWatch]:
+        """The leader and members not seen to exit."""
         watches = [self.leader, *self.members.values()]
         return [w for w in watches if w.exited_at is None]
 
     # -- the ladder
 
     def start_stop(self, now: float, *, kill_now: bool = False) -> None:
+        """Start the ladder: SIGTERM and the grace, or (*kill_now*) SIGKILL at once."""
         self.first_signal = now
         if kill_now:
             self.escalate(warn=False)
@@ -275,6 +278,7 @@ class TrackedGroup:
                 self.error = f"signal {name} to {watch.pid}: {result}"
 
     def escalate(self, *, warn: bool = True) -> None:
+        """SIGKILL the group (the grace is over), then wait up to ``kill_timeout``."""
         self._timer = None
         if self.stage in ("settled", "closed", "kill"):
             return
@@ -343,6 +347,7 @@ class TrackedGroup:
             self.exited.set()
 
     def close(self) -> None:
+        """Stop watching: timers cancelled, pidfds closed (idempotent)."""
         if self.stage == "closed":
             return
         self.stage = "closed"
@@ -354,6 +359,7 @@ class TrackedGroup:
             w.close()
 
     def report(self) -> ProcessReport:
+        """This group's row of the stop report."""
         exit_times = [w.exited_at for w in (self.leader, *self.members.values())]
         seconds: float | None = None
         if self.first_signal is not None and all(t is not None for t in exit_times):

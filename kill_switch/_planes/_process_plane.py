@@ -93,6 +93,8 @@ class ProcessPlane(Plane):
     # -- containment
 
     def ensure_cgroup(self) -> SessionCgroup | None:
+        """The session cgroup for the next child, created on first use; ``None`` where
+        the policy declines it or cgroup v2 is not writable (audited once, with why)."""
         if self._cgroup is not None or not self._want_cgroup:
             return self._cgroup
         try:
@@ -154,6 +156,7 @@ class ProcessPlane(Plane):
         )
 
     def track(self, group: TrackedGroup) -> None:
+        """Track *group*; one tracked after the interrupt is SIGKILLed at once."""
         self._groups[group.pid] = group
         if self._delivered:
             # A process tracked after the interrupt was delivered is stopped at once.
@@ -162,6 +165,7 @@ class ProcessPlane(Plane):
             group.start_stop(time.monotonic(), kill_now=True)
 
     def untrack(self, group: TrackedGroup) -> None:
+        """Forget *group* (it exited by itself, or its stop is over)."""
         if self._groups.get(group.pid) is group:
             del self._groups[group.pid]
         self.release_idle_cgroup()
@@ -286,11 +290,9 @@ class ProcessPlane(Plane):
         for pid, pgid in candidates.items():
             if pid in known or pid == me:
                 continue
+            pgid = _pgid_of(pid, pgid)
             if pgid is None:
-                try:
-                    pgid = os.getpgid(pid)
-                except OSError:
-                    continue
+                continue
             owner = by_pgid.get(pgid)
             if owner is not None:
                 owner.add_member(pid)
@@ -369,6 +371,7 @@ class ProcessPlane(Plane):
         )
 
     def group_settled(self, _group: TrackedGroup) -> None:
+        """A group of the stop is done: finish the stop once all are."""
         self._maybe_finish()
 
     def _maybe_finish(self) -> None:
@@ -430,11 +433,9 @@ class ProcessPlane(Plane):
         for pid, pgid in found.items():
             if not _alive(pid):
                 continue
+            pgid = _pgid_of(pid, pgid)
             if pgid is None:
-                try:
-                    pgid = os.getpgid(pid)
-                except OSError:
-                    continue
+                continue
             owner = next((g for g in self._stopping if g.pgid == pgid and not g.escaped), None)
             g = self._escapee(pid, pgid)
             if owner is not None:
@@ -473,13 +474,25 @@ class ProcessPlane(Plane):
     # -- side channels
 
     def record(self, kind: str, details: dict[str, Any]) -> None:
+        """Audit *kind* through the session."""
         self.session.record(kind, details=details)
 
     def warn(self, message: str) -> None:
+        """Emit an ``EscalationWarning``; one raised as an error is noted, not raised."""
         try:
             warnings.warn(message, EscalationWarning, stacklevel=2)
         except Exception as exc:  # warnings-as-errors must not stop the ladder
             self.session.note_secondary(f"EscalationWarning raised: {exc!r}")
+
+
+def _pgid_of(pid: int, known: int | None) -> int | None:
+    """*known*, else *pid*'s process group now (``None``: it has gone)."""
+    if known is not None:
+        return known
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None
 
 
 def plane_for(session: PlaneHost, policy: EscalationPolicy) -> ProcessPlane:

@@ -154,6 +154,7 @@ class TrackedProcess(anyio.abc.Process):
         group.signal(signal.SIGKILL)
 
     def close_pipes(self) -> None:
+        """Close the pipe ends now, without waiting for EOF (the plane, after a stop)."""
         for stream in (self._stdin, self._stdout, self._stderr):
             if stream is not None:
                 stream.close()
