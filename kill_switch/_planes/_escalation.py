@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import os
 import signal
-from signal import Signals
+from signal import Signals  # in TrackedGroup, the name signal is its method
 from typing import TYPE_CHECKING, Any, Literal
 
 import attrs
