@@ -5,7 +5,7 @@
    waits + ``waitpid`` on the same tree.                                  target <= 1.3x
 2. SIGTERM-ignoring child with grace g: interrupt -> reaped, minus g.     target <= 1 ms
 
-    python benchmarks/bench_processes.py [--json out.json] [--rounds N] [--grace G]
+    python benchmarks/bench_processes.py [--json out.json] [--rounds N] [--grace G] [--quick]
 """
 
 from __future__ import annotations
@@ -25,11 +25,8 @@ from typing import Any
 import anyio
 
 import kill_switch as ks
-from kill_switch import (
-    EscalationPolicy,
-    EscalationWarning,
-    _procfs,  # no public name: the bench reads the tree it built
-)
+from kill_switch import EscalationPolicy, EscalationWarning
+from kill_switch._planes import _procfs  # no public name: the bench reads the tree it built
 
 TREE = "sleep 1000 & sleep 1000 & sleep 1000 & echo ready; wait"
 STUBBORN = "trap '' TERM; echo ready; while :; do sleep 1; done"
@@ -219,8 +216,9 @@ if __name__ == "__main__":
     parser.add_argument("--json", help="write the figures to this file")
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--grace", type=float, default=0.05)
+    parser.add_argument("--quick", action="store_true", help="smoke run: 5 rounds")
     ns = parser.parse_args()
-    result = asyncio.run(main(ns.rounds, ns.grace))
+    result = asyncio.run(main(5 if ns.quick else ns.rounds, ns.grace))
     _print(result)
     if ns.json:
         with open(ns.json, "w") as f:

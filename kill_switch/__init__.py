@@ -13,9 +13,9 @@ from ._cleanup import Transaction as Transaction
 from ._planes._context import bind as bind
 from ._planes._context import check as check
 from ._planes._context import sleep as sleep
-from ._planes._processes import EscalationPolicy as EscalationPolicy
-from ._planes._processes import EscalationWarning as EscalationWarning
-from ._planes._processes import TrackedProcess as TrackedProcess
+from ._planes._escalation import EscalationPolicy as EscalationPolicy
+from ._planes._escalation import EscalationWarning as EscalationWarning
+from ._planes._spawn import TrackedProcess as TrackedProcess
 from ._planes._threads import abandoned_threads as abandoned_threads
 from ._planes._threads import from_thread as from_thread
 from ._runtime import Runtime as Runtime

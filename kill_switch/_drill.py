@@ -37,7 +37,7 @@ import attrs
 
 from ._planes._context import check as ks_check
 from ._planes._context import sleep as ks_sleep
-from ._planes._processes import TRACKING_ENV
+from ._planes._process_plane import TRACKING_ENV
 from ._planes._procfs import (
     START_RESOLUTION,
     Stat,

@@ -4,7 +4,7 @@ The session is a facade over its parts, each of which an interrupt reaches:
 
 * the **body** (the agent loop) runs in an anyio ``CancelScope`` the interrupt cancels;
 * the **planes** (``Plane``): the tool tasks (``_tool_tasks``), the sync tools' worker
-  threads (``_threads``), the process trees (``_processes``), the limits' timers
+  threads (``_threads``), the process trees (``_process_plane``), the limits' timers
   (``_ledger.Ledger``), each seeing the session only as a ``PlaneHost``;
 * the **guard** (``_guard``): every later ``call()`` / ``guard()`` is blocked, from any
   thread, once the session has a request — before the loop has even run the fan-out;
@@ -25,7 +25,7 @@ import anyio
 from . import _tools
 from ._cleanup import Hook, Transaction, _hook_name, check_hook
 from ._guard import ToolPolicy
-from ._planes import _processes, _threads
+from ._planes import _escalation, _spawn, _threads
 from ._planes._context import _current_session
 from ._planes._tool_tasks import current_task, tool_name
 from ._session_host import SessionHost
@@ -382,9 +382,9 @@ class Session(SessionHost):
 
     async def open_process(
         self,
-        command: _processes.Command,
-        **options: Unpack[_processes.ProcessArgs],
-    ) -> _processes.TrackedProcess:
+        command: _spawn.Command,
+        **options: Unpack[_spawn.ProcessArgs],
+    ) -> _spawn.TrackedProcess:
         """Start *command* in a new process group that this session's interrupt stops.
 
         Like ``anyio.open_process`` (a ``str`` runs in the shell; ``stdin``, ``stdout``
@@ -398,16 +398,16 @@ class Session(SessionHost):
             OSError: the command could not be started (``FileNotFoundError``, ...).
             Interrupted: the session was interrupted; nothing was started.
         """
-        return await _processes.open_process(self, command, **options)
+        return await _spawn.open_process(self, command, **options)
 
     async def run_process(
         self,
-        command: _processes.Command,
+        command: _spawn.Command,
         *,
         input: bytes | None = None,
         check: bool = True,
-        **options: Unpack[_processes.ProcessArgs],
-    ) -> _processes.CompletedProcess[bytes]:
+        **options: Unpack[_spawn.ProcessArgs],
+    ) -> _spawn.CompletedProcess[bytes]:
         """Run *command* to completion in a tracked process group; collect its output.
 
         Like ``anyio.run_process`` (``stdin`` defaults to none, ``stdout``/``stderr``
@@ -418,9 +418,11 @@ class Session(SessionHost):
             subprocess.CalledProcessError: *check* and a nonzero exit status.
             Interrupted: the session was interrupted before the process started.
         """
-        return await _processes.run_process(self, command, input=input, check=check, **options)
+        return await _spawn.run_process(self, command, input=input, check=check, **options)
 
-    def track_pid(self, pid: int, *, escalation: _processes.EscalationPolicy | None = None) -> None:
+    def track_pid(
+        self, pid: int, *, escalation: _escalation.EscalationPolicy | None = None
+    ) -> None:
         """Adopt *pid*, started by other means, so that this session's interrupt stops it.
 
         Raises:
@@ -428,7 +430,7 @@ class Session(SessionHost):
             ProcessLookupError: no such process.
             Interrupted: the session was interrupted.
         """
-        _processes.track_pid(self, pid, escalation=escalation)
+        _spawn.track_pid(self, pid, escalation=escalation)
 
     async def run_sync(
         self, fn: Callable[..., T], /, *args: Any, tool: str | None = None, cost: float = 0.0

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, cast
 import anyio
 
 from ._guard import Guard, ToolPolicy
-from ._planes import _processes, _threads
+from ._planes import _process_plane, _threads
 from ._planes._tool_tasks import ToolTasks
 from ._stop import Stop
 from ._vocabulary._audit_event import (
@@ -213,8 +213,8 @@ class SessionHost:
         """Snapshots of the processes this session tracks now: running, or being stopped
         (a reaped process is no longer tracked; the ``StopReport`` holds its story).
         Loop thread only."""
-        plane = self._planes.get(_processes.ProcessPlane)
-        return plane.info() if isinstance(plane, _processes.ProcessPlane) else ()
+        plane = self._planes.get(_process_plane.ProcessPlane)
+        return plane.info() if isinstance(plane, _process_plane.ProcessPlane) else ()
 
     def threads(self) -> tuple[ThreadInfo, ...]:
         """Snapshots of the worker threads of this session's sync tools still running.

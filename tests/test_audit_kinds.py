@@ -18,7 +18,7 @@ PACKAGE = pathlib.Path(kill_switch.__file__).parent
 #: Functions that only pass a kind through from their own caller (checked at the callers).
 FORWARDERS = {
     ("_session_host.py", "record"),  # Session.record(kind, ...) -> AuditEvent(kind, ...)
-    ("_processes.py", "_record"),  # ProcessPlane._record(kind, ...) -> session.record
+    ("_process_plane.py", "record"),  # ProcessPlane.record(kind, ...) -> session.record
     ("_runtime.py", "record"),  # Runtime.record(event) -> the sink and the listeners
     ("_runtime.py", "_record"),
     ("_cleanup.py", "run_hooks"),  # kind: Literal[...] below
@@ -145,7 +145,15 @@ def test_scan_flags_an_undeclared_kind(tmp_path: pathlib.Path) -> None:
 
 @pytest.mark.parametrize(
     "module",
-    ["_vocabulary._limits", "_ledger", "_sentinel", "_planes._threads", "_planes._processes"],
+    [
+        "_vocabulary._limits",
+        "_ledger",
+        "_sentinel",
+        "_planes._threads",
+        "_planes._process_plane",
+        "_planes._escalation",
+        "_planes._spawn",
+    ],
 )
 def test_planes_define_no_kinds_of_their_own(module: str) -> None:
     """No plane module declares kind constants any more; they import them from _audit."""

@@ -43,7 +43,7 @@ import anyio.to_thread
 
 from kill_switch._drill import DrillObjectives, DrillShape, run_drills
 from kill_switch._planes._context import sleep as ks_sleep
-from kill_switch._planes._processes import EscalationWarning
+from kill_switch._planes._escalation import EscalationWarning
 from kill_switch._planes._procfs import alive
 from kill_switch._runtime import Runtime
 from kill_switch._sentinel import Sentinel

@@ -167,7 +167,7 @@ def _synthetic(args: argparse.Namespace, objectives: DrillObjectives) -> DrillSu
 
     import anyio
 
-    from kill_switch._planes._processes import EscalationWarning
+    from kill_switch._planes._escalation import EscalationWarning
     from kill_switch._runtime import Runtime
 
     shape = DrillShape(
