@@ -42,7 +42,6 @@ browser marks cross-site are refused as well.
 from kill_switch.control import _extra  # noqa: F401  (first: a clear ImportError without the server extra
 
 from ._app import ControlApp as ControlApp
-from ._app import create_app as create_app
 from ._auth import ROLES as ROLES
 from ._auth import FailureLimiter as FailureLimiter
 from ._auth import Principal as Principal
@@ -51,16 +50,25 @@ from ._auth import TokenEntry as TokenEntry
 from ._auth import TokenStore as TokenStore
 from ._auth import hash_token as hash_token
 from ._auth import new_token as new_token
+from ._config import ControlConfig as ControlConfig
+from ._fleet_source import FleetSource as FleetSource
+from ._routes import create_app as create_app
 from ._server import ControlServer as ControlServer
 from ._server import serve as serve
+from ._sources import LocalSource as LocalSource
+from ._sources import SessionSource as SessionSource
 
 __all__ = [
     "ROLES",
     "ControlApp",
+    "ControlConfig",
     "ControlServer",
     "FailureLimiter",
+    "FleetSource",
+    "LocalSource",
     "Principal",
     "Role",
+    "SessionSource",
     "TokenEntry",
     "TokenStore",
     "create_app",
