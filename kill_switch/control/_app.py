@@ -126,6 +126,8 @@ class ControlApp:
         #: ``/metrics``, set by the server that serves this application.
         self.connections: Callable[[], Mapping[str, int]] | None = None
         self.metrics = Metrics()
+        #: Why the application did not start (a fleet source that cannot reach Redis).
+        self.startup_error: Exception | None = None
         self.local = LocalSource(runtime, self.book, self.metrics, self._stopped, self.kill_timeout)
         self.source: SessionSource = source if source is not None else self.local
         self.access = Access(tokens, self.limiter, self.metrics, runtime.record, self._known)
@@ -149,35 +151,41 @@ class ControlApp:
         Raises:
             FleetUnavailable: a fleet source cannot reach Redis (the server does not start).
         """
-        loop = asyncio.get_running_loop()
-        runtime = self.runtime
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                await stack.enter_async_context(self.source.running())
+            except Exception as exc:
+                self.startup_error = exc  # ControlServer.start reports it
+                raise
+            loop = asyncio.get_running_loop()
+            runtime = self.runtime
 
-        def listener(event: AuditEvent) -> None:
-            # Any thread, synchronously inside the recorder: cheap and never raising.
-            session = (
-                runtime.get(event.session_id)
-                if event.session_id and event.kind in (SESSION_STARTED, INTERRUPT_REQUESTED)
-                else None
-            )
-            with contextlib.suppress(RuntimeError):  # the control loop is closed
-                loop.call_soon_threadsafe(self._on_event, event, session)
+            def listener(event: AuditEvent) -> None:
+                # Any thread, synchronously inside the recorder: cheap and never raising.
+                session = (
+                    runtime.get(event.session_id)
+                    if event.session_id and event.kind in (SESSION_STARTED, INTERRUPT_REQUESTED)
+                    else None
+                )
+                with contextlib.suppress(RuntimeError):  # the control loop is closed
+                    loop.call_soon_threadsafe(self._on_event, event, session)
 
-        for info in runtime.sessions():
-            self.book.seen(info)
-        send, receive = anyio.create_memory_object_stream["Session"](1000)
-        self._follow_send = send
-        remove = runtime.add_listener(listener)
-        try:
-            async with self.source.running(), send, anyio.create_task_group() as tg:
-                tg.start_soon(self._follow, tg, receive)
-                try:
-                    yield
-                finally:
-                    self.broker.close()
-                    tg.cancel_scope.cancel()
-        finally:
-            remove()
-            self._follow_send = None
+            for info in runtime.sessions():
+                self.book.seen(info)
+            send, receive = anyio.create_memory_object_stream["Session"](1000)
+            self._follow_send = send
+            remove = runtime.add_listener(listener)
+            try:
+                async with send, anyio.create_task_group() as tg:
+                    tg.start_soon(self._follow, tg, receive)
+                    try:
+                        yield
+                    finally:
+                        self.broker.close()
+                        tg.cancel_scope.cancel()
+            finally:
+                remove()
+                self._follow_send = None
 
     def _on_event(self, event: AuditEvent, session: Session | None) -> None:
         data = jsonable(event)

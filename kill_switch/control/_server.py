@@ -129,7 +129,8 @@ class ControlServer:
 
         Raises:
             OSError: the address cannot be bound.
-            RuntimeError: the server did not start within ``START_TIMEOUT``.
+            RuntimeError: the server did not start within ``START_TIMEOUT``, or its
+                source could not be opened (a fleet's Redis out of reach); it says why.
         """
         import uvicorn
 
@@ -195,7 +196,8 @@ class ControlServer:
         self._thread.start()
         if not ready.wait(START_TIMEOUT) or not server.started:
             self.stop()
-            raise RuntimeError(f"control plane did not start: {self._error!r}")
+            why = self._error or self.state.startup_error
+            raise RuntimeError(f"control plane did not start: {why}")
         return self
 
     def _on_loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
