@@ -56,6 +56,7 @@ from ._routes import create_app as create_app
 from ._server import ControlServer as ControlServer
 from ._server import serve as serve
 from ._sources import LocalSource as LocalSource
+from ._sources import Selector as Selector
 from ._sources import SessionSource as SessionSource
 
 __all__ = [
@@ -68,6 +69,7 @@ __all__ = [
     "LocalSource",
     "Principal",
     "Role",
+    "Selector",
     "SessionSource",
     "TokenEntry",
     "TokenStore",

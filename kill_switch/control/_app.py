@@ -53,7 +53,7 @@ from ._http import (
 )
 from ._inventory import Book, Entry, jsonable
 from ._metrics import Metrics
-from ._sources import LocalSource, SessionSource
+from ._sources import LocalSource, Selector, SessionSource
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Mapping
@@ -306,9 +306,7 @@ class ControlApp:
         if everything == (agent is not None or bool(labels)):
             raise Refused(400, "give either 'all': true or a selector ('agent', 'labels')")
         status, out = await self.source.kill_where(
-            agent=agent,
-            labels=labels or {},
-            everything=everything,
+            Selector(agent, labels or {}, everything),
             reason=reason,
             operator=principal.token_id,
             wait=wait,

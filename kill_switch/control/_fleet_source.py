@@ -18,9 +18,11 @@ from ._http import Refused
 from ._sources import result_row
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Mapping
+    from collections.abc import AsyncIterator
 
     from kill_switch.fleet import FleetSession
+
+    from ._sources import Selector
 
 #: What a fleet row cannot say (it lives on the owner's loop): shown as ``null``.
 _LOCAL_ONLY = ("actions", "cost", "calls_in_flight", "tool_tasks", "interrupt_reason")
@@ -115,14 +117,7 @@ class FleetSource:
         return 200, result_row(session_id, report)
 
     async def kill_where(
-        self,
-        *,
-        agent: str | None,
-        labels: Mapping[str, str],
-        everything: bool,
-        reason: str,
-        operator: str,
-        wait: bool,
+        self, selector: Selector, *, reason: str, operator: str, wait: bool
     ) -> tuple[int, dict[str, Any]]:
         """Kill the selector on every runtime; each owner's reports, and the runtimes
         that did not answer (504 if any did not, with the reports that came)."""
@@ -130,9 +125,9 @@ class FleetSource:
             result = await self.fleet.kill_where(
                 reason=reason,
                 operator=operator,
-                agent=agent,
-                labels=labels or None,
-                all=everything,
+                agent=selector.agent,
+                labels=selector.labels or None,
+                all=selector.everything,
                 timeout=self._wait(wait),
             )
         except FleetUnavailable as exc:

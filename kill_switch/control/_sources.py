@@ -17,6 +17,7 @@ import time
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import anyio
+import attrs
 
 from ._http import Refused, escape
 from ._inventory import Book, Entry, jsonable, live_detail
@@ -65,16 +66,9 @@ class SessionSource(Protocol):
         ...
 
     async def kill_where(
-        self,
-        *,
-        agent: str | None,
-        labels: Mapping[str, str],
-        everything: bool,
-        reason: str,
-        operator: str,
-        wait: bool,
+        self, selector: Selector, *, reason: str, operator: str, wait: bool
     ) -> tuple[int, dict[str, Any]]:
-        """Interrupt every session matching the selector; the HTTP status and results."""
+        """Interrupt every session *selector* matches; the HTTP status and results."""
         ...
 
 
@@ -88,13 +82,20 @@ def result_row(session_id: str, report: StopReport) -> dict[str, Any]:
     }
 
 
-def matches(
-    agent: str, labels: Mapping[str, str], want_agent: str | None, want: Mapping[str, str]
-) -> bool:
-    """Whether a session of *agent* with *labels* is selected by *want_agent* / *want*."""
-    return (want_agent is None or agent == want_agent) and all(
-        labels.get(k) == v for k, v in want.items()
-    )
+@attrs.frozen
+class Selector:
+    """Which sessions a kill by selector stops: every one (*everything*), or those of
+    *agent* carrying every one of *labels*."""
+
+    agent: str | None = None
+    labels: Mapping[str, str] = attrs.field(factory=dict)
+    everything: bool = False
+
+    def matches(self, agent: str, labels: Mapping[str, str]) -> bool:
+        """Whether a session of *agent* with *labels* is selected."""
+        return (self.agent is None or agent == self.agent) and all(
+            labels.get(k) == v for k, v in self.labels.items()
+        )
 
 
 class LocalSource:
@@ -228,21 +229,14 @@ class LocalSource:
         return await self._kill_one(session, reason, operator, wait, started)
 
     async def kill_where(
-        self,
-        *,
-        agent: str | None,
-        labels: Mapping[str, str],
-        everything: bool,
-        reason: str,
-        operator: str,
-        wait: bool,
+        self, selector: Selector, *, reason: str, operator: str, wait: bool
     ) -> tuple[int, dict[str, Any]]:
-        """Interrupt every live session of the selector, concurrently."""
+        """Interrupt every live session *selector* matches, concurrently."""
         started = time.monotonic()
         targets = [
             s
             for s in (self.runtime.get(i.session_id) for i in self.runtime.sessions())
-            if s is not None and matches(s.agent, s.labels, agent, labels)
+            if s is not None and selector.matches(s.agent, s.labels)
         ]
         results: list[dict[str, Any]] = [{} for _ in targets]
 
