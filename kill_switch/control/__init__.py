@@ -11,6 +11,11 @@ uvicorn). Mount it in the agent's process, where the sessions are::
             print(server.url)            # http://127.0.0.1:PORT — the dashboard is at /
             ...                          # run agent sessions
 
+Options come as one ``ControlConfig`` (or as keywords, which build it). The sessions
+shown and killed come from a ``SessionSource``: the runtime by default, or
+``FleetSource(ks.Fleet(url))`` for every runtime of a fleet on Redis (``kill-switch serve
+--fleet``; docs/fleet.md).
+
 The server runs on its own thread and event loop, so it answers and kills even while
 the agent's loop is blocked (the interrupt is recorded at once, blocks every later tool
 call and thread commit point; the loop-side fan-out runs when the loop next turns).
