@@ -76,8 +76,9 @@ class ControlConfig:
             the runtime's).
         limiter: failed authentications per client (default: a ``FailureLimiter()``
             per application).
-        kill_timeout: seconds a kill waits for its StopReport (default: the session's
-            stop and audit timeouts plus one second; a fleet's own timeout).
+        kill_timeout: seconds a kill of the runtime's sessions waits for its StopReport
+            (default: the session's stop and audit timeouts plus one second); a fleet
+            source waits ``FleetSource(timeout=...)``, by default the fleet's timeout.
         max_connections: connections open at once (clamped to half the descriptor
             limit); beyond it a new connection evicts the oldest one still waiting for
             its request head, so an operator's kill always gets in.
