@@ -1,7 +1,7 @@
 """``kill-switch serve | sessions | kill | token``: the operator's commands.
 
     kill-switch serve [--host H] [--port P] [--tokens-file F] [--audit-db PATH]
-                      [--allow-host NAME ...]
+                      [--allow-host NAME ...] [--fleet [URL]]
     kill-switch sessions [--agent A] [--label k=v] [--state S] [--json]
     kill-switch kill ID --reason TEXT [--no-wait] [--json]
     kill-switch kill (--all | --agent A | --label k=v ...) --reason TEXT [--json]
@@ -14,7 +14,9 @@
 
 ``serve`` runs a runtime with its control plane and no agents of its own: the normal use
 is to mount the control plane inside the agent's process (``kill_switch.control.serve``),
-where the sessions are.
+where the sessions are. ``serve --fleet [URL]`` serves the dashboard and API over every
+runtime of a fleet on Redis instead (same roles and rules; key from
+``$KILL_SWITCH_FLEET_KEY``).
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ def register(subparsers: Any) -> None:
         help="a Host name to accept besides the loopback names (repeatable)",
     )
     serve.set_defaults(func=run_serve)
+    fleet_cli.add_arguments(serve)  # fleet: --fleet URL, the dashboard over every runtime
 
     def client(p: argparse.ArgumentParser) -> None:
         p.add_argument("--url", help=f"control plane URL (${ENV_URL}, default {DEFAULT_URL})")
@@ -160,9 +163,10 @@ def run_sessions(args: argparse.Namespace) -> int:
                 s["agent"],
                 ",".join(f"{k}={v}" for k, v in s["labels"].items()),
                 s["state"],
-                str(s["actions"]),
-                f"{s['cost']:.2f}",
-                str(s["calls_in_flight"]),
+                # A fleet control plane cannot see these (they live on each owner's loop).
+                "-" if s["actions"] is None else str(s["actions"]),
+                "-" if s["cost"] is None else f"{s['cost']:.2f}",
+                "-" if s["calls_in_flight"] is None else str(s["calls_in_flight"]),
                 s.get("interrupt_reason") or "",
             ]
             for s in data["sessions"]
@@ -274,6 +278,16 @@ def run_serve(args: argparse.Namespace) -> int:
             "$KILL_SWITCH_TOKENS"
         )
         return Exit.USAGE
+    source = None
+    if fleet_cli.wanted(args):
+        from kill_switch.control import FleetSource
+        from kill_switch.fleet import Fleet
+
+        try:  # the URL from --fleet or $KILL_SWITCH_FLEET; the key only from the environment
+            source = FleetSource(Fleet(args.fleet or None, name=args.fleet_name))
+        except (TypeError, ValueError) as exc:
+            _err(f"kill-switch serve --fleet: {exc}")
+            return Exit.USAGE
 
     async def main() -> None:
         import anyio
@@ -290,12 +304,14 @@ def run_serve(args: argparse.Namespace) -> int:
                 port=args.port,
                 tokens=store,
                 allowed_hosts=args.allow_host,
+                source=source,
             ) as server,
             # SIGINT/SIGTERM: every session stopped (trigger shutdown), then the block
             # ends; the requested end of a server, hence exit 0.
             graceful_shutdown(runtime),
         ):
-            _out(f"kill_switch control plane at {server.url}/ (Ctrl-C to stop)")
+            over = " over the fleet" if source is not None else ""
+            _out(f"kill_switch control plane{over} at {server.url}/ (Ctrl-C to stop)")
             sys.stdout.flush()
             await anyio.sleep_forever()
 
@@ -303,5 +319,8 @@ def run_serve(args: argparse.Namespace) -> int:
         asyncio.run(main())
     except OSError as exc:
         _err(f"kill-switch serve: cannot listen on {args.host}:{args.port}: {exc}")
+        return Exit.UNAVAILABLE
+    except RuntimeError as exc:  # the control plane did not start: it says why
+        _err(f"kill-switch serve: {exc}")
         return Exit.UNAVAILABLE
     return Exit.OK

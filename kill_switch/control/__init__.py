@@ -11,6 +11,11 @@ uvicorn). Mount it in the agent's process, where the sessions are::
             print(server.url)            # http://127.0.0.1:PORT — the dashboard is at /
             ...                          # run agent sessions
 
+Options come as one ``ControlConfig`` (or as keywords, which build it). The sessions
+shown and killed come from a ``SessionSource``: the runtime by default, or
+``FleetSource(ks.Fleet(url))`` for every runtime of a fleet on Redis (``kill-switch serve
+--fleet``; docs/fleet.md).
+
 The server runs on its own thread and event loop, so it answers and kills even while
 the agent's loop is blocked (the interrupt is recorded at once, blocks every later tool
 call and thread commit point; the loop-side fan-out runs when the loop next turns).
@@ -42,7 +47,6 @@ browser marks cross-site are refused as well.
 from kill_switch.control import _extra  # noqa: F401  (first: a clear ImportError without the server extra
 
 from ._app import ControlApp as ControlApp
-from ._app import create_app as create_app
 from ._auth import ROLES as ROLES
 from ._auth import FailureLimiter as FailureLimiter
 from ._auth import Principal as Principal
@@ -51,16 +55,27 @@ from ._auth import TokenEntry as TokenEntry
 from ._auth import TokenStore as TokenStore
 from ._auth import hash_token as hash_token
 from ._auth import new_token as new_token
+from ._config import ControlConfig as ControlConfig
+from ._fleet_source import FleetSource as FleetSource
+from ._routes import create_app as create_app
 from ._server import ControlServer as ControlServer
 from ._server import serve as serve
+from ._sources import LocalSource as LocalSource
+from ._sources import Selector as Selector
+from ._sources import SessionSource as SessionSource
 
 __all__ = [
     "ROLES",
     "ControlApp",
+    "ControlConfig",
     "ControlServer",
     "FailureLimiter",
+    "FleetSource",
+    "LocalSource",
     "Principal",
     "Role",
+    "Selector",
+    "SessionSource",
     "TokenEntry",
     "TokenStore",
     "create_app",

@@ -19,16 +19,24 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from ._app import LOOPBACK_HOSTS, ControlApp, create_app
-from ._auth import FailureLimiter, TokenEntry, TokenStore
-from ._protocol import HEADER_TIMEOUT, MAX_CONNECTIONS, protocol_class
+from ._auth import TokenStore
+from ._config import ControlConfig, ControlOptions, resolve
+from ._protocol import protocol_class
+from ._routes import create_app
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Sequence
+    from typing import Unpack
 
     import uvicorn
 
     from kill_switch._runtime import Runtime
+
+    from ._app import ControlApp
+    from ._auth import TokenEntry
+    from ._sources import SessionSource
+
+    Tokens = TokenStore | Sequence[TokenEntry] | str | os.PathLike[str] | None
 
 log = logging.getLogger("kill_switch.control")
 
@@ -39,9 +47,7 @@ START_TIMEOUT = 10.0
 STOP_TIMEOUT = 5.0
 
 
-def _tokens(
-    tokens: TokenStore | Sequence[TokenEntry] | str | os.PathLike[str] | None,
-) -> TokenStore:
+def _tokens(tokens: Tokens) -> TokenStore:
     if isinstance(tokens, TokenStore):
         return tokens
     if tokens is None:
@@ -59,20 +65,14 @@ class ControlServer:
     exit and joins again). Also a context manager.
 
     Args:
-        runtime: the entered runtime whose sessions it shows and stops.
-        host: interface to bind; ``127.0.0.1`` by default. Bind to another interface
-            only behind something that terminates TLS.
-        port: TCP port; 0 picks a free one.
+        runtime: the entered runtime whose sessions it shows and stops (and which
+            records the control plane's own audit events).
+        config: the options (``ControlConfig``: host, port, audit path, limits, allowed
+            hosts...); or give them as keywords, which build it.
         tokens: a ``TokenStore``, token entries, a token file path, or ``None`` for
             ``$KILL_SWITCH_TOKENS``.
-        audit_path: the SQLite audit file for ``/api/audit`` (default: the runtime's,
-            if it writes one).
-        max_connections: connections open at once (clamped to half the descriptor
-            limit); beyond it a new connection evicts the oldest one still waiting for
-            its request head, so an operator's kill always gets in.
-        header_timeout: seconds a connection has to send a complete request head.
-        allowed_hosts: ``Host`` names accepted, besides the loopback names and *host*
-            itself (DNS rebinding: any other name is refused with 400).
+        source: where the sessions come from (default: *runtime*;
+            ``FleetSource(ks.Fleet(url))``: every runtime of a fleet).
 
     Raises:
         ValueError: no token is configured (an open kill switch is refused), or a limit
@@ -82,18 +82,14 @@ class ControlServer:
     def __init__(
         self,
         runtime: Runtime,
+        config: ControlConfig | None = None,
         *,
-        host: str = "127.0.0.1",
-        port: int = 0,
-        tokens: TokenStore | Sequence[TokenEntry] | str | os.PathLike[str] | None = None,
-        audit_path: str | None = None,
-        limiter: FailureLimiter | None = None,
-        kill_timeout: float | None = None,
-        max_connections: int = MAX_CONNECTIONS,
-        header_timeout: float = HEADER_TIMEOUT,
-        allowed_hosts: Sequence[str] = (),
+        tokens: Tokens = None,
+        source: SessionSource | None = None,
+        **options: Unpack[ControlOptions],
     ) -> None:
-        self._protocol = protocol_class(max_connections, header_timeout)
+        self.config = config = resolve(config, options)
+        self._protocol = protocol_class(config.max_connections, config.header_timeout)
         store = _tokens(tokens)
         if not store.entries():
             raise ValueError(
@@ -102,23 +98,13 @@ class ControlServer:
                 "(tokens=..., a token file, or $KILL_SWITCH_TOKENS)"
             )
         self.tokens = store
-        hosts = [*LOOPBACK_HOSTS, *allowed_hosts]
-        if host not in ("0.0.0.0", "::", ""):
-            hosts.append(f"[{host}]" if ":" in host else host)
-        self.app, self.state = create_app(
-            runtime,
-            store,
-            audit_path=audit_path,
-            limiter=limiter,
-            kill_timeout=kill_timeout,
-            allowed_hosts=hosts,
-        )
+        self.app, self.state = create_app(runtime, store, config, source=source)
         self.state.connections = lambda: {
             "open": self.open_connections,
             **self._protocol.counters,
         }
-        self._host = host
-        self._port = port
+        self._host = config.host
+        self._port = config.port
         self._sock: socket.socket | None = None
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
@@ -143,7 +129,8 @@ class ControlServer:
 
         Raises:
             OSError: the address cannot be bound.
-            RuntimeError: the server did not start within ``START_TIMEOUT``.
+            RuntimeError: the server did not start within ``START_TIMEOUT``, or its
+                source could not be opened (a fleet's Redis out of reach); it says why.
         """
         import uvicorn
 
@@ -209,7 +196,8 @@ class ControlServer:
         self._thread.start()
         if not ready.wait(START_TIMEOUT) or not server.started:
             self.stop()
-            raise RuntimeError(f"control plane did not start: {self._error!r}")
+            why = self._error or self.state.startup_error
+            raise RuntimeError(f"control plane did not start: {why}")
         return self
 
     def _on_loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
@@ -257,18 +245,14 @@ class ControlServer:
 @contextlib.asynccontextmanager
 async def serve(
     runtime: Runtime,
+    config: ControlConfig | None = None,
     *,
-    host: str = "127.0.0.1",
-    port: int = 0,
-    tokens: TokenStore | Sequence[TokenEntry] | str | os.PathLike[str] | None = None,
-    audit_path: str | None = None,
-    limiter: FailureLimiter | None = None,
-    kill_timeout: float | None = None,
-    max_connections: int = MAX_CONNECTIONS,
-    header_timeout: float = HEADER_TIMEOUT,
-    allowed_hosts: Sequence[str] = (),
+    tokens: Tokens = None,
+    source: SessionSource | None = None,
+    **options: Unpack[ControlOptions],
 ) -> AsyncIterator[ControlServer]:
-    """Serve *runtime*'s control plane while the block runs; yields the server (``.url``).
+    """Serve *runtime*'s control plane (or *source*'s: a fleet) while the block runs;
+    yields the server (``.url``). Arguments as ``ControlServer``'s.
 
     Start-up and shut-down run in a worker thread (the agent's loop is not blocked);
     shut-down is shielded and bounded by twice ``STOP_TIMEOUT``.
@@ -277,18 +261,7 @@ async def serve(
         ValueError: no token configured, or a limit out of range. OSError: the address
             cannot be bound.
     """
-    server = ControlServer(
-        runtime,
-        host=host,
-        port=port,
-        tokens=tokens,
-        audit_path=audit_path,
-        limiter=limiter,
-        kill_timeout=kill_timeout,
-        max_connections=max_connections,
-        header_timeout=header_timeout,
-        allowed_hosts=allowed_hosts,
-    )
+    server = ControlServer(runtime, config, tokens=tokens, source=source, **options)
     try:
         # Inside the try: a cancellation that arrives while the thread starts the server
         # (the wait is not abandoned) still stops it.
