@@ -170,6 +170,10 @@ class ControlServer:
             forwarded_allow_ips="",
             loop="asyncio",
             http=self._protocol,
+            # asyncio 3.11's accept loop, on EMFILE, schedules one retry per remaining
+            # slot of the backlog instead of one (uvicorn's default backlog is 2048): a
+            # small backlog bounds that storm. An operator's kill needs one slot.
+            backlog=128,
         )
         server = uvicorn.Server(config)
         self._server = server
@@ -202,8 +206,11 @@ class ControlServer:
 
     def _on_loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         # asyncio reports every failed accept (EMFILE...) with a traceback; out of
-        # descriptors that is a flood of identical lines. Say it once a minute.
-        if context.get("message") == _ACCEPT_ERROR:
+        # descriptors that is a flood of identical lines. Say it once a minute. The same
+        # goes for the retries it scheduled meanwhile (``_start_serving``), which fail
+        # with "Invalid file descriptor" once the listening socket has closed.
+        message = str(context.get("message", ""))
+        if message == _ACCEPT_ERROR or "_start_serving" in message:
             now = time.monotonic()
             if now - self._accept_error_logged < 60.0:
                 return
