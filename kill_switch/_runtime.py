@@ -23,6 +23,7 @@ from ._vocabulary._audit_event import SESSION_REFUSED, AuditEvent, AuditSink, Du
 from ._vocabulary._exceptions import SessionRefused
 from ._vocabulary._limits import Limits, LimitWarning
 from ._vocabulary._policy import StopPolicy
+from ._vocabulary._selector import Selector
 from ._vocabulary._triggers import bound_text
 
 if TYPE_CHECKING:
@@ -327,13 +328,8 @@ class Runtime:
         Raises:
             TypeError / ValueError: bad reason, trigger, operator or filter.
         """
-        wanted = _check_labels(labels)
-        targets = [
-            s
-            for s in list(self._sessions.values())
-            if (agent is None or s.agent == agent)
-            and all(s.labels.get(k) == v for k, v in wanted.items())
-        ]
+        wanted = Selector(agent, _check_labels(labels))
+        targets = [s for s in list(self._sessions.values()) if wanted.matches(s.agent, s.labels)]
         return tuple(s.interrupt(reason, trigger=trigger, operator=operator) for s in targets)
 
     # ------------------------------------------------------------------ audit

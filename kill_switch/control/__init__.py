@@ -44,6 +44,7 @@ cross-site page cannot make a browser kill anything; state-changing requests tha
 browser marks cross-site are refused as well.
 """
 
+from kill_switch._vocabulary._selector import Selector as Selector
 from kill_switch.control import _extra  # noqa: F401  (first: a clear ImportError without the server extra
 
 from ._app import ControlApp as ControlApp
@@ -61,7 +62,6 @@ from ._routes import create_app as create_app
 from ._server import ControlServer as ControlServer
 from ._server import serve as serve
 from ._sources import LocalSource as LocalSource
-from ._sources import Selector as Selector
 from ._sources import SessionSource as SessionSource
 
 __all__ = [

@@ -35,6 +35,7 @@ from kill_switch._vocabulary._audit_event import (
     AuditEvent,
     DurableAuditSink,
 )
+from kill_switch._vocabulary._selector import Selector
 
 from ._access import Access
 from ._audit_api import AuditApi
@@ -53,7 +54,7 @@ from ._http import (
 )
 from ._inventory import Book, Entry, jsonable
 from ._metrics import Metrics
-from ._sources import LocalSource, Selector, SessionSource
+from ._sources import LocalSource, SessionSource
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Mapping
@@ -249,12 +250,11 @@ class ControlApp:
         agent = request.query_params.get("agent")
         state = request.query_params.get("state")
         labels = label_filter(request.query_params.getlist("label"))
+        wanted = Selector(agent, labels)
         rows = [
             r
             for r in await self.source.sessions()
-            if (agent is None or r["agent"] == agent)
-            and (state is None or r["state"] == state)
-            and all(r["labels"].get(k) == v for k, v in labels.items())
+            if (state is None or r["state"] == state) and wanted.matches(r["agent"], r["labels"])
         ]
         return json_response({"sessions": rows, "count": len(rows)})
 

@@ -20,9 +20,8 @@ from ._sources import result_row
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
+    from kill_switch._vocabulary._selector import Selector
     from kill_switch.fleet import FleetSession
-
-    from ._sources import Selector
 
 #: What a fleet row cannot say (it lives on the owner's loop): shown as ``null``.
 _LOCAL_ONLY = ("actions", "cost", "calls_in_flight", "tool_tasks", "interrupt_reason")

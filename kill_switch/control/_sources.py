@@ -17,17 +17,17 @@ import time
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import anyio
-import attrs
 
 from ._http import Refused, escape
 from ._inventory import Book, Entry, jsonable, live_detail
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable, Mapping
+    from collections.abc import AsyncIterator, Callable
 
     from kill_switch._runtime import Runtime
     from kill_switch._session import Session
     from kill_switch._vocabulary._report import StopReport
+    from kill_switch._vocabulary._selector import Selector
 
     from ._metrics import Metrics
 
@@ -80,22 +80,6 @@ def result_row(session_id: str, report: StopReport) -> dict[str, Any]:
         "status": report.outcome,
         "report": jsonable(report),
     }
-
-
-@attrs.frozen
-class Selector:
-    """Which sessions a kill by selector stops: every one (*everything*), or those of
-    *agent* carrying every one of *labels*."""
-
-    agent: str | None = None
-    labels: Mapping[str, str] = attrs.field(factory=dict)
-    everything: bool = False
-
-    def matches(self, agent: str, labels: Mapping[str, str]) -> bool:
-        """Whether a session of *agent* with *labels* is selected."""
-        return (self.agent is None or agent == self.agent) and all(
-            labels.get(k) == v for k, v in self.labels.items()
-        )
 
 
 class LocalSource:

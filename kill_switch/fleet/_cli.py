@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from kill_switch._vocabulary._selector import Selector
 from kill_switch.fleet._fleet import ENV_KEY, ENV_URL, Fleet, FleetError, FleetUnavailable, NoAnswer
 from kill_switch.fleet._wire import report_to_dict
 
@@ -118,12 +119,11 @@ def run_sessions(args: argparse.Namespace) -> int:
         wanted_labels = _labels(args.label)
         async with _fleet(args) as fleet:
             sessions = await fleet.sessions()
+        wanted = Selector(args.agent, wanted_labels)
         rows = [
             s
             for s in sessions
-            if (args.agent is None or s.agent == args.agent)
-            and (args.state is None or s.state == args.state)
-            and all(s.labels.get(k) == v for k, v in wanted_labels.items())
+            if (args.state is None or s.state == args.state) and wanted.matches(s.agent, s.labels)
         ]
         if args.json:
             _out(json.dumps({"sessions": [s.to_dict() for s in rows]}))

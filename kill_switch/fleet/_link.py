@@ -34,6 +34,7 @@ from kill_switch._vocabulary._audit_event import (
 from kill_switch._vocabulary._audit_event import FLEET_MESSAGE_REJECTED as FLEET_REJECTED
 from kill_switch._vocabulary._audit_event import FLEET_RECONNECTED as FLEET_BACK
 from kill_switch._vocabulary._exceptions import SessionRefused
+from kill_switch._vocabulary._selector import Selector
 from kill_switch.fleet import _wire
 
 from ._fleet import Fleet, FleetUnavailable, _redis_errors
@@ -71,11 +72,8 @@ def check(fleet: object) -> Fleet:
 
 
 def _matches(sel: Mapping[str, Any], agent: str, labels: Mapping[str, str]) -> bool:
-    if sel.get("all"):
-        return True
-    if sel.get("agent") is not None and sel["agent"] != agent:
-        return False
-    return all(labels.get(k) == v for k, v in sel.get("labels", {}).items())
+    selector = Selector(sel.get("agent"), sel.get("labels", {}), bool(sel.get("all")))
+    return selector.matches(agent, labels)
 
 
 class Link:
