@@ -138,7 +138,7 @@ class StopReport:
     children: tuple[str, ...] = ()
     audit: AuditStatus = "disabled"
     latency: Latency = Latency(None, None, 0.0)
-    #: the process plane: every tracked process of the session (issue: processes).
+    #: the process plane: every tracked process of the session.
     processes: tuple[ProcessReport, ...] = ()
     #: the thread plane: every sync tool thread running when the interrupt came.
     threads: tuple[ThreadReport, ...] = ()
