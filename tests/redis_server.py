@@ -13,8 +13,21 @@ import subprocess
 import time
 from typing import TYPE_CHECKING
 
+import pytest  # for needs(); the benchmarks that import this module have it too
+
 if TYPE_CHECKING:
     from pathlib import Path
+
+
+def needs(*tools: str) -> pytest.MarkDecorator:
+    """Skip where one of *tools* is not installed, unless under CI (``$CI`` set), where
+    the test runs and fails: CI installs them (``.ci/run``), a newcomer may not have."""
+    missing = [tool for tool in tools if shutil.which(tool) is None]
+    in_ci = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+    return pytest.mark.skipif(
+        bool(missing) and not in_ci,
+        reason=f"{', '.join(missing)} not installed (apt-get install {' '.join(missing)})",
+    )
 
 
 def free_port() -> int:

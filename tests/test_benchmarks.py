@@ -14,6 +14,8 @@ from typing import Any
 
 import pytest
 
+from .redis_server import needs
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ["bench_fanout", "bench_interrupt", "bench_guard", "bench_scale", "bench_integrations"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -117,6 +119,7 @@ def test_scaling_quick_plot_defaults_beside_the_json(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(360)
+@needs("redis-server")
 def test_fleet_quick_run_kills_across_processes(tmp_path: Path) -> None:
     """``bench_fleet --quick`` runs its redis-server and workers and writes its results."""
     pytest.importorskip("redis")

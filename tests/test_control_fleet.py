@@ -21,6 +21,7 @@ from kill_switch.testing import MemoryAudit
 
 from . import test_fleet as fleet_tests
 from .fleet_support import KEY, Worker
+from .redis_server import needs
 from .test_control_api import ENTRIES, TOKENS, auth
 from .test_fleet import in_thread, spawn
 
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
     from .redis_server import RedisServer
 
 pytest.importorskip("redis")
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, needs("redis-server")]
 
 # The fleet tests' fixtures: a redis-server of its own, worker processes always reaped.
 redis_server = fleet_tests.redis_server

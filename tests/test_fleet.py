@@ -21,7 +21,7 @@ import kill_switch as ks
 from kill_switch.fleet import FleetUnavailable, NoAnswer, _wire
 
 from .fleet_support import KEY, ROOT, Worker
-from .redis_server import RedisServer
+from .redis_server import RedisServer, needs
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Iterator
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 pytest.importorskip("redis")
 T = TypeVar("T")
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, needs("redis-server")]
 
 
 @pytest.fixture
@@ -596,6 +596,7 @@ async def test_redis_password_in_the_url(tmp_path: Path, workers: list[Worker]) 
         server.stop()
 
 
+@needs("openssl")
 async def test_redis_over_tls(tmp_path: Path, workers: list[Worker]) -> None:
     """A TLS-only Redis (``rediss://``, a CA of its own): a fleet that trusts the CA joins
     and kills across processes; one that does not trust it is refused, never downgraded."""

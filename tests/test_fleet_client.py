@@ -16,14 +16,14 @@ import pytest
 import kill_switch as ks
 
 from .fleet_support import KEY
-from .redis_server import RedisServer
+from .redis_server import RedisServer, needs
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Iterator
     from pathlib import Path
 
 pytest.importorskip("redis")
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, needs("redis-server")]
 
 KEYS = 200
 TASKS = 40
