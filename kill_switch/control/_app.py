@@ -44,14 +44,16 @@ from ._events import Broker
 from ._http import (
     Refused,
     checked_text,
+    count_param,
     flag,
+    json_body,
     json_response,
     known_keys,
     label_filter,
     read_json,
     reason_of,
 )
-from ._inventory import Book, Entry, jsonable
+from ._inventory import RECENT, STOPPED_LIMIT, Book, Entry, Query, jsonable
 from ._metrics import Metrics
 from ._sources import LocalSource, Selector, SessionSource
 
@@ -244,19 +246,20 @@ class ControlApp:
         )
 
     async def list_sessions(self, request: Request) -> Response:
-        """The inventory, filtered by ``agent``, ``label=k=v`` (repeatable) and ``state``."""
+        """The inventory, filtered by ``agent``, ``label=k=v`` (repeatable) and ``state``:
+        every live session and the newest ``stopped_limit`` stopped ones (older ones by
+        ``stopped_before``, the ``stopped_next`` of the previous answer)."""
         self.access.require(request, "viewer")
-        agent = request.query_params.get("agent")
-        state = request.query_params.get("state")
-        labels = label_filter(request.query_params.getlist("label"))
-        rows = [
-            r
-            for r in await self.source.sessions()
-            if (agent is None or r["agent"] == agent)
-            and (state is None or r["state"] == state)
-            and all(r["labels"].get(k) == v for k, v in labels.items())
-        ]
-        return json_response({"sessions": rows, "count": len(rows)})
+        params = request.query_params
+        limit = count_param(request, "stopped_limit", RECENT)
+        query = Query(
+            agent=params.get("agent"),
+            state=params.get("state"),
+            labels=label_filter(params.getlist("label")),
+            stopped_limit=STOPPED_LIMIT if limit is None else limit,
+            stopped_before=count_param(request, "stopped_before"),
+        )
+        return json_body((await self.source.page(query)).body())
 
     async def get_session(self, request: Request) -> Response:
         """One session, with tool calls in flight, processes, threads and budget use."""
