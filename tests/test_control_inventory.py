@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -14,6 +16,7 @@ import pytest
 import kill_switch as ks
 from kill_switch import control
 from kill_switch.control import _inventory
+from kill_switch.control._events import Handoff
 from kill_switch.control._inventory import RECENT, STOPPED_LIMIT, Entry, jsonable
 from kill_switch.testing import MemoryAudit
 
@@ -195,3 +198,39 @@ def test_entry_text_is_the_row_encoded_once() -> None:
     assert entry.text is entry.text
     assert "\\udc80" in entry.text
     assert '"cost":null' in entry.text
+
+
+async def test_a_burst_from_another_thread_wakes_the_loop_once() -> None:
+    """Items put by a thread while the loop is busy arrive in one callback, in order;
+    the next item after it schedules a new one."""
+    bursts: list[list[int]] = []
+    arrived = asyncio.Event()  # set from a plain loop callback, not a task
+
+    def consume(burst: list[int]) -> None:
+        bursts.append(burst)
+        arrived.set()
+
+    handoff = Handoff[int](asyncio.get_running_loop(), consume)
+
+    def put_all() -> None:
+        for i in range(100):
+            handoff.put(i)
+
+    putter = threading.Thread(target=put_all)
+    putter.start()
+    putter.join()  # the loop is held here on purpose: every put lands before a drain
+    with anyio.fail_after(5):
+        await arrived.wait()
+    assert bursts == [list(range(100))]
+    arrived.clear()
+    threading.Thread(target=handoff.put, args=(100,)).start()
+    with anyio.fail_after(5):
+        await arrived.wait()
+    assert bursts == [list(range(100)), [100]]
+
+
+def test_a_handoff_to_a_closed_loop_drops_quietly() -> None:
+    """``put`` never raises into the recorder once the loop has closed."""
+    loop = asyncio.new_event_loop()
+    loop.close()
+    Handoff[int](loop, lambda _: None).put(1)

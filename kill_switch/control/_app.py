@@ -40,7 +40,7 @@ from ._access import Access
 from ._audit_api import AuditApi
 from ._auth import FailureLimiter, TokenStore
 from ._config import ControlConfig, ControlOptions, resolve
-from ._events import Broker
+from ._events import Broker, Handoff
 from ._http import (
     Refused,
     checked_text,
@@ -159,7 +159,9 @@ class ControlApp:
             except Exception as exc:
                 self.startup_error = exc  # ControlServer.start reports it
                 raise
-            loop = asyncio.get_running_loop()
+            handoff: Handoff[tuple[AuditEvent, Session | None]] = Handoff(
+                asyncio.get_running_loop(), self._on_events
+            )
             runtime = self.runtime
 
             def listener(event: AuditEvent) -> None:
@@ -169,8 +171,7 @@ class ControlApp:
                     if event.session_id and event.kind in (SESSION_STARTED, INTERRUPT_REQUESTED)
                     else None
                 )
-                with contextlib.suppress(RuntimeError):  # the control loop is closed
-                    loop.call_soon_threadsafe(self._on_event, event, session)
+                handoff.put((event, session))
 
             for info in runtime.sessions():
                 self.book.seen(info)
@@ -188,6 +189,10 @@ class ControlApp:
             finally:
                 remove()
                 self._follow_send = None
+
+    def _on_events(self, burst: list[tuple[AuditEvent, Session | None]]) -> None:
+        for event, session in burst:
+            self._on_event(event, session)
 
     def _on_event(self, event: AuditEvent, session: Session | None) -> None:
         data = jsonable(event)

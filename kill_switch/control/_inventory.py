@@ -149,9 +149,7 @@ class Book:
     def seen(self, info: SessionInfo) -> None:
         """Remember the latest snapshot of a live session (its report, if any, stays)."""
         old = self._entries.pop(info.session_id, None)
-        self._entries[info.session_id] = Entry(
-            info, old.report if old else None, next(self._seq)
-        )
+        self._entries[info.session_id] = Entry(info, old.report if old else None, next(self._seq))
         self._trim()
 
     def ended(self, session_id: str, state: str) -> None:
