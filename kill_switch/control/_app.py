@@ -41,18 +41,20 @@ from ._access import Access
 from ._audit_api import AuditApi
 from ._auth import FailureLimiter, TokenStore
 from ._config import ControlConfig, ControlOptions, resolve
-from ._events import Broker
+from ._events import Broker, Handoff
 from ._http import (
     Refused,
     checked_text,
+    count_param,
     flag,
+    json_body,
     json_response,
     known_keys,
     label_filter,
     read_json,
     reason_of,
 )
-from ._inventory import Book, Entry, jsonable
+from ._inventory import RECENT, STOPPED_LIMIT, Book, Entry, Query, jsonable
 from ._metrics import Metrics
 from ._sources import LocalSource, SessionSource
 
@@ -158,7 +160,9 @@ class ControlApp:
             except Exception as exc:
                 self.startup_error = exc  # ControlServer.start reports it
                 raise
-            loop = asyncio.get_running_loop()
+            handoff: Handoff[tuple[AuditEvent, Session | None]] = Handoff(
+                asyncio.get_running_loop(), self._on_events
+            )
             runtime = self.runtime
 
             def listener(event: AuditEvent) -> None:
@@ -168,8 +172,7 @@ class ControlApp:
                     if event.session_id and event.kind in (SESSION_STARTED, INTERRUPT_REQUESTED)
                     else None
                 )
-                with contextlib.suppress(RuntimeError):  # the control loop is closed
-                    loop.call_soon_threadsafe(self._on_event, event, session)
+                handoff.put((event, session))
 
             for info in runtime.sessions():
                 self.book.seen(info)
@@ -187,6 +190,10 @@ class ControlApp:
             finally:
                 remove()
                 self._follow_send = None
+
+    def _on_events(self, burst: list[tuple[AuditEvent, Session | None]]) -> None:
+        for event, session in burst:
+            self._on_event(event, session)
 
     def _on_event(self, event: AuditEvent, session: Session | None) -> None:
         data = jsonable(event)
@@ -245,18 +252,20 @@ class ControlApp:
         )
 
     async def list_sessions(self, request: Request) -> Response:
-        """The inventory, filtered by ``agent``, ``label=k=v`` (repeatable) and ``state``."""
+        """The inventory, filtered by ``agent``, ``label=k=v`` (repeatable) and ``state``:
+        every live session and the newest ``stopped_limit`` stopped ones (older ones by
+        ``stopped_before``, the ``stopped_next`` of the previous answer)."""
         self.access.require(request, "viewer")
-        agent = request.query_params.get("agent")
-        state = request.query_params.get("state")
-        labels = label_filter(request.query_params.getlist("label"))
-        wanted = Selector(agent, labels)
-        rows = [
-            r
-            for r in await self.source.sessions()
-            if (state is None or r["state"] == state) and wanted.matches(r["agent"], r["labels"])
-        ]
-        return json_response({"sessions": rows, "count": len(rows)})
+        params = request.query_params
+        limit = count_param(request, "stopped_limit", RECENT)
+        query = Query(
+            agent=params.get("agent"),
+            state=params.get("state"),
+            labels=label_filter(params.getlist("label")),
+            stopped_limit=STOPPED_LIMIT if limit is None else limit,
+            stopped_before=count_param(request, "stopped_before"),
+        )
+        return json_body((await self.source.page(query)).body())
 
     async def get_session(self, request: Request) -> Response:
         """One session, with tool calls in flight, processes, threads and budget use."""

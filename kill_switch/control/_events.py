@@ -1,7 +1,8 @@
 """Server-sent events: fan-out of the runtime's audit feed to bounded per-client queues.
 
 Loop discipline: ``publish`` and ``subscribe`` run on the control plane's event loop only;
-the runtime's listener (any thread) hops onto it with ``call_soon_threadsafe``. A slow
+the runtime's listener (any thread) hops onto it through a ``Handoff``: one loop wake-up
+per burst of events, not one per event. A slow
 client never slows the runtime or the other clients: its queue is bounded, and what does
 not fit is dropped and counted (per client, reported to it in a ``dropped`` event, and in
 ``/metrics``).
@@ -12,11 +13,14 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import threading
 from collections import Counter, deque
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
+
+T = TypeVar("T")
 
 #: Events kept per client before new ones are dropped.
 QUEUE_SIZE = 256
@@ -32,6 +36,43 @@ def encode(event: str, data: Any, seq: int) -> bytes:
     """One SSE frame. ``json.dumps`` escapes newlines, so a reason cannot forge frames."""
     body = json.dumps(data, ensure_ascii=True, separators=(",", ":"), default=str)
     return f"id: {seq}\nevent: {event}\ndata: {body}\n\n".encode("ascii")
+
+
+class Handoff(Generic[T]):
+    """Items from any thread to *consume* on *loop*, in bursts: the first item of a burst
+    schedules one callback, which takes every item queued by the time it runs.
+
+    ``call_soon_threadsafe`` per item woke the control loop (a self-pipe write and a
+    GIL hand-over) once per audit event; a stop's burst of events now costs one.
+    """
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, consume: Callable[[list[T]], object]
+    ) -> None:
+        self._loop = loop
+        self._consume = consume
+        self._items: list[T] = []
+        self._scheduled = False
+        self._lock = threading.Lock()
+
+    def put(self, item: T) -> None:
+        """Queue *item* (any thread; cheap, never raises: dropped once the loop closed)."""
+        with self._lock:
+            self._items.append(item)
+            if self._scheduled:
+                return
+            self._scheduled = True
+        try:
+            self._loop.call_soon_threadsafe(self._drain)
+        except RuntimeError:  # the loop is closed: nobody will read them
+            with self._lock:
+                self._items.clear()
+
+    def _drain(self) -> None:
+        with self._lock:
+            items, self._items = self._items, []
+            self._scheduled = False
+        self._consume(items)
 
 
 class _Client:

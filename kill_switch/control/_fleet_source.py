@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from kill_switch.fleet import Fleet, FleetUnavailable, NoAnswer
 
 from ._http import Refused
+from ._inventory import Page, Query, json_text
 from ._sources import result_row
 
 if TYPE_CHECKING:
@@ -75,6 +76,16 @@ class FleetSource:
     async def sessions(self) -> list[dict[str, Any]]:
         """Every session of every runtime, live or lost."""
         return [fleet_row(s) for s in await self._all()]
+
+    async def page(self, query: Query) -> Page:
+        """Every selected session (a fleet's rows are not paged: each is read anew)."""
+        return Page(
+            [
+                json_text(r)
+                for r in await self.sessions()
+                if query.matches(r["agent"], r["state"], r["labels"])
+            ]
+        )
 
     async def session(self, session_id: str) -> dict[str, Any] | None:
         """The row; its live detail is read only by its own runtime's control plane."""

@@ -16,7 +16,7 @@ from starlette.responses import Response
 
 from kill_switch._vocabulary._triggers import MAX_REASON
 
-from ._inventory import jsonable
+from ._inventory import json_text
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -67,11 +67,12 @@ def error_response(
 def json_response(
     data: Any, status: int = 200, headers: Mapping[str, str] | None = None
 ) -> Response:
-    """*data* as a JSON answer (snapshots expanded, ASCII only)."""
-    # ensure_ascii: a lone surrogate (a tool name from a model's JSON, a reason given
-    # through the Python API) is written as a \udXXX escape instead of failing to encode
-    # as UTF-8, which made every later inventory read a 500.
-    body = json.dumps(jsonable(data), ensure_ascii=True, separators=(",", ":"))
+    """*data* as a JSON answer (snapshots expanded, ASCII only: ``json_text``)."""
+    return json_body(json_text(data), status, headers)
+
+
+def json_body(body: str, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
+    """*body*, JSON text already encoded by ``json_text``, as the answer."""
     return Response(body, status_code=status, media_type="application/json", headers=headers)
 
 
@@ -162,6 +163,20 @@ def flag(request: Request, name: str, default: bool) -> bool:
     if value.lower() in ("0", "false", "no"):
         return False
     raise Refused(400, f"?{name}= must be true or false")
+
+
+def count_param(request: Request, name: str, most: int | None = None) -> int | None:
+    """The non-negative integer query parameter *name* (at most *most*; ``None`` when
+    absent), else a 400."""
+    value = request.query_params.get(name)
+    if value is None:
+        return None
+    if not value.isascii() or not value.isdigit() or len(value) > 18:
+        raise Refused(400, f"?{name}= must be a whole number")
+    number = int(value)
+    if most is not None and number > most:
+        raise Refused(400, f"?{name}= must be at most {most}")
+    return number
 
 
 def label_filter(raw: list[str]) -> dict[str, str]:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 import anyio
 
 from ._http import Refused, escape
-from ._inventory import Book, Entry, jsonable, live_detail
+from ._inventory import Book, Entry, Page, Query, jsonable, live_detail
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
@@ -49,6 +49,10 @@ class SessionSource(Protocol):
 
     async def sessions(self) -> list[dict[str, Any]]:
         """Every session as a JSON-ready snapshot row."""
+        ...
+
+    async def page(self, query: Query) -> Page:
+        """The rows of ``GET /api/sessions`` that *query* selects, as JSON texts."""
         ...
 
     async def session(self, session_id: str) -> dict[str, Any] | None:
@@ -137,6 +141,15 @@ class LocalSource:
     async def sessions(self) -> list[dict[str, Any]]:
         """Every session as a row (live first seen, then remembered)."""
         return [e.to_json() for e in self.live()]
+
+    async def page(self, query: Query) -> Page:
+        """The live sessions' rows, built now, after a page of the remembered ones',
+        serialised once each (``Entry.text``)."""
+        live = set()
+        for info in self.runtime.sessions():
+            self.book.seen(info)
+            live.add(info.session_id)
+        return self.book.page(live, query)
 
     async def session(self, session_id: str) -> dict[str, Any] | None:
         """The row, with tool calls in flight, processes, threads and budget use."""
