@@ -125,6 +125,31 @@ async def test_a_full_book_is_not_serialised_again_on_each_poll(
         tg.cancel_scope.cancel()
 
 
+async def test_a_metrics_scrape_serialises_no_row(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``/metrics`` counts sessions per state from the snapshots: a scrape with a full
+    book encodes no row (it used to encode every one), and the counts are right."""
+    serialised: list[str] = []
+    to_json = Entry.to_json
+
+    def counted(self: Entry) -> dict[str, Any]:
+        serialised.append(self.info.session_id)
+        return to_json(self)
+
+    monkeypatch.setattr(Entry, "to_json", counted)
+    async with served() as (runtime, _, client), anyio.create_task_group() as tg:
+        await stop_sessions(runtime, 50)
+        await until_reported(client, 50)
+        await tg.start(hold, runtime)
+        serialised.clear()
+        text = (await client.get("/metrics")).text
+        assert serialised == []
+        assert 'kill_switch_sessions{state="terminated"} 50' in text
+        assert 'kill_switch_sessions{state="running"} 1' in text
+        await listing(client)  # the negative control: a listing does encode the live row
+        assert serialised != []
+        tg.cancel_scope.cancel()
+
+
 async def test_stopped_sessions_are_paged_newest_first_by_cursor() -> None:
     """The default answer holds the newest STOPPED_LIMIT stopped rows (book order) and
     every live one; ``stopped_before`` walks the older ones exactly once."""

@@ -19,7 +19,6 @@ import base64
 import contextlib
 import hashlib
 import re
-from collections import Counter
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
@@ -356,7 +355,7 @@ class ControlApp:
     async def metrics_text(self, request: Request) -> Response:
         """Prometheus text exposition."""
         self.access.require(request, "viewer")
-        states: Counter[str] = Counter(r["state"] for r in await self.source.sessions())
+        states = await self.source.states()
         text = self.metrics.render(
             sessions=states,
             audit_kind=self.audit_kind,

@@ -10,6 +10,7 @@ time is named in a 504 (the kill stays sticky in Redis and runs when it is back)
 from __future__ import annotations
 
 import contextlib
+from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 from kill_switch.fleet import Fleet, FleetUnavailable, NoAnswer
@@ -76,6 +77,10 @@ class FleetSource:
     async def sessions(self) -> list[dict[str, Any]]:
         """Every session of every runtime, live or lost."""
         return [fleet_row(s) for s in await self._all()]
+
+    async def states(self) -> Counter[str]:
+        """Sessions per state across the fleet (``unknown`` for a lost runtime's)."""
+        return Counter(r["state"] for r in await self.sessions())
 
     async def page(self, query: Query) -> Page:
         """Every selected session (a fleet's rows are not paged: each is read anew)."""

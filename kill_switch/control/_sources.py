@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections import Counter
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import anyio
@@ -53,6 +54,10 @@ class SessionSource(Protocol):
 
     async def page(self, query: Query) -> Page:
         """The rows of ``GET /api/sessions`` that *query* selects, as JSON texts."""
+        ...
+
+    async def states(self) -> Counter[str]:
+        """How many sessions are in each state (``/metrics``), without building rows."""
         ...
 
     async def session(self, session_id: str) -> dict[str, Any] | None:
@@ -141,6 +146,10 @@ class LocalSource:
     async def sessions(self) -> list[dict[str, Any]]:
         """Every session as a row (live first seen, then remembered)."""
         return [e.to_json() for e in self.live()]
+
+    async def states(self) -> Counter[str]:
+        """Sessions per state, from the snapshots: a scrape never serialises the book."""
+        return Counter(e.info.state for e in self.live())
 
     async def page(self, query: Query) -> Page:
         """The live sessions' rows, built now, after a page of the remembered ones',
