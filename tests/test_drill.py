@@ -49,6 +49,9 @@ async def test_clean_sessions_pass_every_check(tmp_path: Path) -> None:
         assert result.report is not None
         assert result.report.trigger == "operator"
         assert [t.outcome for t in result.report.threads].count("abandoned") == 1
+        # The blocking thread still runs: the report is honest, not "stopped".
+        assert result.report.outcome == "unresponsive"
+        assert not result.report.quiescent
     assert "PASS" in summary.summary()
 
 
@@ -64,7 +67,9 @@ async def test_leaked_subprocess_fails_the_drill(tmp_path: Path) -> None:
     assert not summary.ok
     assert failed(result) == {"processes"}
     assert result.report is not None
-    assert result.report.quiescent  # the report alone would have passed
+    # The report alone would have passed: only its named blocking thread is left.
+    assert [t.running for t in result.report.threads if t.outcome == "abandoned"] == [True]
+    assert result.report.latency.quiescent is not None
     detail = next(c.detail for c in result.checks if c.name == "processes")
     assert "sleep 300" in detail
     assert "untracked" in detail

@@ -193,8 +193,15 @@ class ThreadPlane(Plane):
             self._abandon_pending("stop_timeout" if deadline < grace_end else "grace")
 
     def quiescent(self) -> bool:
-        """True when every thread returned or was abandoned."""
-        return not self._pending() and all(w.outcome is not None for w in self._running)
+        """True when every thread of the stop has exited.
+
+        An abandoned thread that is still running is not settled: it may go on writing,
+        so the stop is not quiescent (the outcome is ``unresponsive``) until it exits.
+        """
+        if self._pending():
+            return False
+        with self._pile.lock:
+            return all(w.exited for w in self._reported)
 
     def stop_fields(self) -> StopFields:
         """One ``ThreadReport`` per thread running at the interrupt."""
@@ -207,7 +214,11 @@ class ThreadPlane(Plane):
             if w.outcome != "abandoned" and w.exited_mono is not None and first is not None:
                 seconds = max(0.0, w.exited_mono - first)
             assert w.outcome is not None
-            rows.append(ThreadReport(w.name, w.ident, w.outcome, seconds, tool=w.tool))
+            rows.append(
+                ThreadReport(
+                    w.name, w.ident, w.outcome, seconds, tool=w.tool, running=not w.exited
+                )
+            )
         return StopFields(threads=tuple(rows))
 
     # ------------------------------------------------------------- threads

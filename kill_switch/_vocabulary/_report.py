@@ -11,8 +11,9 @@ import attrs
 #: the runtime has no audit sink. ``pending``: not yet acknowledged within the bound.
 AuditStatus = Literal["durable", "volatile", "degraded", "disabled", "pending"]
 
-#: ``stopped``: interrupted and verified quiescent. ``unresponsive``: not quiescent within
-#: the stop timeout. ``before_start``: interrupted before its block began; the body never
+#: ``stopped``: interrupted and verified quiescent. ``unresponsive``: not verified stopped:
+#: not quiescent within the stop timeout, or a thread of the stop was abandoned and still
+#: ran session work when the report was built. ``before_start``: interrupted before its block began; the body never
 #: ran. ``after_end``: the session had already ended; nothing was stopped.
 Outcome = Literal["stopped", "unresponsive", "before_start", "after_end"]
 
@@ -89,6 +90,10 @@ class ThreadReport:
     session's ``Interrupted``, from ``ks.check()`` / ``ks.sleep()``), ``abandoned`` (not
     back within the grace: the session stopped waiting for it; it may still run, and its
     result and any commit point guarded by ``ks.check()`` are refused).
+
+    ``running``: the thread was still running when the report was built. Any such thread
+    makes the stop not quiescent (``StopReport.outcome`` is ``unresponsive``): it may go
+    on writing. If it exits later, the audit says so (``thread_returned``, ``late``).
     """
 
     #: the thread's name (``kill_switch <agent>/<tool> [<session id prefix>]``).
@@ -98,6 +103,7 @@ class ThreadReport:
     #: seconds from ``interrupt()`` to the thread returning (``None``: abandoned).
     seconds: float | None
     tool: str = ""
+    running: bool = False
 
 
 @attrs.frozen
@@ -123,7 +129,8 @@ class StopReport:
     operator: str | None
     requested_at: float
     outcome: Outcome
-    #: body and every tool task of the session exited (never true for ``unresponsive``).
+    #: body, every tool task and every thread of the session's work exited (never true
+    #: for ``unresponsive``; false while an abandoned thread still runs).
     quiescent: bool
     #: interrupt() calls after the first, in order; their reasons never replace the first.
     later: tuple[InterruptRequest, ...] = ()
@@ -140,7 +147,9 @@ class StopReport:
     latency: Latency = Latency(None, None, 0.0)
     #: the process plane: every tracked process of the session (issue: processes).
     processes: tuple[ProcessReport, ...] = ()
-    #: the thread plane: every sync tool thread running when the interrupt came.
+    #: the thread plane: every sync tool thread (``session.run_sync``, or a pool thread
+    #: running work submitted from the session's context) running when the interrupt
+    #: came; one still ``running`` makes the stop ``unresponsive``.
     threads: tuple[ThreadReport, ...] = ()
     #: cleanup hooks and rollbacks, in the order they ran.
     cleanup: tuple[CleanupReport, ...] = ()
@@ -172,7 +181,10 @@ class StopReport:
                 f"{killed} needed SIGKILL, {sum(p.escaped for p in self.processes)} escaped"
             )
         if self.threads:
-            outcomes = ", ".join(f"{t.name}: {t.outcome}" for t in self.threads)
+            outcomes = ", ".join(
+                f"{t.name}: {t.outcome}" + (" (STILL RUNNING)" if t.running else "")
+                for t in self.threads
+            )
             lines.append(f"  threads: {outcomes}")
         if self.cleanup:
             done = ", ".join(f"{c.kind} {c.name}: {c.outcome}" for c in self.cleanup)
