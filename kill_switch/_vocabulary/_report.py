@@ -13,8 +13,9 @@ AuditStatus = Literal["durable", "volatile", "degraded", "disabled", "pending"]
 
 #: ``stopped``: interrupted and verified quiescent. ``unresponsive``: not verified stopped:
 #: not quiescent within the stop timeout, or a thread of the stop was abandoned and still
-#: ran session work when the report was built. ``before_start``: interrupted before its block began; the body never
-#: ran. ``after_end``: the session had already ended; nothing was stopped.
+#: ran session work when the report was built. ``before_start``: interrupted before its
+#: block began; the body never ran. ``after_end``: the session had already ended;
+#: nothing was stopped.
 Outcome = Literal["stopped", "unresponsive", "before_start", "after_end"]
 
 
