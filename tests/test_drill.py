@@ -18,7 +18,7 @@ import attrs
 import pytest
 
 import kill_switch as ks
-from kill_switch import DrillObjectives, DrillShape, _drill, drill, run_drills
+from kill_switch import DrillObjectives, DrillShape, _drill, _drill_results, drill, run_drills
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::kill_switch.EscalationWarning")
 FAST = DrillShape(calls=5, processes=1, threads=1, blocking_threads=1, stop_timeout=1.0)
 
 
-def failed(result: _drill.DrillResult) -> set[str]:
+def failed(result: _drill_results.DrillResult) -> set[str]:
     return {c.name for c in result.failures}
 
 
@@ -42,7 +42,7 @@ async def test_clean_sessions_pass_every_check(tmp_path: Path) -> None:
         summary = await run_drills(runtime, runs=3, shape=FAST)
     assert summary.ok, summary.summary()
     for result in summary.results:
-        assert [c.name for c in result.checks] == list(_drill.CHECKS)
+        assert [c.name for c in result.checks] == list(_drill_results.CHECKS)
         assert not any(c.skipped for c in result.checks)
         assert result.latency is not None
         assert result.quiesced is not None
@@ -263,11 +263,11 @@ async def test_drill_refuses_what_it_cannot_drill() -> None:
 
 def test_histogram_rows() -> None:
     """Latencies land in 1-2-5 buckets; empty edge buckets are dropped."""
-    rows = _drill.histogram([3.0, 4.0, 12.0, 700.0])
+    rows = _drill_results.histogram([3.0, 4.0, 12.0, 700.0])
     assert rows[0].strip().startswith("2-5 ms")
     assert rows[-1].strip().startswith("500-1000 ms")
     assert rows[0].endswith(" 2")
-    assert _drill.histogram([]) == []
+    assert _drill_results.histogram([]) == []
 
 
 # --------------------------------------------------------------------- CLI

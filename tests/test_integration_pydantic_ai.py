@@ -118,9 +118,7 @@ async def test_without_the_integration_a_framework_thread_outlives_the_report(
 
             report, _, _ = await kit.run(runtime, agent, how="task", where="inside")
             assert (report.outcome, report.quiescent) == ("unresponsive", False)
-            assert [(t.name, t.running) for t in report.threads] == [
-                ("AnyIO worker thread", True)
-            ]
+            assert [(t.name, t.running) for t in report.threads] == [("AnyIO worker thread", True)]
             assert await kit.settle_writes() > 0
     finally:
         kit.finish()

@@ -30,15 +30,8 @@ import tempfile
 import time
 from typing import TYPE_CHECKING, Any
 
-from kill_switch._drill import (
-    LEAKS,
-    DrillCheck,
-    DrillObjectives,
-    DrillResult,
-    DrillShape,
-    run_drills,
-    summarize,
-)
+from kill_switch._drill import LEAKS, DrillShape, run_drills, summarize
+from kill_switch._drill_results import DrillCheck, DrillObjectives, DrillResult
 from kill_switch._vocabulary._audit_event import ESCALATED, INTERRUPT_COMPLETED, INTERRUPT_REQUESTED
 
 from ._common import Exit, Failure
@@ -47,7 +40,7 @@ from ._common import out as _out
 from ._common import request as _request
 
 if TYPE_CHECKING:
-    from kill_switch._drill import DrillSummary
+    from kill_switch._drill_results import DrillSummary
 
 
 def _positive(text: str) -> float:
