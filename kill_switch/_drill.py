@@ -29,9 +29,11 @@ import os
 import subprocess
 import threading
 import time
+from functools import partial
 from typing import TYPE_CHECKING, Any, Final, Literal
 
 import anyio
+import anyio.to_thread
 import attrs
 
 from ._drill_results import (
@@ -44,6 +46,7 @@ from ._drill_results import (
 )
 from ._planes._context import check as ks_check
 from ._planes._context import sleep as ks_sleep
+from ._planes._pool import session_threads
 from ._planes._processes import TRACKING_ENV
 from ._planes._procfs import (
     START_RESOLUTION,
@@ -70,8 +73,8 @@ if TYPE_CHECKING:
     from ._runtime import Runtime
     from ._vocabulary._report import StopReport
 
-Leak = Literal["process", "task"]
-LEAKS: Final[tuple[Leak, ...]] = ("process", "task")
+Leak = Literal["process", "task", "thread"]
+LEAKS: Final[tuple[Leak, ...]] = ("process", "task", "thread")
 
 #: How often the independent checks are re-run while waiting for quiescence.
 _POLL: Final = 0.002
@@ -109,7 +112,9 @@ class DrillShape:
         stop_timeout: the session's bound on its own stop.
         leak: deliberate faults, to prove the drill catches them: ``"process"`` spawns a
             process behind the runtime's back, ``"task"`` leaves a task that swallows
-            its cancellation. Drills with a leak must fail.
+            its cancellation, ``"thread"`` runs a sync tool that never polls in anyio's
+            pool with ``abandon_on_cancel`` (off the thread plane; its caller does not
+            wait). Drills with a leak must fail.
     """
 
     calls: int = attrs.field(default=20, validator=_count)
@@ -205,16 +210,21 @@ def _check_tasks(session: Session) -> DrillCheck:
 
 
 def _check_threads(session: Session, report: StopReport | None) -> DrillCheck:
+    # Seen from outside the thread plane: threads tagged with the session, and threads
+    # whose stack holds a context of the session (a pool's worker running its work).
     tag = f"[{session.id[:8]}]"
-    abandoned = {t.ident for t in report.threads if t.outcome == "abandoned"} if report else set()
-    running = [t for t in threading.enumerate() if t.name.endswith(tag) and t.is_alive()]
-    unlisted = [t for t in running if t.ident not in abandoned]
+    rows = report.threads if report else ()
+    abandoned = {t.ident for t in rows if t.outcome == "abandoned" and t.running and t.tool}
+    running = {t.ident: t.name for t in threading.enumerate() if t.name.endswith(tag)}
+    running.update(session_threads(session, set()))
+    unlisted = [name for ident, name in running.items() if ident not in abandoned]
     if unlisted:
-        names = ", ".join(t.name for t in unlisted[:5])
+        names = ", ".join(unlisted[:5])
         return DrillCheck(
             "threads",
             False,
-            f"{len(unlisted)} thread(s) still running and not listed as abandoned: {names}",
+            f"{len(unlisted)} thread(s) still running the session's work and not on its "
+            f"thread plane as abandoned: {names}",
         )
     listed = len(running)
     detail = "every thread of the session has returned"
@@ -496,7 +506,7 @@ async def _synthetic(  # noqa: ASYNC114 - private; started with tg.start in this
         stop_timeout=shape.stop_timeout,
         max_abandoned_threads=max(16, shape.blocking_threads * 4),
     )
-    expected = shape.calls + shape.threads + shape.blocking_threads
+    expected = shape.calls + shape.threads + shape.blocking_threads + ("thread" in shape.leak)
     ready = _Readiness(expected)
     if expected == 0:
         ready.event.set()
@@ -528,6 +538,14 @@ async def _synthetic(  # noqa: ASYNC114 - private; started with tg.start in this
                     stdout=subprocess.DEVNULL,
                     start_new_session=True,
                 )
+            )
+        if "thread" in shape.leak:
+            # A pool the thread plane does not run, whose caller does not wait for it.
+            session.start_soon(
+                anyio.to_thread.run_sync,
+                partial(_blocking_tool, ready, leftovers.release),
+                abandon_on_cancel=True,
+                tool="leak",
             )
         if "task" in shape.leak:
             asyncio.get_running_loop().create_task(_stubborn_task(leftovers.release))

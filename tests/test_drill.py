@@ -75,6 +75,21 @@ async def test_leaked_subprocess_fails_the_drill(tmp_path: Path) -> None:
     assert "untracked" in detail
 
 
+async def test_leaked_pool_thread_fails_the_drill(tmp_path: Path) -> None:
+    """A never-polling tool in a pool off the thread plane still writes after the report:
+    the drill fails on ``threads``, having found it on the thread's stack."""
+    shape = attrs.evolve(FAST, leak=("thread",))
+    async with ks.Runtime(audit=str(tmp_path / "audit.db")) as runtime:
+        summary = await run_drills(
+            runtime, runs=1, shape=shape, objectives=DrillObjectives(quiesce_ms=200.0)
+        )
+    (result,) = summary.results
+    assert not summary.ok
+    assert "threads" in failed(result)
+    (check,) = [c for c in result.checks if c.name == "threads"]
+    assert "AnyIO worker thread" in check.detail
+
+
 async def test_leaked_task_fails_the_drill(tmp_path: Path) -> None:
     """A task that swallows its cancellation outlives the session: the drill fails on
     ``tasks`` (and the report says not quiescent)."""
@@ -171,7 +186,7 @@ async def test_thread_not_listed_as_abandoned_fails() -> None:
             release.set()
             tg.cancel_scope.cancel()
     assert not check.ok
-    assert "not listed as abandoned" in check.detail
+    assert "not on its thread plane as abandoned" in check.detail
 
 
 async def test_missing_audit_row_and_tampered_chain_fail(tmp_path: Path) -> None:

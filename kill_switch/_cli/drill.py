@@ -4,7 +4,7 @@
                       [--blocking-threads N] [--term-grace S] [--thread-grace S]
                       [--p50-ms X] [--p99-ms X] [--max-ms X] [--quiesce-ms X]
                       [--db PATH | --no-audit] [--loop asyncio|uvloop]
-                      [--inject process|task] [--json]
+                      [--inject process|task|thread] [--json]
     kill-switch drill --session ID [--url URL] [--token T] [--reason R]
                       [--quiesce-ms X] [--p99-ms X] [--json]
 
