@@ -264,7 +264,7 @@ def _check_report(session: Session, report: StopReport | None, bound: float) -> 
             "thread(s) still run, and it says so",
         )
     if not report.quiescent:
-        leaked = sum(not t.cancelled for t in report.leaked_tasks)
+        leaked = sum(not t.cancelled for t in (*report.leaked_tasks, *report.swept_tasks))
         return DrillCheck(
             "report",
             False,
@@ -278,7 +278,7 @@ def _only_threads_left(report: StopReport) -> bool:
     """Whether everything but the threads still running settled (tasks, processes)."""
     return (
         report.latency.quiescent is not None
-        and all(t.cancelled for t in report.leaked_tasks)
+        and all(t.cancelled for t in (*report.leaked_tasks, *report.swept_tasks))
         and all(p.returncode is not None for p in report.processes)
     )
 

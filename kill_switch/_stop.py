@@ -258,6 +258,7 @@ class Stop:
             tool_calls_cancelled=fields.tool_calls_cancelled,
             late_results=self.late_results,
             leaked_tasks=fields.leaked_tasks,
+            swept_tasks=fields.swept_tasks,
             secondary_errors=tuple(self.secondary),
             # Every child still listed was cascaded to (or will be: see interrupt()).
             children=tuple(c.id for c in self.children),

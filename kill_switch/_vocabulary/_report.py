@@ -139,7 +139,13 @@ class StopReport:
     tool_calls_cancelled: int = 0
     #: tool results that arrived after the interrupt and were not delivered to the agent.
     late_results: int = 0
+    #: tasks a tool created (while its guarded call ran) that outlived the block: a tool
+    #: escaped structure; swept (cancelled) at the stop.
     leaked_tasks: tuple[LeakedTask, ...] = ()
+    #: tasks created in the session's context outside any tool call (a framework's hooks
+    #: or tracing, started by the agent loop) that outlived the block: swept too, but no
+    #: tool escaped.
+    swept_tasks: tuple[LeakedTask, ...] = ()
     #: exceptions that tools raised while being cancelled (kept, not propagated).
     secondary_errors: tuple[str, ...] = ()
     #: child sessions interrupted with this one (trigger ``parent``).
@@ -173,6 +179,7 @@ class StopReport:
             f"  tool calls cancelled: {self.tool_calls_cancelled}, "
             f"late results dropped: {self.late_results}, "
             f"leaked tasks: {len(self.leaked_tasks)}"
+            + (f", framework tasks swept: {len(self.swept_tasks)}" if self.swept_tasks else "")
         )
         if self.processes:
             reaped = sum(1 for p in self.processes if p.returncode is not None)
