@@ -55,16 +55,21 @@ async def test_clean_sessions_pass_every_check(tmp_path: Path) -> None:
     assert "PASS" in summary.summary()
 
 
-async def test_leaked_subprocess_fails_the_drill(tmp_path: Path) -> None:
-    """A process spawned behind the runtime's back survives the stop: the drill fails on
-    ``processes``, naming it — although the StopReport itself says quiescent."""
-    shape = attrs.evolve(FAST, leak=("process",))
+async def one_leaky_run(tmp_path: Path, shape: DrillShape) -> _drill_results.DrillResult:
+    """One drill run of *shape* (a deliberate leak): it must fail."""
     async with ks.Runtime(audit=str(tmp_path / "audit.db")) as runtime:
         summary = await run_drills(
             runtime, runs=1, shape=shape, objectives=DrillObjectives(quiesce_ms=200)
         )
     (result,) = summary.results
     assert not summary.ok
+    return result
+
+
+async def test_leaked_subprocess_fails_the_drill(tmp_path: Path) -> None:
+    """A process spawned behind the runtime's back survives the stop: the drill fails on
+    ``processes``, naming it — although the StopReport itself says quiescent."""
+    result = await one_leaky_run(tmp_path, attrs.evolve(FAST, leak=("process",)))
     assert failed(result) == {"processes"}
     assert result.report is not None
     # The report alone would have passed: only its named blocking thread is left.
@@ -78,13 +83,7 @@ async def test_leaked_subprocess_fails_the_drill(tmp_path: Path) -> None:
 async def test_leaked_pool_thread_fails_the_drill(tmp_path: Path) -> None:
     """A never-polling tool in a pool off the thread plane still writes after the report:
     the drill fails on ``threads``, having found it on the thread's stack."""
-    shape = attrs.evolve(FAST, leak=("thread",))
-    async with ks.Runtime(audit=str(tmp_path / "audit.db")) as runtime:
-        summary = await run_drills(
-            runtime, runs=1, shape=shape, objectives=DrillObjectives(quiesce_ms=200.0)
-        )
-    (result,) = summary.results
-    assert not summary.ok
+    result = await one_leaky_run(tmp_path, attrs.evolve(FAST, leak=("thread",)))
     assert "threads" in failed(result)
     (check,) = [c for c in result.checks if c.name == "threads"]
     assert "AnyIO worker thread" in check.detail
