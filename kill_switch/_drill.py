@@ -447,13 +447,15 @@ class _Readiness:
     ready: int = 0
     lock: threading.Lock = attrs.field(factory=threading.Lock)
     event: anyio.Event = attrs.field(factory=anyio.Event)
+    loop: asyncio.AbstractEventLoop = attrs.field(factory=asyncio.get_running_loop)
 
     def one(self) -> None:
+        """One more is ready (any thread: the event is set on its loop)."""
         with self.lock:
             self.ready += 1
             done = self.ready >= self.expected
         if done:
-            self.event.set()
+            self.loop.call_soon_threadsafe(self.event.set)
 
 
 @attrs.define(eq=False)
