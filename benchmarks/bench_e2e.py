@@ -314,8 +314,14 @@ class Shape:
 def verify(report: ks.StopReport, shape: Shape, db: str) -> None:
     """Fail loudly unless *report*'s kill stopped everything of *shape*."""
     problems: list[str] = []
-    if report.outcome != "stopped" or not report.quiescent:
+    # The deaf threads may still run when the report is built: then the report must say
+    # so (unresponsive, escalated), never stopped.
+    deaf_running = any(t.running for t in report.threads)
+    expected = ("unresponsive", False) if deaf_running else ("stopped", True)
+    if (report.outcome, report.quiescent) != expected:
         problems.append(f"outcome {report.outcome}, quiescent {report.quiescent}")
+    if any(t.running and t.tool != "deaf" for t in report.threads):
+        problems.append("a polling thread still ran at the report")
     if report.tool_calls_cancelled < N_CALLS:
         problems.append(f"{report.tool_calls_cancelled} tool calls cancelled")
     if len(report.processes) != N_TREES:
@@ -339,13 +345,14 @@ def verify(report: ks.StopReport, shape: Shape, db: str) -> None:
     for pid in shape.pids:
         if state(pid) not in (None, "Z"):
             problems.append(f"pid {pid} alive ({state(pid)})")
+    last = "escalated" if deaf_running else "interrupt_completed"
     with contextlib.closing(sqlite3.connect(db)) as conn:
         (rows,) = conn.execute(
-            "SELECT count(*) FROM events WHERE interrupt_id = ? AND kind = 'interrupt_completed'",
-            (report.interrupt_id,),
+            "SELECT count(*) FROM events WHERE interrupt_id = ? AND kind = ?",
+            (report.interrupt_id, last),
         ).fetchone()
     if rows != 1:
-        problems.append(f"{rows} interrupt_completed rows on disk")
+        problems.append(f"{rows} {last} rows on disk")
     if problems:
         raise KillFailed(
             f"kill of session {report.session_id} incomplete: {'; '.join(problems)}\n"

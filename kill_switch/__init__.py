@@ -77,14 +77,14 @@ if TYPE_CHECKING:  # imported on first use (below), so that type checkers see th
     from ._audit._query import verify as verify_audit
     from ._audit._sqlite import AuditStatistics as AuditStatistics
     from ._audit._sqlite import SqliteAudit as SqliteAudit
-    from ._drill import DrillCheck as DrillCheck
-    from ._drill import DrillObjectives as DrillObjectives
-    from ._drill import DrillResult as DrillResult
     from ._drill import DrillShape as DrillShape
-    from ._drill import DrillSummary as DrillSummary
-    from ._drill import DrillVerdict as DrillVerdict
     from ._drill import drill as drill
     from ._drill import run_drills as run_drills
+    from ._drill_results import DrillCheck as DrillCheck
+    from ._drill_results import DrillObjectives as DrillObjectives
+    from ._drill_results import DrillResult as DrillResult
+    from ._drill_results import DrillSummary as DrillSummary
+    from ._drill_results import DrillVerdict as DrillVerdict
 
 #: Names whose modules are imported on first access: ``import kill_switch`` does not load
 #: aiosqlite, sqlite3 or the drill until an audit log or a drill is asked for.
@@ -93,12 +93,12 @@ _LAZY: dict[str, tuple[str, str]] = {
     "AuditRecord": ("._audit._query", "AuditRecord"),
     "AuditStatistics": ("._audit._sqlite", "AuditStatistics"),
     "CascadeNode": ("._audit._query", "CascadeNode"),
-    "DrillCheck": ("._drill", "DrillCheck"),
-    "DrillObjectives": ("._drill", "DrillObjectives"),
-    "DrillResult": ("._drill", "DrillResult"),
+    "DrillCheck": ("._drill_results", "DrillCheck"),
+    "DrillObjectives": ("._drill_results", "DrillObjectives"),
+    "DrillResult": ("._drill_results", "DrillResult"),
     "DrillShape": ("._drill", "DrillShape"),
-    "DrillSummary": ("._drill", "DrillSummary"),
-    "DrillVerdict": ("._drill", "DrillVerdict"),
+    "DrillSummary": ("._drill_results", "DrillSummary"),
+    "DrillVerdict": ("._drill_results", "DrillVerdict"),
     "SqliteAudit": ("._audit._sqlite", "SqliteAudit"),
     "VerifyResult": ("._audit._query", "VerifyResult"),
     "drill": ("._drill", "drill"),

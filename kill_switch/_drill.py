@@ -25,18 +25,28 @@ latency objectives; ``kill-switch drill`` is its command line.
 from __future__ import annotations
 
 import asyncio
-import math
 import os
 import subprocess
 import threading
 import time
+from functools import partial
 from typing import TYPE_CHECKING, Any, Final, Literal
 
 import anyio
+import anyio.to_thread
 import attrs
 
+from ._drill_results import (
+    DrillCheck,
+    DrillObjectives,
+    DrillResult,
+    DrillSummary,
+    DrillVerdict,
+    percentile,
+)
 from ._planes._context import check as ks_check
 from ._planes._context import sleep as ks_sleep
+from ._planes._pool import session_threads
 from ._planes._process_plane import TRACKING_ENV
 from ._planes._procfs import (
     START_RESOLUTION,
@@ -55,7 +65,7 @@ from ._vocabulary._audit_event import (
     DurableAuditSink,
 )
 from ._vocabulary._policy import StopPolicy
-from ._vocabulary._validate import attrs_check, count, non_negative, positive, positive_int, seconds
+from ._vocabulary._validate import attrs_check, count, non_negative, positive_int, seconds
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Sequence
@@ -63,17 +73,8 @@ if TYPE_CHECKING:
     from ._runtime import Runtime
     from ._vocabulary._report import StopReport
 
-CheckName = Literal["report", "tasks", "processes", "zombies", "threads", "audit"]
-CHECKS: Final[tuple[CheckName, ...]] = (
-    "report",
-    "tasks",
-    "processes",
-    "zombies",
-    "threads",
-    "audit",
-)
-Leak = Literal["process", "task"]
-LEAKS: Final[tuple[Leak, ...]] = ("process", "task")
+Leak = Literal["process", "task", "thread"]
+LEAKS: Final[tuple[Leak, ...]] = ("process", "task", "thread")
 
 #: How often the independent checks are re-run while waiting for quiescence.
 _POLL: Final = 0.002
@@ -81,8 +82,6 @@ _POLL: Final = 0.002
 _START_SLACK: Final = 2 * START_RESOLUTION
 
 
-_positive_or_none = attrs.validators.optional(attrs_check(positive))
-_positive = attrs_check(positive)
 _seconds = attrs_check(seconds)
 _count = attrs_check(count)
 
@@ -95,88 +94,6 @@ def _leaks(_inst: Any, attr: attrs.Attribute[Any], value: tuple[str, ...]) -> No
     for leak in value:
         if leak not in LEAKS:
             raise ValueError(f"unknown leak {leak!r}; expected one of {list(LEAKS)}")
-
-
-# ------------------------------------------------------------------ results
-
-
-@attrs.frozen
-class DrillCheck:
-    """One independent check of a drill: its name, whether it passed, and what it saw."""
-
-    name: CheckName
-    ok: bool
-    detail: str
-    #: The check could not be made (no durable audit log to read, say); it does not fail
-    #: the drill, and the summary says it was skipped.
-    skipped: bool = False
-
-    def to_json(self) -> dict[str, Any]:
-        return attrs.asdict(self)
-
-
-@attrs.frozen
-class DrillResult:
-    """The outcome of one drill against one session."""
-
-    session_id: str
-    agent: str
-    #: Seconds from ``interrupt()`` to the ``StopReport`` in the drill's hands; ``None``
-    #: if no report came within the bound.
-    latency: float | None
-    #: Seconds from ``interrupt()`` until every independent check had passed, measured
-    #: at the end of the round of checks that passed, so it includes the drill's own
-    #: look (a full ``/proc`` scan: a few milliseconds); ``None`` if they did not all
-    #: pass within the bound.
-    quiesced: float | None
-    checks: tuple[DrillCheck, ...]
-    report: StopReport | None = attrs.field(default=None, repr=False)
-
-    @property
-    def ok(self) -> bool:
-        """Every check passed (skipped checks do not count against it)."""
-        return all(c.ok for c in self.checks)
-
-    @property
-    def failures(self) -> tuple[DrillCheck, ...]:
-        return tuple(c for c in self.checks if not c.ok)
-
-    def summary(self) -> str:
-        """One line: verdict, timings, and the failed checks' details."""
-        verdict = "PASS" if self.ok else "FAIL"
-        lat = _ms(self.latency)
-        qui = _ms(self.quiesced)
-        line = f"{verdict} {self.agent} [{self.session_id}]: report {lat}, quiet {qui}"
-        for c in self.failures:
-            line += f"; {c.name}: {c.detail}"
-        return line
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "session_id": self.session_id,
-            "agent": self.agent,
-            "ok": self.ok,
-            "latency_ms": None if self.latency is None else self.latency * 1e3,
-            "quiesced_ms": None if self.quiesced is None else self.quiesced * 1e3,
-            "checks": [c.to_json() for c in self.checks],
-        }
-
-
-@attrs.frozen
-class DrillObjectives:
-    """What a series of drills must show to pass, in milliseconds.
-
-    Percentiles apply to *latency* (``interrupt()`` → ``StopReport``). Every run must
-    also pass every check within *quiesce_ms* of its ``interrupt()``.
-
-    Raises:
-        TypeError, ValueError: an objective is not a finite number > 0.
-    """
-
-    p50_ms: float | None = attrs.field(default=None, validator=_positive_or_none)
-    p99_ms: float | None = attrs.field(default=None, validator=_positive_or_none)
-    max_ms: float | None = attrs.field(default=None, validator=_positive_or_none)
-    quiesce_ms: float = attrs.field(default=2000.0, validator=_positive)
 
 
 @attrs.frozen
@@ -195,7 +112,9 @@ class DrillShape:
         stop_timeout: the session's bound on its own stop.
         leak: deliberate faults, to prove the drill catches them: ``"process"`` spawns a
             process behind the runtime's back, ``"task"`` leaves a task that swallows
-            its cancellation. Drills with a leak must fail.
+            its cancellation, ``"thread"`` runs a sync tool that never polls in anyio's
+            pool with ``abandon_on_cancel`` (off the thread plane; its caller does not
+            wait). Drills with a leak must fail.
     """
 
     calls: int = attrs.field(default=20, validator=_count)
@@ -206,115 +125,6 @@ class DrillShape:
     thread_grace: float = attrs.field(default=0.02, validator=_seconds)
     stop_timeout: float = attrs.field(default=2.0, validator=_seconds)
     leak: tuple[Leak, ...] = attrs.field(default=(), converter=_to_leaks, validator=_leaks)
-
-
-@attrs.frozen
-class DrillVerdict:
-    """One objective of a series: met or not, with the measured value."""
-
-    name: str
-    ok: bool
-    detail: str
-
-
-@attrs.frozen
-class DrillSummary:
-    """A series of drills, their latency distribution and the verdict."""
-
-    results: tuple[DrillResult, ...]
-    objectives: DrillObjectives
-    verdicts: tuple[DrillVerdict, ...]
-
-    @property
-    def ok(self) -> bool:
-        return bool(self.results) and all(v.ok for v in self.verdicts)
-
-    def latencies_ms(self) -> list[float]:
-        return [r.latency * 1e3 for r in self.results if r.latency is not None]
-
-    def percentiles(self) -> dict[str, float]:
-        data = self.latencies_ms()
-        if not data:
-            return {}
-        return {
-            "p50": _percentile(data, 50),
-            "p95": _percentile(data, 95),
-            "p99": _percentile(data, 99),
-            "max": max(data),
-        }
-
-    def summary(self) -> str:
-        """DrillVerdict line, percentiles, a histogram, each objective, and failed runs."""
-        passed = sum(r.ok for r in self.results)
-        lines = [
-            f"kill drill: {'PASS' if self.ok else 'FAIL'} — {passed}/{len(self.results)} "
-            "runs left nothing behind"
-        ]
-        pct = self.percentiles()
-        if pct:
-            quiet = [r.quiesced * 1e3 for r in self.results if r.quiesced is not None]
-            lines.append(
-                "  interrupt → StopReport: " + ", ".join(f"{k} {v:.1f} ms" for k, v in pct.items())
-            )
-            if quiet:
-                lines.append(
-                    f"  interrupt → independently quiet: p50 {_percentile(quiet, 50):.1f} ms, "
-                    f"max {max(quiet):.1f} ms"
-                )
-            lines.extend("  " + row for row in histogram(self.latencies_ms()))
-        for v in self.verdicts:
-            lines.append(f"  [{'ok' if v.ok else 'FAIL'}] {v.name}: {v.detail}")
-        shown = 0
-        for r in self.results:
-            if not r.ok and shown < 5:
-                lines.append("  " + r.summary())
-                shown += 1
-        return "\n".join(lines)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "ok": self.ok,
-            "runs": len(self.results),
-            "passed": sum(r.ok for r in self.results),
-            "latency_ms": self.percentiles(),
-            "objectives": attrs.asdict(self.objectives),
-            "verdicts": [attrs.asdict(v) for v in self.verdicts],
-            "results": [r.to_json() for r in self.results],
-        }
-
-
-def _ms(seconds: float | None) -> str:
-    return "none" if seconds is None else f"{seconds * 1e3:.1f} ms"
-
-
-def _percentile(data: Sequence[float], q: float) -> float:
-    xs = sorted(data)
-    pos = (len(xs) - 1) * q / 100.0
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
-
-
-_BUCKETS: Final = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0)
-
-
-def histogram(values_ms: Sequence[float], width: int = 40) -> list[str]:
-    """Text rows of a latency histogram over fixed 1-2-5 buckets (empty edges dropped)."""
-    counts = [0] * (len(_BUCKETS) + 1)
-    for v in values_ms:
-        i = next((i for i, edge in enumerate(_BUCKETS) if v < edge), len(_BUCKETS))
-        counts[i] += 1
-    used = [i for i, c in enumerate(counts) if c]
-    if not used:
-        return []
-    top = max(counts)
-    rows = []
-    for i in range(used[0], used[-1] + 1):
-        lo = 0.0 if i == 0 else _BUCKETS[i - 1]
-        label = f">= {lo:g} ms" if i == len(_BUCKETS) else f"{lo:g}-{_BUCKETS[i]:g} ms"
-        bar = "#" * max(1 if counts[i] else 0, round(width * counts[i] / top))
-        rows.append(f"{label:>14} | {bar} {counts[i]}")
-    return rows
 
 
 # ------------------------------------------------------------- the checks
@@ -400,16 +210,21 @@ def _check_tasks(session: Session) -> DrillCheck:
 
 
 def _check_threads(session: Session, report: StopReport | None) -> DrillCheck:
+    # Seen from outside the thread plane: threads tagged with the session, and threads
+    # whose stack holds a context of the session (a pool's worker running its work).
     tag = f"[{session.id[:8]}]"
-    abandoned = {t.ident for t in report.threads if t.outcome == "abandoned"} if report else set()
-    running = [t for t in threading.enumerate() if t.name.endswith(tag) and t.is_alive()]
-    unlisted = [t for t in running if t.ident not in abandoned]
+    rows = report.threads if report else ()
+    abandoned = {t.ident for t in rows if t.outcome == "abandoned" and t.running and t.tool}
+    running = {t.ident: t.name for t in threading.enumerate() if t.name.endswith(tag)}
+    running.update(session_threads(session, set()))
+    unlisted = [name for ident, name in running.items() if ident not in abandoned]
     if unlisted:
-        names = ", ".join(t.name for t in unlisted[:5])
+        names = ", ".join(unlisted[:5])
         return DrillCheck(
             "threads",
             False,
-            f"{len(unlisted)} thread(s) still running and not listed as abandoned: {names}",
+            f"{len(unlisted)} thread(s) still running the session's work and not on its "
+            f"thread plane as abandoned: {names}",
         )
     listed = len(running)
     detail = "every thread of the session has returned"
@@ -438,8 +253,18 @@ def _check_processes(probe: _ProcessProbe) -> tuple[DrillCheck, DrillCheck]:
 def _check_report(session: Session, report: StopReport | None, bound: float) -> DrillCheck:
     if report is None:
         return DrillCheck("report", False, f"no StopReport within {bound:.1f} s")
+    running = [t for t in report.threads if t.running]
+    if not report.quiescent and running and _only_threads_left(report):
+        # Honest: the one thing left is threads that never poll, named as still running
+        # (the threads check looks at them from outside).
+        return DrillCheck(
+            "report",
+            True,
+            f"{report.outcome}: not quiescent only because {len(running)} abandoned "
+            "thread(s) still run, and it says so",
+        )
     if not report.quiescent:
-        leaked = sum(not t.cancelled for t in report.leaked_tasks)
+        leaked = sum(not t.cancelled for t in (*report.leaked_tasks, *report.swept_tasks))
         return DrillCheck(
             "report",
             False,
@@ -447,6 +272,15 @@ def _check_report(session: Session, report: StopReport | None, bound: float) -> 
             f"({leaked} leaked task(s) did not exit)",
         )
     return DrillCheck("report", True, f"{report.outcome}, quiescent, trigger {report.trigger}")
+
+
+def _only_threads_left(report: StopReport) -> bool:
+    """Whether everything but the threads still running settled (tasks, processes)."""
+    return (
+        report.latency.quiescent is not None
+        and all(t.cancelled for t in (*report.leaked_tasks, *report.swept_tasks))
+        and all(p.returncode is not None for p in report.processes)
+    )
 
 
 def _audit_path(session: Session) -> str | None:
@@ -587,7 +421,7 @@ def _check_objectives(
         if len(data) < len(results) or not data:
             verdicts.append(DrillVerdict(f"{name} ≤ {bound:g} ms", False, "a run had no report"))
             continue
-        value = _percentile(data, q)
+        value = percentile(data, q)
         verdicts.append(DrillVerdict(f"{name} ≤ {bound:g} ms", value <= bound, f"{value:.1f} ms"))
     return tuple(verdicts)
 
@@ -613,13 +447,15 @@ class _Readiness:
     ready: int = 0
     lock: threading.Lock = attrs.field(factory=threading.Lock)
     event: anyio.Event = attrs.field(factory=anyio.Event)
+    loop: asyncio.AbstractEventLoop = attrs.field(factory=asyncio.get_running_loop)
 
     def one(self) -> None:
+        """One more is ready (any thread: the event is set on its loop)."""
         with self.lock:
             self.ready += 1
             done = self.ready >= self.expected
         if done:
-            self.event.set()
+            self.loop.call_soon_threadsafe(self.event.set)
 
 
 @attrs.define(eq=False)
@@ -672,7 +508,7 @@ async def _synthetic(  # noqa: ASYNC114 - private; started with tg.start in this
         stop_timeout=shape.stop_timeout,
         max_abandoned_threads=max(16, shape.blocking_threads * 4),
     )
-    expected = shape.calls + shape.threads + shape.blocking_threads
+    expected = shape.calls + shape.threads + shape.blocking_threads + ("thread" in shape.leak)
     ready = _Readiness(expected)
     if expected == 0:
         ready.event.set()
@@ -704,6 +540,14 @@ async def _synthetic(  # noqa: ASYNC114 - private; started with tg.start in this
                     stdout=subprocess.DEVNULL,
                     start_new_session=True,
                 )
+            )
+        if "thread" in shape.leak:
+            # A pool the thread plane does not run, whose caller does not wait for it.
+            session.start_soon(
+                anyio.to_thread.run_sync,
+                partial(_blocking_tool, ready, leftovers.release),
+                abandon_on_cancel=True,
+                tool="leak",
             )
         if "task" in shape.leak:
             asyncio.get_running_loop().create_task(_stubborn_task(leftovers.release))

@@ -17,6 +17,7 @@ import anyio
 
 from ._loop_monitor import LoopMonitor
 from ._planes._context import _current_session
+from ._planes._pool import install as install_pool
 from ._sentinel import Sentinel
 from ._session import Session
 from ._vocabulary._audit_event import SESSION_REFUSED, AuditEvent, AuditSink, DurableAuditSink
@@ -147,6 +148,9 @@ class Runtime:
                 self._terminated |= await self._sink.terminated_session_ids()
         if self._track_tasks:
             self._install_task_factory()
+        # asyncio.to_thread / run_in_executor(None, ...) work of a session on its thread
+        # plane (kept installed: outside a session it is a plain pool).
+        install_pool(loop)
         self._monitor = LoopMonitor()
         host = self._host
         host.loop, host.loop_thread, host.context = loop, self._loop_thread, ctx

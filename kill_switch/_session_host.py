@@ -437,7 +437,7 @@ class SessionHost:
 
     def note_task(self, task: asyncio.Task[Any]) -> None:
         """A task was created in this session's context (the runtime's task factory)."""
-        self._tools.tasks.add(task)
+        self._tools.note(task)
 
     def blocked(self, decision: Decision, tool: str) -> ToolBlocked:
         """Audit a refused call and return the exception to raise for it."""

@@ -16,6 +16,8 @@ import anyio
 import attrs
 
 from ._cleanup import Hook, run_hooks
+from ._planes._pool import session_threads
+from ._planes._threads import ThreadPlane
 from ._vocabulary._audit_event import (
     ESCALATED,
     INTERRUPT_COMPLETED,
@@ -24,7 +26,7 @@ from ._vocabulary._audit_event import (
     OUT_OF_BAND,
 )
 from ._vocabulary._plane import StopFields
-from ._vocabulary._report import CleanupReport, Latency, StopReport
+from ._vocabulary._report import CleanupReport, Latency, StopReport, ThreadReport
 
 if TYPE_CHECKING:
     import asyncio
@@ -33,6 +35,11 @@ if TYPE_CHECKING:
     from ._planes._tool_tasks import ToolTasks
     from ._vocabulary._plane import ForcePath, LoopHost, Plane, PlaneHost
     from ._vocabulary._report import AuditStatus, InterruptRequest, Outcome
+
+
+#: How often the stop looks again at threads of other pools running the session's work
+#: while they have their grace (they return once they poll the flag).
+_POOL_RESCAN = 0.005
 
 
 class Stop:
@@ -50,6 +57,7 @@ class Stop:
         "loop_host",
         "oob_mono",
         "planes",
+        "pool_threads",
         "requests",
         "resolve",
         "secondary",
@@ -85,6 +93,9 @@ class Stop:
         self.delivered_mono: float | None = None
         self.oob_mono: float | None = None
         self.stop_timer: asyncio.TimerHandle | None = None
+        #: Threads of pools the runtime did not start seen running the session's work
+        #: when the report was built (``_planes/_pool.py``): (ident, name).
+        self.pool_threads: list[tuple[int, str]] = []
         self.finish_started = False
         #: Set when nothing was running to stop (``before_start`` / ``after_end``).
         self.fixed_outcome: Outcome | None = None
@@ -118,7 +129,26 @@ class Stop:
     # ------------------------------------------------------------------ settle
 
     def quiescent(self) -> bool:
-        return all(p.quiescent() for p in self.planes.values())
+        return not self.pool_threads and all(p.quiescent() for p in self.planes.values())
+
+    def scan_pools(self) -> list[tuple[int, str]]:
+        """Threads the planes do not know that still run the session's work."""
+        plane = self.planes.get(ThreadPlane)
+        known = plane.idents() if isinstance(plane, ThreadPlane) else set()
+        return session_threads(self.host, known)
+
+    async def wait_pools(self, deadline: float) -> None:
+        """Give threads of other pools running the session's work their grace (from the
+        delivery, bounded by *deadline*) to see the flag and return; keep those left."""
+        found = self.scan_pools()
+        if found:
+            assert self.delivered_mono is not None
+            until = min(deadline, self.delivered_mono + self.host.policy.thread_grace)
+            with anyio.move_on_after(max(0.0, until - time.monotonic()), shield=True):
+                while found:
+                    await anyio.sleep(_POOL_RESCAN)
+                    found = self.scan_pools()
+        self.pool_threads = found
 
     async def wait_quiet(self, deadline: float) -> None:
         """Wait (shielded, bounded by *deadline*) until every plane is quiet; the planes
@@ -167,6 +197,7 @@ class Stop:
         outcome = self.fixed_outcome
         if outcome is None:
             await self.wait_quiet(self.delivered_mono + host.policy.stop_timeout)
+            await self.wait_pools(self.delivered_mono + host.policy.stop_timeout)
             outcome = "stopped" if self.quiescent() else "unresponsive"
             if cleanup:
                 await self.run_cleanup()
@@ -184,6 +215,7 @@ class Stop:
                     "body_exited": tools.body_done,
                     "calls_in_flight": tools.calls_in_flight,
                     "tool_tasks": len(tools.tool_tasks),
+                    "pool_threads": [name for _, name in self.pool_threads],
                 },
             )
         if self.late_results:
@@ -226,6 +258,7 @@ class Stop:
             tool_calls_cancelled=fields.tool_calls_cancelled,
             late_results=self.late_results,
             leaked_tasks=fields.leaked_tasks,
+            swept_tasks=fields.swept_tasks,
             secondary_errors=tuple(self.secondary),
             # Every child still listed was cascaded to (or will be: see interrupt()).
             children=tuple(c.id for c in self.children),
@@ -238,7 +271,11 @@ class Stop:
                 total=now - first.requested_mono,
             ),
             processes=fields.processes,
-            threads=fields.threads,
+            threads=fields.threads
+            + tuple(
+                ThreadReport(name, ident, "abandoned", None, tool="", running=True)
+                for ident, name in self.pool_threads
+            ),
         )
 
     # ------------------------------------------------------------ out of band

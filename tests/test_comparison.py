@@ -382,7 +382,9 @@ async def test_thread_kill_switch_non_polling_tool_is_reported_abandoned() -> No
                 partial(wait_for, worker.started),
             )
             (thread,) = report.threads
-            assert (thread.tool, thread.outcome) == ("index", "abandoned")
+            assert (thread.tool, thread.outcome, thread.running) == ("index", "abandoned", True)
+            # ... and the report does not claim it stopped.
+            assert (report.outcome, report.quiescent) == ("unresponsive", False)
             assert ks.abandoned_threads(runtime) == 1
             worker.watch()
             await wait_for(worker.effect_after_mark)  # the honest part: it still writes

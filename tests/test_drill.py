@@ -18,7 +18,7 @@ import attrs
 import pytest
 
 import kill_switch as ks
-from kill_switch import DrillObjectives, DrillShape, _drill, drill, run_drills
+from kill_switch import DrillObjectives, DrillShape, _drill, _drill_results, drill, run_drills
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::kill_switch.EscalationWarning")
 FAST = DrillShape(calls=5, processes=1, threads=1, blocking_threads=1, stop_timeout=1.0)
 
 
-def failed(result: _drill.DrillResult) -> set[str]:
+def failed(result: _drill_results.DrillResult) -> set[str]:
     return {c.name for c in result.failures}
 
 
@@ -42,32 +42,51 @@ async def test_clean_sessions_pass_every_check(tmp_path: Path) -> None:
         summary = await run_drills(runtime, runs=3, shape=FAST)
     assert summary.ok, summary.summary()
     for result in summary.results:
-        assert [c.name for c in result.checks] == list(_drill.CHECKS)
+        assert [c.name for c in result.checks] == list(_drill_results.CHECKS)
         assert not any(c.skipped for c in result.checks)
         assert result.latency is not None
         assert result.quiesced is not None
         assert result.report is not None
         assert result.report.trigger == "operator"
         assert [t.outcome for t in result.report.threads].count("abandoned") == 1
+        # The blocking thread still runs: the report is honest, not "stopped".
+        assert result.report.outcome == "unresponsive"
+        assert not result.report.quiescent
     assert "PASS" in summary.summary()
 
 
-async def test_leaked_subprocess_fails_the_drill(tmp_path: Path) -> None:
-    """A process spawned behind the runtime's back survives the stop: the drill fails on
-    ``processes``, naming it — although the StopReport itself says quiescent."""
-    shape = attrs.evolve(FAST, leak=("process",))
+async def one_leaky_run(tmp_path: Path, shape: DrillShape) -> _drill_results.DrillResult:
+    """One drill run of *shape* (a deliberate leak): it must fail."""
     async with ks.Runtime(audit=str(tmp_path / "audit.db")) as runtime:
         summary = await run_drills(
             runtime, runs=1, shape=shape, objectives=DrillObjectives(quiesce_ms=200)
         )
     (result,) = summary.results
     assert not summary.ok
+    return result
+
+
+async def test_leaked_subprocess_fails_the_drill(tmp_path: Path) -> None:
+    """A process spawned behind the runtime's back survives the stop: the drill fails on
+    ``processes``, naming it — although the StopReport itself says quiescent."""
+    result = await one_leaky_run(tmp_path, attrs.evolve(FAST, leak=("process",)))
     assert failed(result) == {"processes"}
     assert result.report is not None
-    assert result.report.quiescent  # the report alone would have passed
+    # The report alone would have passed: only its named blocking thread is left.
+    assert [t.running for t in result.report.threads if t.outcome == "abandoned"] == [True]
+    assert result.report.latency.quiescent is not None
     detail = next(c.detail for c in result.checks if c.name == "processes")
     assert "sleep 300" in detail
     assert "untracked" in detail
+
+
+async def test_leaked_pool_thread_fails_the_drill(tmp_path: Path) -> None:
+    """A never-polling tool in a pool off the thread plane still writes after the report:
+    the drill fails on ``threads``, having found it on the thread's stack."""
+    result = await one_leaky_run(tmp_path, attrs.evolve(FAST, leak=("thread",)))
+    assert "threads" in failed(result)
+    (check,) = [c for c in result.checks if c.name == "threads"]
+    assert "AnyIO worker thread" in check.detail
 
 
 async def test_leaked_task_fails_the_drill(tmp_path: Path) -> None:
@@ -166,7 +185,7 @@ async def test_thread_not_listed_as_abandoned_fails() -> None:
             release.set()
             tg.cancel_scope.cancel()
     assert not check.ok
-    assert "not listed as abandoned" in check.detail
+    assert "not on its thread plane as abandoned" in check.detail
 
 
 async def test_missing_audit_row_and_tampered_chain_fail(tmp_path: Path) -> None:
@@ -258,11 +277,11 @@ async def test_drill_refuses_what_it_cannot_drill() -> None:
 
 def test_histogram_rows() -> None:
     """Latencies land in 1-2-5 buckets; empty edge buckets are dropped."""
-    rows = _drill.histogram([3.0, 4.0, 12.0, 700.0])
+    rows = _drill_results.histogram([3.0, 4.0, 12.0, 700.0])
     assert rows[0].strip().startswith("2-5 ms")
     assert rows[-1].strip().startswith("500-1000 ms")
     assert rows[0].endswith(" 2")
-    assert _drill.histogram([]) == []
+    assert _drill_results.histogram([]) == []
 
 
 # --------------------------------------------------------------------- CLI

@@ -137,3 +137,45 @@ async def test_without_the_integration_the_kill_reaches_the_model_as_text(
             assert kit.model_calls_after_kill == 1
     finally:
         kit.finish()
+
+
+async def test_a_tools_raw_task_is_the_leak_and_the_graphs_own_task_is_swept_apart(
+    tmp_path: Path,
+) -> None:
+    """A tool that leaks a raw create_task is named in leaked_tasks; what LangGraph leaves
+    of its own (its callback manager's error hook) is swept apart, in swept_tasks."""
+    import asyncio
+
+    import anyio
+
+    kit = Kit(tmp_path)
+    escaped: list[asyncio.Task[None]] = []
+
+    async def long_async(seconds: float) -> str:
+        """Wait for a slow service, leaving a helper task behind."""
+        escaped.append(asyncio.get_running_loop().create_task(anyio.sleep(seconds), name="esc"))
+        kit.started.set()
+        await anyio.sleep(seconds)
+        return "late"
+
+    try:
+        async with ks.Runtime() as runtime:
+            session = runtime.session("agent")
+
+            async def agent() -> None:
+                async with session:
+                    graph = make_graph(kit, "long_async", [tool(long_async)])
+                    await graph.ainvoke(
+                        {"messages": [("user", "go")]}, {"callbacks": [KillSwitchCallback()]}
+                    )
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(agent)
+                await anyio.to_thread.run_sync(kit.started.wait, 10.0)
+                report = await session.interrupt("stop", trigger="operator")
+    finally:
+        kit.finish()
+    assert [t.name for t in report.leaked_tasks] == ["esc"], report.summary()
+    assert escaped[0].done()
+    assert all(t.name != "esc" for t in report.swept_tasks)
+    assert report.quiescent

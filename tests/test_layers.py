@@ -39,6 +39,7 @@ LAYERS: dict[str, int] = {
     "_shutdown": 3,
     "_supervisor": 3,
     "_drill": 3,
+    "_drill_results": 3,
     "control": 4,
     "_cli": 4,
     "testing": 4,

@@ -958,3 +958,23 @@ async def test_block_left_by_an_outer_cancellation_ends_with_its_tool_tasks() ->
         assert runtime.sessions() == ()
         assert runtime.get(session.id) is None
     assert session.report is None  # nothing was interrupted: the block ended it all
+
+
+async def test_a_task_the_agent_loop_left_is_swept_apart_from_a_tools_leak() -> None:
+    """A task created outside any tool call (a framework's hook) is swept and reported
+    in swept_tasks; a tool's raw create_task is the leak (leaked_tasks)."""
+
+    async def escapee() -> None:
+        asyncio.get_running_loop().create_task(park(), name="escapee")
+
+    async with ks.Runtime() as runtime:
+        async with runtime.session("a") as session:
+            asyncio.get_running_loop().create_task(park(), name="hook")  # the agent loop's
+            await session.call(escapee)
+            session.interrupt("x", trigger="operator")
+            await park()
+    report = session.report
+    assert report is not None
+    assert [t.name for t in report.leaked_tasks] == ["escapee"]
+    assert [(t.name, t.cancelled) for t in report.swept_tasks] == [("hook", True)]
+    assert report.quiescent

@@ -247,8 +247,14 @@ async def test_non_polling_tool_is_abandoned_not_reported_returned(tmp_path: Pat
     assert thread.outcome == "abandoned"  # the negative control: not "returned"
     assert thread.seconds is None
     assert thread.name.startswith("kill_switch agent/stubborn ")
-    assert report.quiescent
+    # It still ran when the report was built: never "stopped", never quiescent.
+    assert thread.running
+    assert (report.outcome, report.quiescent) == ("unresponsive", False)
+    assert "STILL RUNNING" in report.summary()
     assert report.late_results == 0  # it came after the report: dropped, not delivered
+    kinds = [e.kind for e in audit.events]
+    assert "interrupt_completed" not in kinds
+    assert kinds.index("escalated") < kinds.index("thread_returned")
     abandoned = [e for e in audit.events if e.kind == "thread_abandoned"]
     assert [(e.details["ident"], e.details["cause"]) for e in abandoned] == [
         (thread.ident, "grace")
@@ -414,7 +420,8 @@ async def test_nested_stubborn_thread_is_still_waited_for_and_abandoned() -> Non
         release.set()
     (thread,) = report.threads
     assert thread.outcome == "abandoned"
-    assert report.quiescent
+    assert thread.running
+    assert not report.quiescent
 
 
 @pytest.mark.slow

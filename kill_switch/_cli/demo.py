@@ -41,7 +41,8 @@ import anyio.from_thread
 import anyio.lowlevel
 import anyio.to_thread
 
-from kill_switch._drill import DrillObjectives, DrillShape, run_drills
+from kill_switch._drill import DrillShape, run_drills
+from kill_switch._drill_results import DrillObjectives
 from kill_switch._planes._context import sleep as ks_sleep
 from kill_switch._planes._escalation import EscalationWarning
 from kill_switch._planes._procfs import alive

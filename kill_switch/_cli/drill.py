@@ -4,7 +4,7 @@
                       [--blocking-threads N] [--term-grace S] [--thread-grace S]
                       [--p50-ms X] [--p99-ms X] [--max-ms X] [--quiesce-ms X]
                       [--db PATH | --no-audit] [--loop asyncio|uvloop]
-                      [--inject process|task] [--json]
+                      [--inject process|task|thread] [--json]
     kill-switch drill --session ID [--url URL] [--token T] [--reason R]
                       [--quiesce-ms X] [--p99-ms X] [--json]
 
@@ -30,15 +30,8 @@ import tempfile
 import time
 from typing import TYPE_CHECKING, Any
 
-from kill_switch._drill import (
-    LEAKS,
-    DrillCheck,
-    DrillObjectives,
-    DrillResult,
-    DrillShape,
-    run_drills,
-    summarize,
-)
+from kill_switch._drill import LEAKS, DrillShape, run_drills, summarize
+from kill_switch._drill_results import DrillCheck, DrillObjectives, DrillResult
 from kill_switch._vocabulary._audit_event import ESCALATED, INTERRUPT_COMPLETED, INTERRUPT_REQUESTED
 
 from ._common import Exit, Failure
@@ -47,7 +40,7 @@ from ._common import out as _out
 from ._common import request as _request
 
 if TYPE_CHECKING:
-    from kill_switch._drill import DrillSummary
+    from kill_switch._drill_results import DrillSummary
 
 
 def _positive(text: str) -> float:

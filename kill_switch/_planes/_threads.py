@@ -193,8 +193,15 @@ class ThreadPlane(Plane):
             self._abandon_pending("stop_timeout" if deadline < grace_end else "grace")
 
     def quiescent(self) -> bool:
-        """True when every thread returned or was abandoned."""
-        return not self._pending() and all(w.outcome is not None for w in self._running)
+        """True when every thread of the stop has exited.
+
+        An abandoned thread that is still running is not settled: it may go on writing,
+        so the stop is not quiescent (the outcome is ``unresponsive``) until it exits.
+        """
+        if self._pending():
+            return False
+        with self._pile.lock:
+            return all(w.exited for w in self._reported)
 
     def stop_fields(self) -> StopFields:
         """One ``ThreadReport`` per thread running at the interrupt."""
@@ -207,7 +214,9 @@ class ThreadPlane(Plane):
             if w.outcome != "abandoned" and w.exited_mono is not None and first is not None:
                 seconds = max(0.0, w.exited_mono - first)
             assert w.outcome is not None
-            rows.append(ThreadReport(w.name, w.ident, w.outcome, seconds, tool=w.tool))
+            rows.append(
+                ThreadReport(w.name, w.ident, w.outcome, seconds, tool=w.tool, running=not w.exited)
+            )
         return StopFields(threads=tuple(rows))
 
     # ------------------------------------------------------------- threads
@@ -220,12 +229,10 @@ class ThreadPlane(Plane):
         """Start *fn* in a new daemon thread bound to the session (loop thread)."""
         session = self._session
         loop = self._loop
-        pile = self._pile
         w = _Worker(tool, loop.create_future())
         ctx = contextvars.copy_context()
         ctx.run(_current_session.set, session)
-        on_exit = self._on_exit
-        notify = session.call_soon_threadsafe
+        exited = self.exited
 
         def main() -> None:
             result: Any = None
@@ -241,14 +248,7 @@ class ThreadPlane(Plane):
                 raise
             finally:
                 w.result = result
-                w.error = error
-                w.exited_mono = time.monotonic()
-                with pile.lock:
-                    w.exited = True
-                    if w.counted:
-                        pile.live -= 1
-                with suppress(RuntimeError):  # a closed loop: nobody waits any more
-                    notify(on_exit, w)
+                exited(w, error)
 
         thread = threading.Thread(
             target=main,
@@ -264,6 +264,48 @@ class ThreadPlane(Plane):
             raise
         w.ident = thread.ident
         return w
+
+    # ------------------------------------------------- pool work (``_pool.py``)
+
+    def adopt(self, tool: str) -> _Worker:
+        """Track work submitted to a pool thread from the session's context (loop
+        thread); the thread reports its start and exit (``pool_started``/``exited``).
+        """
+        session = self._session
+        w = _Worker(tool, self._loop.create_future())
+        w.name = f"kill_switch {session.agent}/pool {tool} [{session.id[:8]}]"
+        self._running.add(w)
+        if self._delivered is not None:
+            self._report(w)  # submitted during the stop: it is the stop's too
+        return w
+
+    def pool_started(self, w: _Worker, thread: threading.Thread) -> None:
+        """A pool thread starts *w* (that thread): it carries the session's tag."""
+        w.ident = thread.ident
+        thread.name = w.name
+
+    def exited(self, w: _Worker, error: BaseException | None) -> None:
+        """*w*'s thread finished it (that thread): note it, tell the loop."""
+        w.error = error
+        w.exited_mono = time.monotonic()
+        with self._pile.lock:
+            w.exited = True
+            if w.counted:
+                self._pile.live -= 1
+        with suppress(RuntimeError):  # a closed loop: nobody waits any more
+            self._session.call_soon_threadsafe(self._on_exit, w)
+
+    def host_interrupted(self) -> bool:
+        """Whether the session's flag is set (any thread)."""
+        return self._session.is_interrupted()
+
+    def interrupted_error(self) -> Interrupted:
+        """The session's ``Interrupted`` (any thread, once interrupted)."""
+        return self._session.interrupted_error()
+
+    def idents(self) -> set[int]:
+        """The idents of the threads running this plane's work (loop thread)."""
+        return {w.ident for w in list(self._running) if w.ident is not None}
 
     def outcome_of(self, w: _Worker) -> Any:
         """The settled thread's result for the awaiting side (raises its error)."""

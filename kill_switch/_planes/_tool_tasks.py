@@ -10,7 +10,9 @@ task-group cancel of N parked tasks takes 2-2.7x raw asyncio while this path tak
 
 Level-triggered: a call that swallows its cancellation and is still running is cancelled
 again, with back-off, until it leaves. Tasks created in the session's context that
-outlive its block (raw ``create_task``) are swept at the stop and reported as leaked.
+outlive its block are swept at the stop: those created while a guarded tool call ran (a
+tool's raw ``create_task``) are reported as leaked, the others (a framework's hooks and
+tracing, started by the agent loop) apart, as swept.
 
 ``Session.call`` keeps the per-call bookkeeping inline (it reads and writes this plane's
 public fields): a guarded call stays one coroutine frame with no extra Python call.
@@ -91,6 +93,7 @@ class ToolTasks(Plane):
         "quiet",
         "quiet_mono",
         "redeliver_delay",
+        "spawned",
         "swept",
         "tasks",
         "tool_calls_cancelled",
@@ -114,6 +117,9 @@ class ToolTasks(Plane):
         #: Every task created in the session's context (the runtime's task factory).
         self.tasks: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
         self.leaked: dict[asyncio.Task[Any], bool] = {}
+        #: Tasks created while a guarded tool call ran in their creating task (or by
+        #: such a task): swept, they are a tool's escape; the rest are the framework's.
+        self.spawned: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
         self.redeliver_delay = 0.0
         self.drained: asyncio.Future[None] | None = None
         self.quiet: asyncio.Future[None] | None = None
@@ -165,12 +171,29 @@ class ToolTasks(Plane):
         return self.quiet_mono is not None
 
     def stop_fields(self) -> StopFields:
+        rows = [
+            (t, LeakedTask(t.get_name(), coro_name(t), done)) for t, done in self.leaked.items()
+        ]
         return StopFields(
             tool_calls_cancelled=self.tool_calls_cancelled,
-            leaked_tasks=tuple(
-                LeakedTask(t.get_name(), coro_name(t), done) for t, done in self.leaked.items()
-            ),
+            leaked_tasks=tuple(row for t, row in rows if t in self.spawned),
+            swept_tasks=tuple(row for t, row in rows if t not in self.spawned),
         )
+
+    def note(self, task: asyncio.Task[Any]) -> None:
+        """*task* was created in the session's context (the runtime's task factory, in
+        the creating task): kept, and marked a tool's if a guarded call was running."""
+        self.tasks.add(task)
+        parent = current_task(self.loop)
+        if parent is None:
+            return
+        if parent in self.inflight or parent in self.tool_tasks or parent in self.spawned:
+            self.spawned.add(task)
+        elif self.calls_in_flight > self.tool_calls_running + sum(self.inflight.values()):
+            # A call in flight that is neither a tool task's nor another task's: the
+            # body's (its fast path keeps no per-task count). Creations in the body's
+            # concurrent siblings meanwhile count as the tool's: the safe side.
+            self.spawned.add(task)
 
     # ------------------------------------------------------------- snapshots
 
@@ -396,7 +419,12 @@ class ToolTasks(Plane):
             self.cancel_task(task)
             task.add_done_callback(self._leak_done)
             self.host.record(
-                LEAKED_TASK, details={"task": task.get_name(), "coro": coro_name(task)}
+                LEAKED_TASK,
+                details={
+                    "task": task.get_name(),
+                    "coro": coro_name(task),
+                    "by": "tool" if task in self.spawned else "session",
+                },
             )
 
     def _leak_done(self, task: asyncio.Task[Any]) -> None:

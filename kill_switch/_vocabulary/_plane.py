@@ -54,6 +54,7 @@ class StopFields:
     threads: tuple[ThreadReport, ...] = ()
     tool_calls_cancelled: int = 0
     leaked_tasks: tuple[LeakedTask, ...] = ()
+    swept_tasks: tuple[LeakedTask, ...] = ()
 
     @staticmethod
     def merge(parts: list[StopFields]) -> StopFields:
@@ -65,6 +66,7 @@ class StopFields:
             threads=tuple(t for part in parts for t in part.threads),
             tool_calls_cancelled=sum(part.tool_calls_cancelled for part in parts),
             leaked_tasks=tuple(t for part in parts for t in part.leaked_tasks),
+            swept_tasks=tuple(t for part in parts for t in part.swept_tasks),
         )
 
 

@@ -11,9 +11,11 @@ import attrs
 #: the runtime has no audit sink. ``pending``: not yet acknowledged within the bound.
 AuditStatus = Literal["durable", "volatile", "degraded", "disabled", "pending"]
 
-#: ``stopped``: interrupted and verified quiescent. ``unresponsive``: not quiescent within
-#: the stop timeout. ``before_start``: interrupted before its block began; the body never
-#: ran. ``after_end``: the session had already ended; nothing was stopped.
+#: ``stopped``: interrupted and verified quiescent. ``unresponsive``: not verified stopped:
+#: not quiescent within the stop timeout, or a thread of the stop was abandoned and still
+#: ran session work when the report was built. ``before_start``: interrupted before its
+#: block began; the body never ran. ``after_end``: the session had already ended;
+#: nothing was stopped.
 Outcome = Literal["stopped", "unresponsive", "before_start", "after_end"]
 
 
@@ -89,6 +91,10 @@ class ThreadReport:
     session's ``Interrupted``, from ``ks.check()`` / ``ks.sleep()``), ``abandoned`` (not
     back within the grace: the session stopped waiting for it; it may still run, and its
     result and any commit point guarded by ``ks.check()`` are refused).
+
+    ``running``: the thread was still running when the report was built. Any such thread
+    makes the stop not quiescent (``StopReport.outcome`` is ``unresponsive``): it may go
+    on writing. If it exits later, the audit says so (``thread_returned``, ``late``).
     """
 
     #: the thread's name (``kill_switch <agent>/<tool> [<session id prefix>]``).
@@ -98,6 +104,7 @@ class ThreadReport:
     #: seconds from ``interrupt()`` to the thread returning (``None``: abandoned).
     seconds: float | None
     tool: str = ""
+    running: bool = False
 
 
 @attrs.frozen
@@ -123,7 +130,8 @@ class StopReport:
     operator: str | None
     requested_at: float
     outcome: Outcome
-    #: body and every tool task of the session exited (never true for ``unresponsive``).
+    #: body, every tool task and every thread of the session's work exited (never true
+    #: for ``unresponsive``; false while an abandoned thread still runs).
     quiescent: bool
     #: interrupt() calls after the first, in order; their reasons never replace the first.
     later: tuple[InterruptRequest, ...] = ()
@@ -131,7 +139,13 @@ class StopReport:
     tool_calls_cancelled: int = 0
     #: tool results that arrived after the interrupt and were not delivered to the agent.
     late_results: int = 0
+    #: tasks a tool created (while its guarded call ran) that outlived the block: a tool
+    #: escaped structure; swept (cancelled) at the stop.
     leaked_tasks: tuple[LeakedTask, ...] = ()
+    #: tasks created in the session's context outside any tool call (a framework's hooks
+    #: or tracing, started by the agent loop) that outlived the block: swept too, but no
+    #: tool escaped.
+    swept_tasks: tuple[LeakedTask, ...] = ()
     #: exceptions that tools raised while being cancelled (kept, not propagated).
     secondary_errors: tuple[str, ...] = ()
     #: child sessions interrupted with this one (trigger ``parent``).
@@ -140,7 +154,9 @@ class StopReport:
     latency: Latency = Latency(None, None, 0.0)
     #: the process plane: every tracked process of the session.
     processes: tuple[ProcessReport, ...] = ()
-    #: the thread plane: every sync tool thread running when the interrupt came.
+    #: the thread plane: every sync tool thread (``session.run_sync``, or a pool thread
+    #: running work submitted from the session's context) running when the interrupt
+    #: came; one still ``running`` makes the stop ``unresponsive``.
     threads: tuple[ThreadReport, ...] = ()
     #: cleanup hooks and rollbacks, in the order they ran.
     cleanup: tuple[CleanupReport, ...] = ()
@@ -163,6 +179,7 @@ class StopReport:
             f"  tool calls cancelled: {self.tool_calls_cancelled}, "
             f"late results dropped: {self.late_results}, "
             f"leaked tasks: {len(self.leaked_tasks)}"
+            + (f", framework tasks swept: {len(self.swept_tasks)}" if self.swept_tasks else "")
         )
         if self.processes:
             reaped = sum(1 for p in self.processes if p.returncode is not None)
@@ -172,7 +189,10 @@ class StopReport:
                 f"{killed} needed SIGKILL, {sum(p.escaped for p in self.processes)} escaped"
             )
         if self.threads:
-            outcomes = ", ".join(f"{t.name}: {t.outcome}" for t in self.threads)
+            outcomes = ", ".join(
+                f"{t.name}: {t.outcome}" + (" (STILL RUNNING)" if t.running else "")
+                for t in self.threads
+            )
             lines.append(f"  threads: {outcomes}")
         if self.cleanup:
             done = ", ".join(f"{c.kind} {c.name}: {c.outcome}" for c in self.cleanup)

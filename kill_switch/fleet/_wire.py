@@ -171,6 +171,7 @@ def report_from_dict(data: dict[str, Any]) -> StopReport:
         d = dict(data)
         d["later"] = _tuple_of(InterruptRequest, d.get("later", ()))
         d["leaked_tasks"] = _tuple_of(LeakedTask, d.get("leaked_tasks", ()))
+        d["swept_tasks"] = _tuple_of(LeakedTask, d.get("swept_tasks", ()))
         d["secondary_errors"] = tuple(d.get("secondary_errors", ()))
         d["children"] = tuple(d.get("children", ()))
         d["latency"] = Latency(**d["latency"])
