@@ -21,7 +21,7 @@ Why one daemon thread per call rather than ``anyio.to_thread.run_sync`` with a
   in a future of the plane's, so the awaiting side can wait out the grace and the plane
   abandons on its own timer whatever the awaiting task's cancellation does;
 * the cap counts an abandoned thread until it really exits (a ``CapacityLimiter`` token is
-  released the moment the caller abandons it, FAULTS 20).
+  released the moment the caller abandons it, while its thread still runs).
 
 The price is a thread start per call (~75 µs here), small next to a tool that needs one.
 
