@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING
 
 import pytest
 
 from kill_switch.testing import MemoryAudit
+
+from .redis_server import RedisServer
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 LoopFactory = Callable[[], asyncio.AbstractEventLoop]
 
@@ -39,3 +45,15 @@ def pytest_asyncio_loop_factories(
 def audit() -> MemoryAudit:
     """An in-memory audit sink to assert on."""
     return MemoryAudit()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of its own on a free loopback port; always stopped (the fleet's
+    tests, which skip where it is not installed)."""
+    server = RedisServer(tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -35,7 +35,6 @@ pytest.importorskip("redis")
 pytestmark = [pytest.mark.slow, needs("redis-server")]
 
 # The fleet tests' fixtures: a redis-server of its own, worker processes always reaped.
-redis_server = fleet_tests.redis_server
 workers = fleet_tests.workers
 
 

@@ -33,17 +33,6 @@ pytestmark = [pytest.mark.slow, needs("redis-server")]
 
 
 @pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    """A redis-server of its own on a free loopback port; always stopped."""
-    server = RedisServer(tmp_path)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
 def workers() -> Iterator[list[Worker]]:
     """Worker processes started by the test; each quit (or killed) and reaped at the end."""
     started: list[Worker] = []

@@ -16,11 +16,12 @@ import pytest
 import kill_switch as ks
 
 from .fleet_support import KEY
-from .redis_server import RedisServer, needs
+from .redis_server import needs
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Iterator
-    from pathlib import Path
+    from collections.abc import Awaitable, Callable
+
+    from .redis_server import RedisServer
 
 pytest.importorskip("redis")
 pytestmark = [pytest.mark.slow, needs("redis-server")]
@@ -29,17 +30,6 @@ KEYS = 200
 TASKS = 40
 ROUNDS = 30
 DELAY = 0.003  # seconds each reply is held: longer than the shorter deadlines
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    """A redis-server of its own on a free loopback port; always stopped."""
-    server = RedisServer(tmp_path)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 class NaiveClient:
