@@ -40,6 +40,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("kill_switch.control")
 
+#: The listening socket's backlog. asyncio 3.11's accept loop, on EMFILE, schedules one
+#: retry per remaining slot of the backlog instead of one (uvicorn's default is 2048): a
+#: small backlog bounds that storm. An operator's kill needs one slot.
+BACKLOG = 128
 _ACCEPT_ERROR = "socket.accept() out of system resource"
 
 #: Seconds ``start`` waits for the server to listen, and ``stop`` for it to finish.
@@ -143,7 +147,7 @@ class ControlServer:
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((self._host, self._port))
-            sock.listen(512)
+            sock.listen(BACKLOG)
         except BaseException:
             sock.close()
             raise
@@ -170,10 +174,7 @@ class ControlServer:
             forwarded_allow_ips="",
             loop="asyncio",
             http=self._protocol,
-            # asyncio 3.11's accept loop, on EMFILE, schedules one retry per remaining
-            # slot of the backlog instead of one (uvicorn's default backlog is 2048): a
-            # small backlog bounds that storm. An operator's kill needs one slot.
-            backlog=128,
+            backlog=BACKLOG,
         )
         server = uvicorn.Server(config)
         self._server = server
