@@ -94,7 +94,7 @@ class Kit:
             for i in range(steps):
                 ks.check()
                 kit.write(f"poll {i}")
-                time.sleep(0.005)
+                time.sleep(0.005)  # real-time: the tool's own work between two writes
             return "late"
 
         def sync_stubborn(steps: int) -> str:
@@ -104,7 +104,7 @@ class Kit:
                 if kit.release.is_set():
                     break
                 kit.write(f"stubborn {i}")
-                time.sleep(0.005)
+                time.sleep(0.005)  # real-time: the tool's own work between two writes
             return "late"
 
         return {f.__name__: f for f in (long_async, tree, sync_poll, sync_stubborn)}

@@ -243,7 +243,7 @@ def test_negative_control_member_leaving_the_group_escapes_killpg() -> None:
         deadline = time.monotonic() + WAIT
         while os.getpgid(member) == proc.pid:  # until its handler has run setsid()
             assert time.monotonic() < deadline, "the member never left the group"
-            time.sleep(0.001)
+            time.sleep(0.001)  # real-time: polls a state (its group) with a deadline
         os.killpg(proc.pid, signal.SIGKILL)  # the leader is unreaped: the group is there
         # A signal sent after SIGKILL is handled only by a process SIGKILL never reached.
         os.kill(member, signal.SIGUSR1)
