@@ -131,10 +131,13 @@ async def test_idle_and_half_sent_connections_are_capped_and_timed_out(tmp_path:
             with anyio.fail_after(10):  # evicted connections leave once their close runs
                 while h.server.open_connections > 8:  # noqa: ASYNC110  (uvicorn's plain set)
                     await anyio.sleep(0.01)
+            # ``Connection: close``: a kept-alive connection is itself a waiting one, closed
+            # by the 1 s header timeout while the sockets below are drained; reusing it for
+            # /metrics would race that close (httpx does not retry a request on a dead one).
             killed = await h.client.post(
                 f"/api/sessions/{session.id}/kill",
                 json={"reason": "flood"},
-                headers=auth("operator"),
+                headers={**auth("operator"), "Connection": "close"},
             )
             assert killed.status_code == 200, killed.text
             for sock in socks:  # evicted at once, or timed out after 1 s
