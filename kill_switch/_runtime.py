@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 import anyio
 
 from ._loop_monitor import LoopMonitor
+from ._planes import _adopt
 from ._planes._context import _current_session
 from ._planes._pool import install as install_pool
 from ._sentinel import Sentinel
@@ -134,6 +135,8 @@ class Runtime:
                 "aiosqlite, which runs only on asyncio"
             ) from None
         self._entered = True
+        # Processes a session's code starts by other means are seen, and attributed.
+        _adopt.install()
         if self._fleet is not None:  # fleet: join (loads sticky kills) or refuse to start
             self._fleet_link = _fleet_link().Link(self._fleet, self, self._record, self._sink)
             await self._fleet_link.connect()

@@ -271,6 +271,7 @@ class Stop:
                 total=now - first.requested_mono,
             ),
             processes=fields.processes,
+            unattributed=fields.unattributed,
             threads=fields.threads
             + tuple(
                 ThreadReport(name, ident, "abandoned", None, tool="", running=True)

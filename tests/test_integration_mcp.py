@@ -89,9 +89,10 @@ async def test_a_kill_mid_call_stops_the_stdio_server_and_its_tree(
     assert kit.alive() == []
 
 
-async def test_without_the_integration_the_server_is_not_the_sessions(tmp_path: Path) -> None:
-    """Negative control: the SDK's own stdio_client spawns the server outside the
-    session, whose report then knows no process at all."""
+async def test_the_sdks_own_stdio_client_is_adopted_by_the_spawn_hook(tmp_path: Path) -> None:
+    """Without the integration, the SDK's own stdio_client spawns the server in the
+    session's context: the spawn hook adopts it, and its whole tree stops with the
+    session (``tests/test_spawn_attribution.py`` has the hook's negative control)."""
     kit = Kit(tmp_path)
     pidfile = tmp_path / "pids"
     async with ks.Runtime() as runtime:
@@ -100,7 +101,11 @@ async def test_without_the_integration_the_server_is_not_the_sessions(tmp_path: 
             return await client_loop(kit, session, pidfile, own=False)
 
         report, _, _ = await kit.run(runtime, agent, how="task", where="inside")
-    assert report.processes == ()
+    assert report.quiescent, report.summary()
+    (row,) = report.processes
+    assert row.adopted
+    assert kit.pids
+    assert kit.alive() == []
 
 
 @pytest.mark.parametrize("how", ["task", "thread"])

@@ -273,7 +273,9 @@ def _remote_processes(report: dict[str, Any]) -> tuple[DrillCheck, DrillCheck]:
         pids.update(int(m) for m in p.get("members", ()))
     for pid in sorted(pids):
         st = _stat(pid)
-        if st is None:
+        if st is None or (st[0] == "Z" and st[1] == 1):
+            # Gone, or an orphan's zombie waiting for init: it runs nothing, and only init
+            # can reap it (some reap only every few seconds).
             continue
         (zombies if st[0] == "Z" else alive).append(f"pid {pid} (parent {st[1]})")
     procs = DrillCheck(

@@ -111,6 +111,15 @@ class SessionCgroup:
         """Move the calling process into this cgroup (a ``preexec_fn``: one write(2))."""
         os.write(self._procs_fd, b"0")
 
+    def add(self, pid: int) -> None:
+        """Move the running process *pid* into this cgroup (what it forks from then on
+        is born inside).
+
+        Raises:
+            OSError: the write failed (the process has gone, or no permission).
+        """
+        os.write(self._procs_fd, str(pid).encode())
+
     def procs(self) -> list[int]:
         """The pids in the cgroup now (empty if it is gone)."""
         return [int(x) for x in read_file(os.path.join(self.path, "cgroup.procs")).split()]

@@ -27,7 +27,7 @@ import os
 import signal
 import time
 import warnings
-from typing import TYPE_CHECKING, Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal, Protocol
 
 import anyio
 
@@ -65,6 +65,14 @@ Containment = Literal["cgroup", "process_group"]
 _VERIFY_ROUNDS = 3
 
 
+class PendingSpawn(Protocol):
+    """A process started by other means whose child is not adopted yet (``_adopt``)."""
+
+    def settle_now(self) -> bool:
+        """Adopt the child if it exists now; whether it did."""
+        ...
+
+
 class ProcessPlane(Plane):
     """The processes of one session and how its interrupt stops them (a ``Plane``).
 
@@ -89,6 +97,12 @@ class ProcessPlane(Plane):
         self.containment: Containment = "process_group"
         self._cgroup_reason = "disabled by EscalationPolicy(cgroup=False)"
         self._want_cgroup = policy.cgroup
+        #: Spawns seen by ``_adopt`` whose child is not adopted yet: resolved first at a
+        #: stop.
+        self._spawns: set[PendingSpawn] = set()
+        #: Spawns in the session's context that could not be attributed (why, each): the
+        #: stop cannot be quiescent.
+        self.unattributed: list[str] = []
 
     # -- containment
 
@@ -128,6 +142,36 @@ class ProcessPlane(Plane):
         elif delay < 0.5:
             delay = max(POLL_MIN, delay * 2)
             self.loop.call_later(delay, self._drop_cgroup, delay)
+
+    # -- processes started by other means (``_adopt``)
+
+    def expect(self, spawn: PendingSpawn) -> None:
+        """*spawn* is under way in the session's context: a stop adopts its child first."""
+        self._spawns.add(spawn)
+
+    def forget(self, spawn: PendingSpawn) -> None:
+        """*spawn*'s child was adopted, or it has none."""
+        self._spawns.discard(spawn)
+
+    def hold(self, pid: int) -> Containment:
+        """Move adopted *pid* into the session cgroup where there is one, so that what it
+        forks from then on is held; how it is held."""
+        cg = self.ensure_cgroup()
+        if cg is None:
+            return "process_group"
+        try:
+            cg.add(pid)
+        except OSError as exc:
+            self.record(
+                PROCESS_CONTAINMENT,
+                {
+                    "pid": pid,
+                    "containment": "process_group",
+                    "reason": f"could not move it into the cgroup: {exc.strerror}",
+                },
+            )
+            return "process_group"
+        return "cgroup"
 
     # -- tracking
 
@@ -181,6 +225,10 @@ class ProcessPlane(Plane):
         """Start the ladder for every tracked group. Loop thread; never blocks."""
         if self._delivered:
             return
+        for spawn in list(self._spawns):
+            # Children of spawns not adopted yet join the stop like the others (SIGTERM
+            # first); one still being forked is adopted, and killed, when it appears.
+            spawn.settle_now()
         self._delivered = True
         now = time.monotonic()
         groups = [g for g in self._groups.values() if g.stage == "running"]
@@ -205,11 +253,18 @@ class ProcessPlane(Plane):
 
     def quiescent(self) -> bool:
         """Every process of the stop is gone (none survived, the stop is verified)."""
-        return self._done.is_set() and not any(g.survived for g in self._stopping)
+        return (
+            self._done.is_set()
+            and not any(g.survived for g in self._stopping)
+            and not self.unattributed
+        )
 
     def stop_fields(self) -> StopFields:
         """One ``ProcessReport`` per process of the stop."""
-        return StopFields(processes=tuple(g.report() for g in self._stopping))
+        return StopFields(
+            processes=tuple(g.report() for g in self._stopping),
+            unattributed=tuple(self.unattributed),
+        )
 
     def busy(self) -> bool:
         """Whether a tracked process is still running (the block's end stops it)."""
@@ -278,14 +333,18 @@ class ProcessPlane(Plane):
             for pid in cg.procs():
                 candidates[pid] = None
         adopted = [g for g in groups if g.adopted or cg is None]
+        #: descendants of an adopted process that leads no group of its own: its members
+        tree_of: dict[int, TrackedGroup] = {}
         if adopted:
             if cg is None and any(g.policy.find_escapees for g in groups):
                 table = self._scan_table(groups)
                 candidates.update(table)
-            else:
-                for g in adopted:
+            for g in adopted:
+                if g.adopted or cg is not None:
                     for pid in _descendants(g.pid):
                         candidates.setdefault(pid, None)
+                        if g.adopted and g.pgid is None:
+                            tree_of.setdefault(pid, g)
         escapees: list[TrackedGroup] = []
         for pid, pgid in candidates.items():
             if pid in known or pid == me:
@@ -293,7 +352,7 @@ class ProcessPlane(Plane):
             pgid = _pgid_of(pid, pgid)
             if pgid is None:
                 continue
-            owner = by_pgid.get(pgid)
+            owner = by_pgid.get(pgid) or tree_of.get(pid)
             if owner is not None:
                 owner.add_member(pid)
             else:

@@ -92,6 +92,22 @@ def children(pid: int) -> list[int]:
     return out
 
 
+def thread_children(tid: int) -> list[int] | None:
+    """The children forked by thread *tid* of this process, or ``None`` where the kernel
+    does not list them (no ``CONFIG_PROC_CHILDREN``) or the thread has gone."""
+    path = f"/proc/self/task/{tid}/children"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        return [int(x) for x in os.read(fd, 65536).split()]
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
 def descendants(pid: int) -> list[int]:
     """Every live descendant of *pid*, found through the ``children`` files (no scan)."""
     seen: list[int] = []

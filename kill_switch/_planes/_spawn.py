@@ -34,11 +34,10 @@ import anyio.lowlevel
 from kill_switch._vocabulary._audit_event import PROCESS_STARTED
 from kill_switch._vocabulary._validate import positive_int
 
+from ._adopt import adopt, own_spawn
 from ._escalation import EscalationPolicy, TrackedGroup, check_policy
 from ._pipes import ReceiveStream, SendStream
 from ._process_plane import TRACKING_ENV, plane_for
-from ._procfs import cmdline as _cmdline
-from ._procfs import stat as _stat
 
 if TYPE_CHECKING:
     from kill_switch._vocabulary._plane import PlaneHost
@@ -232,25 +231,27 @@ async def open_process(
 
     def spawn(preexec: Callable[[], None] | None) -> subprocess.Popen[bytes]:
         # Popen on the loop thread, as asyncio's own subprocess transport does: fork+exec
-        # is quick, and with no await after it a started process is always tracked.
-        return subprocess.Popen(
-            args,
-            shell=shell,
-            stdin=stdin,
-            stdout=stdout,
-            stderr=stderr,
-            cwd=cwd,
-            env=child_env,
-            pass_fds=pass_fds,
-            user=user,
-            group=group,
-            extra_groups=extra_groups,
-            umask=umask,
-            start_new_session=True,
-            # preexec_fn is one write(2) into cgroup.procs: the child is in the cgroup
-            # before it can fork (Python 3.11 has no clone3(CLONE_INTO_CGROUP)).
-            preexec_fn=preexec,
-        )
+        # is quick, and with no await after it a started process is always tracked. Not
+        # seen by the spawn hook (``_adopt``): it is tracked here, as a group of its own.
+        with own_spawn():
+            return subprocess.Popen(
+                args,
+                shell=shell,
+                stdin=stdin,
+                stdout=stdout,
+                stderr=stderr,
+                cwd=cwd,
+                env=child_env,
+                pass_fds=pass_fds,
+                user=user,
+                group=group,
+                extra_groups=extra_groups,
+                umask=umask,
+                start_new_session=True,
+                # preexec_fn is one write(2) into cgroup.procs: the child is in the cgroup
+                # before it can fork (Python 3.11 has no clone3(CLONE_INTO_CGROUP)).
+                preexec_fn=preexec,
+            )
 
     try:
         if cg is not None:
@@ -301,31 +302,8 @@ def track_pid(session: PlaneHost, pid: int, *, escalation: EscalationPolicy | No
         raise ValueError(f"cannot track pid {pid}")
     policy = check_policy(escalation)
     plane = plane_for(session, policy)
-    if plane.is_tracked(pid):
-        return
-    try:
-        pgid = os.getpgid(pid)
-    except ProcessLookupError:
-        raise ProcessLookupError(f"no process {pid}") from None
-    is_leader = pgid == pid and pgid != os.getpgrp()
-    own = False
-    st = _stat(pid)
-    if st is not None and st[1] == os.getpid():
-        own = False  # our child, but its Popen/asyncio watcher reaps it, not us
-    tracked = TrackedGroup(
-        plane,
-        pid,
-        pgid=pgid if is_leader else None,
-        command=_cmdline(pid),
-        own=own,
-        policy=policy,
-        adopted=True,
-    )
-    plane.record(
-        PROCESS_STARTED,
-        {"pid": pid, "pgid": pgid, "command": list(tracked.command), "adopted": True},
-    )
-    plane.track(tracked)
+    if not adopt(plane, pid, policy):
+        raise ProcessLookupError(f"no process {pid}")
 
 
 async def run_process(

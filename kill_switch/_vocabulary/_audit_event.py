@@ -64,6 +64,8 @@ PROCESS_SIGNAL: Final = "process_signal"
 PROCESS_EXITED: Final = "process_exited"
 PROCESS_ESCAPED: Final = "process_escaped"
 PROCESS_CONTAINMENT: Final = "process_containment"
+#: A process started in a session's context by other means could not be attributed.
+PROCESS_UNATTRIBUTED: Final = "process_unattributed"
 
 # Cleanup hooks and transaction rollbacks (one event per hook run).
 CLEANUP: Final = "cleanup"
@@ -111,6 +113,7 @@ KINDS: Final[frozenset[str]] = frozenset(
         PROCESS_EXITED,
         PROCESS_ESCAPED,
         PROCESS_CONTAINMENT,
+        PROCESS_UNATTRIBUTED,
         CLEANUP,
         ROLLBACK,
         CONTROL_DENIED,

@@ -55,6 +55,7 @@ class StopFields:
     tool_calls_cancelled: int = 0
     leaked_tasks: tuple[LeakedTask, ...] = ()
     swept_tasks: tuple[LeakedTask, ...] = ()
+    unattributed: tuple[str, ...] = ()
 
     @staticmethod
     def merge(parts: list[StopFields]) -> StopFields:
@@ -67,6 +68,7 @@ class StopFields:
             tool_calls_cancelled=sum(part.tool_calls_cancelled for part in parts),
             leaked_tasks=tuple(t for part in parts for t in part.leaked_tasks),
             swept_tasks=tuple(t for part in parts for t in part.swept_tasks),
+            unattributed=tuple(u for part in parts for u in part.unattributed),
         )
 
 

@@ -75,7 +75,8 @@ class ProcessReport:
     #: how the tree was held: ``cgroup`` (a per-session cgroup v2, ``cgroup.kill``) or
     #: ``process_group`` (killpg plus a /proc search for escapees).
     containment: Literal["cgroup", "process_group"] = "process_group"
-    #: started by other means and adopted with ``session.track_pid()``.
+    #: started by other means: adopted with ``session.track_pid()``, or seen starting in
+    #: the session's context (``subprocess``, ``asyncio``, ``os.system``, ``os.fork``).
     adopted: bool = False
 
 
@@ -154,6 +155,10 @@ class StopReport:
     latency: Latency = Latency(None, None, 0.0)
     #: the process plane: every tracked process of the session.
     processes: tuple[ProcessReport, ...] = ()
+    #: processes started in the session's context by other means (``subprocess``,
+    #: ``os.system``, ...) that could not be attributed to it, each with why: any makes
+    #: the stop not quiescent (they may still run).
+    unattributed: tuple[str, ...] = ()
     #: the thread plane: every sync tool thread (``session.run_sync``, or a pool thread
     #: running work submitted from the session's context) running when the interrupt
     #: came; one still ``running`` makes the stop ``unresponsive``.
@@ -188,6 +193,8 @@ class StopReport:
                 f"  processes: {len(self.processes)} stopped, {reaped} reaped, "
                 f"{killed} needed SIGKILL, {sum(p.escaped for p in self.processes)} escaped"
             )
+        for why in self.unattributed:
+            lines.append(f"  NOT attributed: {why}")
         if self.threads:
             outcomes = ", ".join(
                 f"{t.name}: {t.outcome}" + (" (STILL RUNNING)" if t.running else "")
