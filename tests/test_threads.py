@@ -267,16 +267,18 @@ async def test_non_polling_tool_is_abandoned_not_reported_returned(tmp_path: Pat
 async def test_abandoned_tool_commit_point_refuses_its_side_effect(tmp_path: Path) -> None:
     """An abandoned tool that checks the flag before writing never writes."""
     started = threading.Event()
+    release = threading.Event()
     target = tmp_path / "committed.txt"
 
     def sleeps_then_writes() -> None:
         started.set()
-        time.sleep(0.3)  # not interruptible
+        release.wait(30)  # not interruptible: a plain Event, set once it is abandoned
         ks.check()  # the commit point
         target.write_text("side effect after the kill")
 
     async with runtime(thread_grace=0.05) as rt:
         _, report = await run_and_interrupt(rt, sleeps_then_writes, started)
+        release.set()
     (thread,) = report.threads
     assert thread.outcome == "abandoned"
     join_ident(thread.ident)
@@ -289,15 +291,17 @@ async def test_negative_control_without_a_commit_point_the_side_effect_lands(
 ) -> None:
     """Without ks.check() before the write the file appears: the check above can fail."""
     started = threading.Event()
+    release = threading.Event()
     target = tmp_path / "committed.txt"
 
     def sleeps_then_writes() -> None:
         started.set()
-        time.sleep(0.3)
+        release.wait(30)
         target.write_text("side effect after the kill")
 
     async with runtime(thread_grace=0.05) as rt:
         _, report = await run_and_interrupt(rt, sleeps_then_writes, started)
+        release.set()
     (thread,) = report.threads
     join_ident(thread.ident)
     assert thread.outcome == "abandoned"
