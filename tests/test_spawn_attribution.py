@@ -161,7 +161,8 @@ async def test_an_orphan_of_an_adopted_process_is_held_by_the_cgroup(tmp_path: P
         async with rt.session("daemoniser") as session:
             session.start_soon(tool)
             with anyio.fail_after(10):
-                while not session.processes():  # noqa: ASYNC110 - adopted on the loop
+                # Adopted on the loop, then moved into the cgroup by the mover thread.
+                while not session.processes() or not _in_session_cgroup(procs[0].pid):  # noqa: ASYNC110
                     await anyio.sleep(0.005)
             ready.touch()
             await anyio.to_thread.run_sync(procs[0].wait, 10)
@@ -270,6 +271,11 @@ def _cgroup_available() -> bool:
     return True
 
 
+def _in_session_cgroup(pid: int) -> bool:
+    with open(f"/proc/{pid}/cgroup", encoding="utf-8") as f:
+        return "/kill_switch-" in f.read()
+
+
 def _parent(pid: int) -> int:
     with open(f"/proc/{pid}/stat", encoding="ascii") as f:
         data = f.read()
@@ -280,3 +286,33 @@ def test_the_hook_ignores_spawns_outside_any_session() -> None:
     """Outside a session the hooks do nothing: a plain ``subprocess.run`` works."""
     _adopt.install()
     assert subprocess.run([sys.executable, "-c", "pass"], check=False).returncode == 0
+
+
+async def test_a_process_that_cannot_join_the_cgroup_is_audited_and_still_stopped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fault injected: the move into the session cgroup fails (EACCES). The audit says
+    so, and the tree is still found through /proc and stopped."""
+    if not _cgroup_available():
+        pytest.skip("no writable cgroup v2 here")
+    from kill_switch._planes import _cgroup
+
+    def refuse(self: _cgroup.SessionCgroup, pid: int) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(_cgroup.SessionCgroup, "add", refuse)
+    out = tmp_path / "pids"
+    audit = MemoryAudit()
+
+    async def tool() -> None:
+        await anyio.run_process(["sh", "-c", TREE.format(out=out)])
+
+    report, pids = await kill_mid_tool(tool, out, audit=audit)
+    await check_stopped(report, pids)
+    refused = [
+        e.details
+        for e in audit.events
+        if e.kind == "process_containment" and e.details.get("pid") == pids[0]
+    ]
+    assert len(refused) == 1
+    assert "Permission denied" in refused[0]["reason"]

@@ -15,8 +15,15 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from functools import cache
+from typing import TYPE_CHECKING
 
 from ._procfs import read_file
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 #: Prefix of the cgroups kill_switch creates, so that stale ones can be recognised.
 PREFIX = "kill_switch-"
@@ -69,13 +76,16 @@ def _own_cgroup() -> str:
 class SessionCgroup:
     """One cgroup holding the processes of one session (a directory we created)."""
 
-    __slots__ = ("_procs_fd", "path")
+    __slots__ = ("_lock", "_procs_fd", "path")
 
     def __init__(self, path: str, procs_fd: int) -> None:
         self.path = path
         #: Open on ``cgroup.procs``: a child writes ``0`` to it before ``exec`` to move
         #: itself in, so it is inside before it can fork anything.
         self._procs_fd = procs_fd
+        #: ``add`` runs on another thread (``add_soon``): it must never write to the fd
+        #: number once ``remove`` has closed it (it may be reused by then).
+        self._lock = threading.Lock()
 
     @classmethod
     def create(cls, name: str) -> SessionCgroup:
@@ -113,12 +123,35 @@ class SessionCgroup:
 
     def add(self, pid: int) -> None:
         """Move the running process *pid* into this cgroup (what it forks from then on
-        is born inside).
+        is born inside). Any thread.
 
         Raises:
-            OSError: the write failed (the process has gone, or no permission).
+            OSError: the write failed (the process has gone, no permission, or the
+                cgroup was removed).
         """
-        os.write(self._procs_fd, str(pid).encode())
+        with self._lock:
+            if self._procs_fd < 0:
+                raise OSError(errno.ENOENT, "the cgroup was removed")
+            os.write(self._procs_fd, str(pid).encode())
+
+    def add_soon(self, pid: int, failed: Callable[[int, OSError], object]) -> None:
+        """``add`` on the cgroup mover thread; ``failed(pid, error)`` there if it fails
+        for another reason than the process having gone.
+
+        A migration between cgroups takes milliseconds in the kernel (it waits for an
+        RCU grace period), too long for an event loop's thread; one thread does them in
+        order (``ThreadPoolExecutor``: nothing to hand-write).
+        """
+
+        def move() -> None:
+            try:
+                self.add(pid)
+            except ProcessLookupError:
+                pass  # exited already: nothing left to hold
+            except OSError as exc:
+                failed(pid, exc)
+
+        _mover().submit(move)
 
     def procs(self) -> list[int]:
         """The pids in the cgroup now (empty if it is gone)."""
@@ -142,12 +175,19 @@ class SessionCgroup:
 
     def remove(self) -> bool:
         """Remove the (empty) cgroup and close our fd; ``False`` if it is still busy."""
-        if self._procs_fd >= 0 and not self.populated():
-            os.close(self._procs_fd)
-            self._procs_fd = -1
+        with self._lock:
+            if self._procs_fd >= 0 and not self.populated():
+                os.close(self._procs_fd)
+                self._procs_fd = -1
         if self._procs_fd >= 0:
             return False
         return _rmdir(self.path)
+
+
+@cache
+def _mover() -> ThreadPoolExecutor:
+    """The one thread moving adopted processes into session cgroups (made on first use)."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="kill_switch-cgroup")
 
 
 def _rmdir(path: str) -> bool:

@@ -23,6 +23,7 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -159,19 +160,19 @@ class ProcessPlane(Plane):
         cg = self.ensure_cgroup()
         if cg is None:
             return "process_group"
-        try:
-            cg.add(pid)
-        except OSError as exc:
-            self.record(
-                PROCESS_CONTAINMENT,
-                {
-                    "pid": pid,
-                    "containment": "process_group",
-                    "reason": f"could not move it into the cgroup: {exc.strerror}",
-                },
-            )
-            return "process_group"
+        cg.add_soon(pid, self._not_held)
         return "cgroup"
+
+    def _not_held(self, pid: int, exc: OSError) -> None:
+        """The cgroup mover's thread: *pid* could not be moved in; audit it on the loop
+        (its tree is still found through /proc at the stop)."""
+        details = {
+            "pid": pid,
+            "containment": "process_group",
+            "reason": f"could not move it into the cgroup: {exc.strerror or exc}",
+        }
+        with contextlib.suppress(RuntimeError):  # the loop closed: the session is over
+            self.loop.call_soon_threadsafe(self.record, PROCESS_CONTAINMENT, details)
 
     # -- tracking
 
