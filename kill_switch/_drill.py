@@ -25,6 +25,7 @@ latency objectives; ``kill-switch drill`` is its command line.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import os
 import subprocess
@@ -58,6 +59,7 @@ from ._planes._procfs import (
     scan,
     start_time,
 )
+from ._planes._subreaper import subreaper
 from ._session import Session
 from ._vocabulary._audit_event import (
     ESCALATED,
@@ -74,8 +76,8 @@ if TYPE_CHECKING:
     from ._runtime import Runtime
     from ._vocabulary._report import StopReport
 
-Leak = Literal["process", "task", "thread"]
-LEAKS: Final[tuple[Leak, ...]] = ("process", "task", "thread")
+Leak = Literal["process", "orphan", "task", "thread"]
+LEAKS: Final[tuple[Leak, ...]] = ("process", "orphan", "task", "thread")
 
 #: How often the independent checks are re-run while waiting for quiescence.
 _POLL: Final = 0.002
@@ -112,9 +114,11 @@ class DrillShape:
         thread_grace: seconds a sync tool has to return once interrupted.
         stop_timeout: the session's bound on its own stop.
         leak: deliberate faults, to prove the drill catches them: ``"process"`` spawns a
-            process behind the runtime's back, ``"task"`` leaves a task that swallows
-            its cancellation, ``"thread"`` runs a sync tool that never polls in anyio's
-            pool with ``abandon_on_cancel`` (off the thread plane; its caller does not
+            process behind the runtime's back, ``"orphan"`` leaves a grandchild whose
+            parent exited at once (a daemon's double fork: it is reparented, and found
+            only because the drill runs as a child subreaper), ``"task"`` leaves a task
+            that swallows its cancellation, ``"thread"`` runs a sync tool that never
+            polls in anyio's pool with ``abandon_on_cancel`` (off the thread plane; its caller does not
             wait). Drills with a leak must fail.
     """
 
@@ -464,6 +468,7 @@ class _Leftovers:
     """What a run's deliberate leaks left, for cleanup after the drill has looked."""
 
     popens: list[subprocess.Popen[bytes]] = attrs.field(factory=list)
+    orphans: list[int] = attrs.field(factory=list)
     release: threading.Event = attrs.field(factory=threading.Event)
 
 
@@ -544,6 +549,17 @@ async def _synthetic(  # noqa: ASYNC114 - private; started with tg.start in this
                     start_new_session=True,
                 )
             )
+        if "orphan" in shape.leak:
+            # A daemon's double fork, behind the runtime's back (an empty context): the
+            # shell exits at once and its grandchild is orphaned.
+            daemon = contextvars.Context().run(
+                subprocess.Popen,
+                ["sh", "-c", "sleep 300 >/dev/null 2>&1 & echo $!"],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+            )
+            out, _ = await anyio.to_thread.run_sync(daemon.communicate)
+            leftovers.orphans.append(int(out))
         if "thread" in shape.leak:
             # A pool the thread plane does not run, whose caller does not wait for it.
             session.start_soon(
@@ -565,6 +581,11 @@ def _clean_leftovers(leftovers: _Leftovers) -> None:
         if p.poll() is None:
             os.killpg(p.pid, 9)
         p.wait()
+    for pid in leftovers.orphans:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, 9)
+        with contextlib.suppress(ChildProcessError):  # ours only as the subreaper
+            os.waitpid(pid, 0)
 
 
 async def run_drills(
@@ -580,7 +601,9 @@ async def run_drills(
 
     The chain of the audit log is verified on the last run (and on any that failed),
     not on every one, so a long series stays linear. Deliberate leaks are cleaned up
-    after the drill has looked at them.
+    after the drill has looked at them. While it runs this process is a child subreaper
+    (process-wide, restored after): an orphan of a session's processes stays under it,
+    where the process check finds it, instead of going to PID 1.
 
     Raises:
         TypeError, ValueError: *runs* is not an int ≥ 1.
@@ -588,6 +611,19 @@ async def run_drills(
     positive_int("runs", runs)
     shape = shape if shape is not None else DrillShape()
     objectives = objectives if objectives is not None else DrillObjectives()
+    with subreaper():
+        # Orphans of the session's processes are reparented here, not to PID 1: the
+        # process check still finds them.
+        return await _run_drills(runtime, runs, shape, objectives, on_result)
+
+
+async def _run_drills(
+    runtime: Runtime,
+    runs: int,
+    shape: DrillShape,
+    objectives: DrillObjectives,
+    on_result: Callable[[DrillResult], None] | None,
+) -> DrillSummary:
     results: list[DrillResult] = []
     for run in range(runs):
         leftovers = _Leftovers()

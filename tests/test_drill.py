@@ -4,6 +4,7 @@ unlisted thread, a missing audit row)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -19,6 +20,7 @@ import pytest
 
 import kill_switch as ks
 from kill_switch import DrillObjectives, DrillShape, _drill, _drill_results, drill, run_drills
+from kill_switch._planes import _subreaper as subreaper
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -78,6 +80,33 @@ async def test_leaked_subprocess_fails_the_drill(tmp_path: Path) -> None:
     detail = next(c.detail for c in result.checks if c.name == "processes")
     assert "sleep 300" in detail
     assert "untracked" in detail
+
+
+async def test_an_orphaned_grandchild_fails_the_drill(tmp_path: Path) -> None:
+    """A daemon's double fork behind the runtime's back: its grandchild, reparented to
+    the drill (a child subreaper while it runs), fails ``processes``."""
+    result = await one_leaky_run(tmp_path, attrs.evolve(FAST, leak=("orphan",)))
+    assert failed(result) == {"processes"}
+    detail = next(c.detail for c in result.checks if c.name == "processes")
+    assert "sleep 300" in detail
+    assert not subreaper.is_subreaper()  # restored after the drill
+
+
+async def test_negative_control_without_the_subreaper_the_orphan_is_missed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without the subreaper the orphan goes to PID 1, out of this process's tree: the
+    drill passes while it runs (what the subreaper is for)."""
+    monkeypatch.setattr(_drill, "subreaper", lambda: contextlib.nullcontext(False))
+    async with ks.Runtime(audit=str(tmp_path / "audit.db")) as runtime:
+        summary = await run_drills(
+            runtime,
+            runs=1,
+            shape=attrs.evolve(FAST, leak=("orphan",)),
+            objectives=DrillObjectives(quiesce_ms=200),
+        )
+    (result,) = summary.results
+    assert "processes" not in failed(result)
 
 
 async def test_leaked_pool_thread_fails_the_drill(tmp_path: Path) -> None:
@@ -309,7 +338,9 @@ def test_cli_passes_and_prints_json() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("leak", "check"), [("process", "processes"), ("task", "tasks")])
+@pytest.mark.parametrize(
+    ("leak", "check"), [("process", "processes"), ("orphan", "processes"), ("task", "tasks")]
+)
 def test_cli_fails_on_an_injected_leak(leak: str, check: str) -> None:
     """``--inject`` plants the fault; the drill exits 1 and names the check that caught it."""
     proc = _cli("--runs", "1", "--inject", leak, "--quiesce-ms", "200")

@@ -346,6 +346,16 @@ class TrackedGroup:
         if self.exited is not None:
             self.exited.set()
 
+    def reap_orphans(self) -> None:
+        """Reap the members (and an escapee leader) that exited after being reparented
+        to this process as a child subreaper: no one else will. A leader we started is
+        reaped by ``reap``; an adopted one by its own ``Popen``."""
+        watches = list(self.members.values())
+        if self.escaped:
+            watches.append(self.leader)
+        for watch in watches:
+            watch.reap_if_ours()
+
     def close(self) -> None:
         """Stop watching: timers cancelled, pidfds closed (idempotent)."""
         if self.stage == "closed":

@@ -15,6 +15,7 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
@@ -132,6 +133,14 @@ class PidWatch:
         if res is None:
             return None
         return _status_to_returncode(res.si_code, res.si_status)
+
+    def reap_if_ours(self) -> None:
+        """Reap this pid if it exited and is our child: an orphan reparented to this
+        process as a child subreaper, which no ``Popen`` will ever wait for."""
+        if self.fd < 0:
+            return
+        with contextlib.suppress(OSError):  # ECHILD: not ours to reap
+            os.waitid(os.P_PIDFD, self.fd, os.WEXITED | os.WNOHANG)
 
     def close(self) -> None:
         if self._timer is not None:

@@ -49,6 +49,7 @@ from ._procfs import cmdline as _cmdline
 from ._procfs import descendants as _descendants
 from ._procfs import has_in_environ
 from ._procfs import scan as _scan
+from ._subreaper import is_subreaper
 
 if TYPE_CHECKING:
     import asyncio
@@ -508,8 +509,13 @@ class ProcessPlane(Plane):
         if self._recheck is not None:
             self._recheck.cancel()
             self._recheck = None
+        # Orphans of the stop reparented to this process (a child subreaper) are its
+        # zombies now: reap them, or they would pile up.
+        orphans_are_ours = is_subreaper()
         for g in self._stopping:
             g.reap()
+            if orphans_are_ours:
+                g.reap_orphans()
             if g.leader.exited_at is not None and not g.escaped:
                 self.record(
                     PROCESS_EXITED,
