@@ -118,8 +118,8 @@ class DrillShape:
             parent exited at once (a daemon's double fork: it is reparented, and found
             only because the drill runs as a child subreaper), ``"task"`` leaves a task
             that swallows its cancellation, ``"thread"`` runs a sync tool that never
-            polls in anyio's pool with ``abandon_on_cancel`` (off the thread plane; its caller does not
-            wait). Drills with a leak must fail.
+            polls in anyio's pool with ``abandon_on_cancel`` (off the thread plane; its
+            caller does not wait). Drills with a leak must fail.
     """
 
     calls: int = attrs.field(default=20, validator=_count)
