@@ -7,7 +7,7 @@ under load. This runs a session with 10 trees of 4 processes (a ``sh`` leader an
 ``sleep``), interrupts it, and counts the loop thread's calls from ``interrupt()`` to
 the handle's resolution under ``strace -f`` (markers: two failing ``access()`` calls).
 
-    python benchmarks/count_stop_syscalls.py [--no-cgroup] [--trees N]
+    python benchmarks/count_stop_syscalls.py [--no-cgroup [--no-scan]] [--trees N]
 """
 
 from __future__ import annotations
@@ -48,13 +48,13 @@ GIL_RELEASING = {
 }
 
 
-async def _stop(trees: int, cgroup: bool) -> None:
+async def _stop(trees: int, cgroup: bool, scan: bool) -> None:
     import anyio
 
     import kill_switch as ks
     from kill_switch._planes import _procfs
 
-    policy = ks.EscalationPolicy(cgroup=cgroup)
+    policy = ks.EscalationPolicy(cgroup=cgroup, find_escapees=scan)
     ready = anyio.Event()
     holder: dict[str, ks.Session] = {}
     async with ks.Runtime() as runtime:
@@ -108,16 +108,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--trees", type=int, default=10)
     parser.add_argument("--no-cgroup", action="store_true")
+    parser.add_argument("--no-scan", action="store_true", help="find_escapees=False")
     parser.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     ns = parser.parse_args()
     if ns.inner:
-        asyncio.run(_stop(ns.trees, not ns.no_cgroup))
+        asyncio.run(_stop(ns.trees, not ns.no_cgroup, not ns.no_scan))
         return
     with tempfile.TemporaryDirectory() as tmp:
         trace = os.path.join(tmp, "trace")
         argv = [sys.executable, __file__, "--inner", "--trees", str(ns.trees)]
-        if ns.no_cgroup:
-            argv.append("--no-cgroup")
+        argv += ["--no-cgroup"] * ns.no_cgroup + ["--no-scan"] * ns.no_scan
         proc = subprocess.Popen(["strace", "-f", "-qq", "-o", trace, *argv])
         if proc.wait() != 0:
             raise SystemExit(f"the stop under strace failed ({proc.returncode})")

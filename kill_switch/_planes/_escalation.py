@@ -338,6 +338,17 @@ class TrackedGroup:
             self._timer = self.plane.loop.call_later(self.policy.kill_timeout, self._give_up)
             self._check_settled()
 
+    def hold(self) -> None:
+        """The grace is over and nothing of this (contained) group is left in the cgroup:
+        no SIGKILL in its row; it settles on ``populated 0``, or gives up after
+        ``kill_timeout`` like an escalated group."""
+        self.graced = True
+        if self.stage != "term":
+            return
+        self.stage = "kill"
+        self._timer = self.plane.loop.call_later(self.policy.kill_timeout, self._give_up)
+        self._check_settled()
+
     def _give_up(self) -> None:
         self._timer = None
         if self.stage != "kill":

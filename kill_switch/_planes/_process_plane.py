@@ -82,6 +82,11 @@ Containment = Literal["cgroup", "process_group"]
 
 _VERIFY_ROUNDS = 3
 
+#: The kernel sends at most one ``cgroup.events`` notification per 10 ms (a jiffy more
+#: with its rounding; ``CGROUP_FILE_NOTIFY_MIN_INTV``) and delays one that comes sooner.
+#: Within this long of the last one, a stop that waits for ``populated 0`` also polls.
+_NOTIFY_MARGIN: Final = 0.025
+
 
 class ProcessPlane(Plane):
     """The processes of one session and how its interrupt stops them (a ``Plane``).
@@ -117,6 +122,8 @@ class ProcessPlane(Plane):
         self._cgroup_watched = False
         self._cgroup_poll: asyncio.TimerHandle | None = None
         self._cgroup_poll_delay = POLL_MIN
+        #: when the kernel last notified a change of ``cgroup.events`` (at the latest)
+        self._cgroup_notified = float("-inf")
         self.containment: Containment = "process_group"
         self._cgroup_reason = "disabled by EscalationPolicy(cgroup=False)"
         self._want_cgroup = policy.cgroup
@@ -165,8 +172,10 @@ class ProcessPlane(Plane):
             delay = max(POLL_MIN, delay * 2)
             self.loop.call_later(delay, self._drop_cgroup, delay)
 
-    def _cgroup_changed(self, populated: bool) -> None:
+    def _cgroup_changed(self, populated: bool, *, polled: bool = False) -> None:
         """``cgroup.events`` changed (inotify), or a poll read it."""
+        if not polled:
+            self._cgroup_notified = time.monotonic()
         self._populated = populated
         if populated:
             return
@@ -182,24 +191,29 @@ class ProcessPlane(Plane):
 
     def cgroup_holds_processes(self) -> bool:
         """Whether the session cgroup may still hold a process of the stop (inotify's last
-        word; where there is no inotify, a poll is kept going until it says empty)."""
+        word). Where inotify may be late or is missing, a poll reads ``cgroup.events``
+        (at once, then with back-off) until it says empty."""
         if self._cgroup is None or not self._populated:
             return False
-        if not self._cgroup_watched and self._cgroup_poll is None:
-            self._cgroup_poll_delay = POLL_MIN
-            self._cgroup_poll = self.loop.call_later(POLL_MIN, self._poll_cgroup)
+        if self._cgroup_poll is None and not self._notify_prompt():
+            self._cgroup_poll_delay = 0.0
+            self._cgroup_poll = self.loop.call_later(0.0, self._poll_cgroup)
         return True
+
+    def _notify_prompt(self) -> bool:
+        """Whether inotify will report ``populated 0`` as it happens (not rate-limited)."""
+        return self._cgroup_watched and (time.monotonic() - self._cgroup_notified > _NOTIFY_MARGIN)
 
     def _poll_cgroup(self) -> None:
         self._cgroup_poll = None
         cg = self._cgroup
-        if cg is None or self._finished:
+        if cg is None or self._finished or not self._populated:
             return
-        if cg.populated():
-            self._cgroup_poll_delay = min(POLL_MAX, self._cgroup_poll_delay * 2)
+        if not cg.populated():
+            self._cgroup_changed(False, polled=True)
+        elif not self._notify_prompt():
+            self._cgroup_poll_delay = min(POLL_MAX, max(POLL_MIN, self._cgroup_poll_delay * 2))
             self._cgroup_poll = self.loop.call_later(self._cgroup_poll_delay, self._poll_cgroup)
-        else:
-            self._cgroup_changed(False)
 
     # -- tracking
 
@@ -237,7 +251,9 @@ class ProcessPlane(Plane):
         if group.own and self.containment == "cgroup" and self._cgroup is not None:
             group.contained = True
         if group.contained:
-            # Set now: inotify's word on its entry may still be queued.
+            if not self._populated:
+                # The kernel notified the entry just now (inotify's word may be queued).
+                self._cgroup_notified = time.monotonic()
             self._populated = True
         self._groups[group.pid] = group
         if self._delivered:
@@ -278,6 +294,10 @@ class ProcessPlane(Plane):
             g.deadline = self._request_mono + g.grace()
             g.stage = "term"  # in its grace from now on: the timer counts it
         self._arm_grace()
+        loose = [g for g in groups if not g.contained]
+        # The children files are read before the SIGTERMs: a leader that has exited has
+        # none, and its orphans would be out of reach. A /proc scan is made after them.
+        walked = self._walk(loose) if loose and not self._scans(loose) else None
         now = time.monotonic()
         try:
             for g in groups:
@@ -285,9 +305,8 @@ class ProcessPlane(Plane):
             # Bookkeeping after every SIGTERM is out: it waits on the kernel, they do not.
             if self._cgroup is not None and self._populated:
                 self._sweep_cgroup(now)
-            loose = [g for g in groups if not g.contained]
             if loose:
-                self._discover(loose, now)
+                self._discover(loose, now, walked)
         finally:
             self._delivering = False
         self._maybe_finish()
@@ -312,14 +331,14 @@ class ProcessPlane(Plane):
 
     def _grace_over(self) -> None:
         """SIGKILL each group whose grace is over and that still has a process, then the
-        cgroup as a whole."""
+        cgroup as a whole (which also takes a process forked out of its group after the
+        cgroup was searched: it had no SIGTERM, as a process forked into a group after
+        its killpg had none)."""
         self._grace_timer = None
         self._grace_when = float("inf")
         now = time.monotonic()
         due = [
-            g
-            for g in self._stopping
-            if g.stage == "term" and not g.graced and g.deadline <= now
+            g for g in self._stopping if g.stage == "term" and not g.graced and g.deadline <= now
         ]
         if due:
             left = self._cgroup_members() if any(g.contained for g in due) else {}
@@ -328,9 +347,8 @@ class ProcessPlane(Plane):
                     pids = left.get(g.pgid, ()) if g.pgid is not None else ()
                     g.seen.update(p for p in pids if p != g.pid)
                     if not pids and not g.alive():
-                        # Nothing of it outlived the grace: no SIGKILL in its row; it is
-                        # done when the cgroup says so.
-                        g.graced = True
+                        # Nothing of it outlived the grace: no SIGKILL in its row.
+                        g.hold()
                         continue
                 g.escalate()
             self.maybe_cgroup_kill()
@@ -452,18 +470,29 @@ class ProcessPlane(Plane):
                 known.add(pid)
         self._start_escapees(escapees, now, "deliver")
 
-    def _discover(self, groups: list[TrackedGroup], now: float) -> None:
-        """Find the members and escapees of groups outside the cgroup (adopted, or no
-        cgroup): a /proc scan, or the children files. Escapees get their SIGTERM."""
+    def _scans(self, groups: list[TrackedGroup]) -> bool:
+        """Whether these groups' processes are searched by a /proc scan (no cgroup, and
+        the policy asks for it) rather than through the children files."""
+        return self._cgroup is None and any(g.policy.find_escapees for g in groups)
+
+    @staticmethod
+    def _walk(groups: list[TrackedGroup]) -> dict[int, int | None]:
+        """The live descendants of *groups*' leaders (children files): pid → ``None``."""
+        found: dict[int, int | None] = {}
+        for g in groups:
+            for pid in _descendants(g.pid):
+                found.setdefault(pid, None)
+        return found
+
+    def _discover(
+        self, groups: list[TrackedGroup], now: float, walked: dict[int, int | None] | None
+    ) -> None:
+        """Sort the members and escapees of groups outside the cgroup (adopted, or no
+        cgroup), *walked* before the SIGTERMs or scanned now. Escapees get a SIGTERM."""
         by_pgid = {g.pgid: g for g in groups if g.pgid is not None}
         known = self._known()
-        candidates: dict[int, int | None] = {}  # pid -> pgid (None: look it up)
-        if self._cgroup is None and any(g.policy.find_escapees for g in groups):
-            candidates.update(self._scan_table(groups))
-        else:
-            for g in groups:
-                for pid in _descendants(g.pid):
-                    candidates.setdefault(pid, None)
+        # pid -> pgid (None: look it up)
+        candidates = self._scan_table(groups) if walked is None else walked
         escapees: list[TrackedGroup] = []
         for pid, known_pgid in candidates.items():
             if pid in known:
