@@ -55,34 +55,30 @@ async def _stop(trees: int, cgroup: bool, scan: bool) -> None:
     from kill_switch._planes import _procfs
 
     policy = ks.EscalationPolicy(cgroup=cgroup, find_escapees=scan)
-    ready = anyio.Event()
-    holder: dict[str, ks.Session] = {}
+    loop = asyncio.get_running_loop()
+    started: asyncio.Future[ks.Session] = loop.create_future()
     async with ks.Runtime() as runtime:
 
-        async def body() -> None:
+        async def host() -> None:
             async with runtime.session("count") as session:
-                procs = [
-                    await session.open_process(["sh", "-c", TREE], escalation=policy)
-                    for _ in range(trees)
-                ]
-                for proc in procs:
+                for _ in range(trees):
+                    proc = await session.open_process(["sh", "-c", TREE], escalation=policy)
                     assert proc.stdout is not None
-                    await proc.stdout.receive()
+                    await proc.stdout.receive()  # "ready": sh forked its 3 jobs before
                     while len(_procfs.children(proc.pid)) < 3:  # noqa: ASYNC110
                         await anyio.sleep(0.001)
-                holder["session"] = session
-                ready.set()
+                started.set_result(session)
                 await anyio.sleep_forever()
 
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(body)
-            await ready.wait()
-            os.access(BEGIN, os.F_OK)
-            report = await holder["session"].interrupt("count", trigger="supervisor")
-            os.access(END, os.F_OK)
-        assert report.quiescent, report
-        assert len(report.processes) == trees
-        print(f"containment: {report.processes[0].containment}", file=sys.stderr)
+        task = loop.create_task(host())
+        session = await started
+        os.access(BEGIN, os.F_OK)
+        report = await session.interrupt("count", trigger="supervisor")
+        os.access(END, os.F_OK)
+        await task
+    assert report.quiescent, report
+    assert len(report.processes) == trees
+    print(f"containment: {report.processes[0].containment}", file=sys.stderr)
 
 
 def _count(trace: str, pid: int) -> collections.Counter[str]:
