@@ -288,7 +288,10 @@ async def test_tree_kill_switch_interrupt_stops_every_member_and_reports_it() ->
     # The leader went at SIGTERM; the group's SIGKILL took the member that ignored it.
     assert rep.signals == ("SIGTERM", "SIGKILL")
     assert rep.returncode == -signal.SIGTERM
-    assert set(pids[1:]) <= set(rep.members)
+    # The member that outlived the grace is listed (members are looked for after the
+    # SIGTERM: the sleep that went at once may not be).
+    assert pids[2] in rep.members
+    assert set(rep.members) <= set(pids[1:])
     assert report.outcome == "stopped"
     assert report.quiescent
 

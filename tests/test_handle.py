@@ -68,3 +68,29 @@ async def test_cancelled_wait_does_not_cancel_the_stop() -> None:
                 await handle
             await park()
         assert (await handle).quiescent
+
+
+async def test_done_callback_runs_after_the_awaiters_and_soon_once_resolved() -> None:
+    """add_done_callback calls back on the loop after the stop resolved (the awaiters
+    woken first), and soon for a handle that has resolved already."""
+    order: list[str] = []
+    loop = asyncio.get_running_loop()
+    async with ks.Runtime() as runtime:
+        session = runtime.session("a")
+        handle = session.handle
+
+        async def awaiter() -> None:
+            order.append(f"awaiter:{(await handle).outcome}")
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(awaiter)
+            await anyio.wait_all_tasks_blocked()
+            handle.add_done_callback(loop, lambda: order.append(f"callback:{handle.done()}"))
+            async with session:
+                session.interrupt("x", trigger="operator")
+                await park()
+    assert order == ["awaiter:stopped", "callback:True"]
+    done = asyncio.Event()
+    handle.add_done_callback(loop, done.set)
+    assert not done.is_set()  # soon, not now
+    await done.wait()

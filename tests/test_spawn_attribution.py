@@ -73,11 +73,13 @@ async def check_stopped(report: ks.StopReport, pids: list[int]) -> None:
         kill_quietly(pids)
     assert report.quiescent, report.summary()
     assert report.unattributed == ()
+    assert len(report.processes) == 1, report.processes
     (row,) = report.processes
     assert row.adopted
     assert row.pid == pids[0]
     assert set(row.members) == set(pids[1:])
     assert row.signals[0] == "SIGTERM"
+    assert row.command[0] in ("sh", "/bin/sh"), row.command
 
 
 async def test_anyio_run_process_tree_is_stopped_with_the_session(tmp_path: Path) -> None:

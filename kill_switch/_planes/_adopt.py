@@ -111,12 +111,20 @@ def install() -> None:
         _installed = True
 
 
-def adopt(plane: ProcessPlane, pid: int, policy: EscalationPolicy, *, via: str = "") -> bool:
+def adopt(
+    plane: ProcessPlane,
+    pid: int,
+    policy: EscalationPolicy,
+    *,
+    via: str = "",
+    argv: tuple[str, ...] = (),
+) -> bool:
     """Track *pid*, started by other means, on *plane*; ``False`` if it has gone.
 
     Not reaped here, even when it is our child: its ``Popen`` or asyncio watcher does
     that. *via* names the event it was seen through, for a spawn seen by the hooks (which
-    is then moved into the session's cgroup, where there is one).
+    is then moved into the session's cgroup, where there is one); *argv*, the command the
+    event named (read from ``/proc`` otherwise: right after a fork it is still ours).
     """
     if plane.is_tracked(pid):
         return True
@@ -129,7 +137,7 @@ def adopt(plane: ProcessPlane, pid: int, policy: EscalationPolicy, *, via: str =
         plane,
         pid,
         pgid=pgid if is_leader else None,
-        command=cmdline(pid),
+        command=argv or cmdline(pid),
         own=False,
         policy=policy,
         adopted=True,
@@ -161,7 +169,8 @@ def _audit_hook(event: str, args: tuple[Any, ...]) -> None:
         # Refused: an audit hook's exception aborts the operation, nothing starts.
         raise host.interrupted_error()
     try:
-        _note(host, event, _describe(event, args))
+        argv = _argv(event, args)
+        _note(host, _describe(event, argv), argv)
     except Interrupted:
         raise
     except Exception as exc:  # a hook must not break the caller's spawn: say it instead
@@ -173,7 +182,7 @@ def _before_fork() -> None:
     if host is None or _own.get():
         return
     try:
-        _forking.spawn = _note(host, "fork", "fork()")
+        _forking.spawn = _note(host, "fork", ())
     except Exception as exc:  # as above; an at-fork callback's error would be lost
         say(f"kill_switch: a fork in session {host.id} could not be attributed: {exc!r}")
 
@@ -189,18 +198,29 @@ def _after_fork() -> None:
         say(f"kill_switch: a fork in session {spawn.host.id} could not be attributed: {exc!r}")
 
 
-def _describe(event: str, args: tuple[Any, ...]) -> str:
-    """A short, printable description of the spawn (for the audit and the report)."""
+def _argv(event: str, args: tuple[Any, ...]) -> tuple[str, ...]:
+    """The command the event names (``()`` for a fork)."""
     what: object = args[1] if event in ("subprocess.Popen", "os.posix_spawn") else args
-    if isinstance(what, (list, tuple)):
-        what = " ".join(os.fsdecode(a) if isinstance(a, (str, bytes)) else str(a) for a in what)
-    elif isinstance(what, bytes):
-        what = os.fsdecode(what)
-    text = f"{event}: {what}"
+    if event == "os.system" and args:
+        return ("sh", "-c", _text(args[0]))
+    if isinstance(what, (str, bytes)):
+        return (_text(what),)
+    if isinstance(what, (list, tuple)) and event != "os.fork":
+        return tuple(_text(a) for a in what)
+    return ()
+
+
+def _text(value: object) -> str:
+    return os.fsdecode(value) if isinstance(value, (str, bytes)) else str(value)
+
+
+def _describe(event: str, argv: tuple[str, ...]) -> str:
+    """A short, printable description of the spawn (for the audit and the report)."""
+    text = f"{event}: {' '.join(argv)}" if argv else event
     return text if len(text) <= 200 else text[:199] + "…"
 
 
-def _note(host: PlaneHost, event: str, what: str) -> Spawn | None:
+def _note(host: PlaneHost, what: str, argv: tuple[str, ...]) -> Spawn | None:
     """The spawning thread is about to start a process for *host*: note its children."""
     if host.state in ("finished", "failed") or host.runtime_closed:
         return None  # the session is over; its end stopped what it had
@@ -212,7 +232,7 @@ def _note(host: PlaneHost, event: str, what: str) -> Spawn | None:
             # One spawn seen twice (an event, then its fork), or two before the loop
             # looked: the earlier note takes every child since.
             return previous
-        spawn = Spawn(host, tid, what, before)
+        spawn = Spawn(host, tid, what, argv, before)
         _by_thread[tid] = spawn
     if previous is not None:
         previous.hand_over()
@@ -229,12 +249,31 @@ def _note(host: PlaneHost, event: str, what: str) -> Spawn | None:
 class Spawn:
     """A process one thread is starting for a session, until its child is adopted."""
 
-    __slots__ = ("before", "deadline", "delay", "done", "host", "plane", "polling", "tid", "what")
+    __slots__ = (
+        "argv",
+        "before",
+        "deadline",
+        "delay",
+        "done",
+        "host",
+        "plane",
+        "polling",
+        "tid",
+        "what",
+    )
 
-    def __init__(self, host: PlaneHost, tid: int, what: str, before: list[int] | None) -> None:
+    def __init__(
+        self,
+        host: PlaneHost,
+        tid: int,
+        what: str,
+        argv: tuple[str, ...],
+        before: list[int] | None,
+    ) -> None:
         self.host = host
         self.tid = tid
         self.what = what
+        self.argv = argv
         #: The thread's children before the spawn (``None``: the kernel does not list
         #: them, and the spawn cannot be attributed).
         self.before = None if before is None else set(before)
@@ -320,7 +359,10 @@ class Spawn:
         plane = self.plane
         for pid in pids:
             if plane is not None:
-                adopt(plane, pid, plane.policy, via=self.what)
+                # The command the event named is the first child's; a later one (two
+                # spawns before the loop looked) is read from /proc.
+                argv = self.argv if len(pids) == 1 else ()
+                adopt(plane, pid, plane.policy, via=self.what, argv=argv)
             else:
                 self._kill(pid)
 

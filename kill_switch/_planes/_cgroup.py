@@ -3,7 +3,9 @@
 A process cannot leave a cgroup by ``setsid()`` or a double fork, so the cgroup holds
 every descendant of every process kill_switch started for the session, and
 ``cgroup.kill`` (Linux >= 5.14) SIGKILLs all of them at once, forks in flight included.
-``cgroup.events`` reading ``populated 0`` proves they are gone.
+``cgroup.events`` reading ``populated 0`` proves they are gone; the kernel reports each
+change of that file to inotify, so the plane is told when the last process has left
+instead of reading the file over and over.
 
 Only used where it works: cgroup v2 mounted (alone or in the hybrid layout's
 ``unified`` hierarchy, found via ``/proc/self/mountinfo``), our own cgroup writable (in
@@ -13,16 +15,20 @@ practice: root, or a delegated subtree) and ``cgroup.kill`` present. Anything el
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import functools
 import os
+import struct
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from ._procfs import read_file
 
 if TYPE_CHECKING:
+    import asyncio
     from collections.abc import Callable
 
 #: Prefix of the cgroups kill_switch creates, so that stale ones can be recognised.
@@ -74,11 +80,14 @@ def _own_cgroup() -> str:
 
 
 class SessionCgroup:
-    """One cgroup holding the processes of one session (a directory we created)."""
+    """One cgroup holding the processes of one session (a directory we created).
 
-    __slots__ = ("_lock", "_procs_fd", "path")
+    Loop thread only, except ``kill()`` and ``add()`` (any thread).
+    """
 
-    def __init__(self, path: str, procs_fd: int) -> None:
+    __slots__ = ("_events_fd", "_lock", "_procs_fd", "_watch", "path")
+
+    def __init__(self, path: str, procs_fd: int, events_fd: int) -> None:
         self.path = path
         #: Open on ``cgroup.procs``: a child writes ``0`` to it before ``exec`` to move
         #: itself in, so it is inside before it can fork anything.
@@ -86,6 +95,9 @@ class SessionCgroup:
         #: ``add`` runs on another thread (``add_soon``): it must never write to the fd
         #: number once ``remove`` has closed it (it may be reused by then).
         self._lock = threading.Lock()
+        #: Open on ``cgroup.events``: ``populated()`` is one pread(2), not open/read/close.
+        self._events_fd = events_fd
+        self._watch: tuple[_Inotify, int] | None = None
 
     @classmethod
     def create(cls, name: str) -> SessionCgroup:
@@ -115,7 +127,13 @@ class SessionCgroup:
             if isinstance(exc, CgroupUnavailable):
                 raise
             raise CgroupUnavailable(f"cannot open {path}/cgroup.procs: {exc.strerror}") from None
-        return cls(path, fd)
+        try:
+            events = os.open(os.path.join(path, "cgroup.events"), os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            os.close(fd)
+            _rmdir(path)
+            raise CgroupUnavailable(f"cannot open {path}/cgroup.events: {exc.strerror}") from None
+        return cls(path, fd, events)
 
     def enter_from_child(self) -> None:
         """Move the calling process into this cgroup (a ``preexec_fn``: one write(2))."""
@@ -159,7 +177,43 @@ class SessionCgroup:
 
     def populated(self) -> bool:
         """Whether any process is still in the cgroup (``cgroup.events``)."""
-        return b"populated 1" in read_file(os.path.join(self.path, "cgroup.events"))
+        if self._events_fd < 0:
+            return b"populated 1" in read_file(os.path.join(self.path, "cgroup.events"))
+        try:
+            # A kernfs file is generated afresh by a read at offset 0.
+            return b"populated 1" in os.pread(self._events_fd, 256, 0)
+        except OSError:
+            return False
+
+    def watch(self, loop: asyncio.AbstractEventLoop, callback: Callable[[bool], None]) -> bool:
+        """Call ``callback(populated)`` on *loop* whenever ``cgroup.events`` changes.
+
+        One inotify instance per event loop serves every session cgroup on it. ``False``
+        if inotify cannot be had here (no ``inotify_init1``, instance limit): the caller
+        then polls ``populated()``.
+        """
+        if self._watch is not None:
+            return True
+        try:
+            inotify = _Inotify.for_loop(loop)
+        except OSError:
+            return False
+        try:
+            wd = inotify.add(
+                os.path.join(self.path, "cgroup.events"), lambda: callback(self.populated())
+            )
+        except OSError:
+            inotify.release()
+            return False
+        self._watch = (inotify, wd)
+        return True
+
+    def unwatch(self) -> None:
+        """Stop the ``watch`` callbacks (idempotent)."""
+        if self._watch is not None:
+            inotify, wd = self._watch
+            self._watch = None
+            inotify.remove(wd)
 
     def kill(self) -> None:
         """SIGKILL every process in the cgroup at once (``cgroup.kill``).
@@ -174,11 +228,14 @@ class SessionCgroup:
             os.close(fd)
 
     def remove(self) -> bool:
-        """Remove the (empty) cgroup and close our fd; ``False`` if it is still busy."""
+        """Remove the (empty) cgroup and close our fds; ``False`` if it is still busy."""
         with self._lock:
             if self._procs_fd >= 0 and not self.populated():
+                self.unwatch()
                 os.close(self._procs_fd)
                 self._procs_fd = -1
+                os.close(self._events_fd)
+                self._events_fd = -1
         if self._procs_fd >= 0:
             return False
         return _rmdir(self.path)
@@ -196,3 +253,113 @@ def _rmdir(path: str) -> bool:
     except OSError as exc:
         return exc.errno == errno.ENOENT
     return True
+
+
+# ------------------------------------------------------------------------------ inotify
+
+_IN_MODIFY: Final = 0x00000002
+_IN_Q_OVERFLOW: Final = 0x00004000
+_EVENT: Final = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    """The C library's inotify calls.
+
+    Hand-written through ctypes: the standard library has no inotify binding, and the
+    packages that have one (inotify_simple, ...) wrap these same three calls, which a
+    new dependency would buy nothing over.
+
+    Raises:
+        OSError: there is no inotify in this C library.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    try:
+        libc.inotify_init1.argtypes = [ctypes.c_int]
+        libc.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
+        libc.inotify_rm_watch.argtypes = [ctypes.c_int, ctypes.c_int]
+    except AttributeError:
+        raise OSError(errno.ENOSYS, "no inotify in this C library") from None
+    return libc
+
+
+def _check(result: int) -> int:
+    if result < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return result
+
+
+class _Inotify:
+    """One inotify instance of one event loop: its reader dispatches by watch descriptor.
+
+    It lives while a watch is on it (the last ``remove`` closes it), so that a loop that
+    ends leaves no fd behind. Loop thread only.
+    """
+
+    _by_loop: dict[asyncio.AbstractEventLoop, _Inotify] = {}  # noqa: RUF012 - a registry
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, fd: int) -> None:
+        self.loop = loop
+        self.fd = fd
+        self.callbacks: dict[int, Callable[[], None]] = {}
+        self.users = 0
+
+    @classmethod
+    def for_loop(cls, loop: asyncio.AbstractEventLoop) -> _Inotify:
+        """The loop's instance, created on first use (call ``release`` or ``remove``).
+
+        Raises:
+            OSError: no inotify here, or no instance left (``fs.inotify.max_user_instances``).
+        """
+        inotify = cls._by_loop.get(loop)
+        if inotify is None:
+            fd = _check(_libc().inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC))
+            inotify = cls._by_loop[loop] = cls(loop, fd)
+            loop.add_reader(fd, inotify._ready)
+        inotify.users += 1
+        return inotify
+
+    def add(self, path: str, callback: Callable[[], None]) -> int:
+        """Watch *path* for modification; its watch descriptor.
+
+        Raises:
+            OSError: the watch could not be added (``fs.inotify.max_user_watches``).
+        """
+        wd = _check(_libc().inotify_add_watch(self.fd, os.fsencode(path), _IN_MODIFY))
+        self.callbacks[wd] = callback
+        return wd
+
+    def remove(self, wd: int) -> None:
+        """Drop watch *wd* and this user (the file may be gone already: that drops it)."""
+        if self.callbacks.pop(wd, None) is not None:
+            _libc().inotify_rm_watch(self.fd, wd)  # EINVAL when the file is gone: fine
+        self.release()
+
+    def release(self) -> None:
+        """One user less; the last one closes the instance."""
+        self.users -= 1
+        if self.users <= 0 and self._by_loop.get(self.loop) is self:
+            del self._by_loop[self.loop]
+            self.loop.remove_reader(self.fd)
+            os.close(self.fd)
+
+    def _ready(self) -> None:
+        try:
+            data = os.read(self.fd, 4096)
+        except OSError:  # BlockingIOError: another reader took them
+            return
+        fired: list[int] = []
+        offset = 0
+        while offset + _EVENT.size <= len(data):
+            wd, mask, _cookie, length = _EVENT.unpack_from(data, offset)
+            offset += _EVENT.size + length
+            if mask & _IN_Q_OVERFLOW:
+                fired = list(self.callbacks)  # events were lost: tell every watcher
+                break
+            if wd not in fired:
+                fired.append(wd)
+        for wd in fired:
+            callback = self.callbacks.get(wd)
+            if callback is not None:
+                callback()

@@ -6,11 +6,17 @@ escapee) and the members of its process group, and collects its ``ProcessReport`
 
     SIGTERM → group       killpg; a group that cannot take it, each live pid by pidfd
     grace                 the group is done early once every member it had has exited
-    SIGKILL → group       plus each member already known, by its pidfd (one that left
-                          the group after SIGTERM is out of killpg's reach), an audit
-                          event and an ``EscalationWarning``
+                          (in the session cgroup: its leader, and ``populated 0``)
+    SIGKILL → group       when the plane's grace timer says so (one per plane, counted
+                          from the request); plus each member already watched, by its
+                          pidfd (one that left the group after SIGTERM is out of
+                          killpg's reach), an audit event and an ``EscalationWarning``
     verify / give up      settled once every pid is gone, ``survived`` after kill_timeout
     reap                  the leader, with waitpid(pid) - never waitpid(-1)
+
+A group in the session cgroup (``contained``) has no pidfd per member: the cgroup says
+when all of them are gone, and its members are listed as the plane saw them after the
+SIGTERM (plain pids, never signalled one by one while ``killpg`` reaches the group).
 
 Invariants:
 
@@ -111,10 +117,14 @@ class TrackedGroup:
         "_timer",
         "adopted",
         "command",
+        "contained",
+        "deadline",
+        "emptied_at",
         "error",
         "escaped",
         "exited",
         "first_signal",
+        "graced",
         "group_empty",
         "leader",
         "members",
@@ -124,8 +134,10 @@ class TrackedGroup:
         "policy",
         "popen",
         "process",
+        "reached",
         "reaped",
         "returncode",
+        "seen",
         "signals",
         "stage",
         "survived",
@@ -166,7 +178,20 @@ class TrackedGroup:
         self.process: TrackedProcess | None = None
         self.exited: anyio.Event | None = None
         self._timer: asyncio.TimerHandle | None = None
-        self.leader = PidWatch(plane.loop, pid, self._leader_exited, child=own)
+        #: in the session cgroup: the plane's ``populated 0`` says when its members are
+        #: gone (set by the plane when it tracks the group).
+        self.contained = False
+        #: members seen in the cgroup after the SIGTERM: reported, not watched.
+        self.seen: set[int] = set()
+        #: when the session cgroup was seen empty (a contained group's last exit).
+        self.emptied_at: float | None = None
+        #: the monotonic time of SIGKILL: the request's time plus the grace.
+        self.deadline = float("inf")
+        #: the plane's grace timer has dealt with this group (SIGKILL, or nothing left).
+        self.graced = False
+        #: the last killpg reached the group (so members found later had that signal).
+        self.reached = False
+        self.leader = PidWatch(plane.watcher, pid, self._leader_exited, child=own)
 
     @property
     def pid(self) -> int:
@@ -190,10 +215,24 @@ class TrackedGroup:
     def _member_exited(self, _watch: PidWatch) -> None:
         self._check_settled()
 
-    def add_member(self, pid: int) -> None:
-        """Watch *pid* as a member of this group (found by discovery)."""
-        if pid not in self.members and pid != self.pid:
-            self.members[pid] = PidWatch(self.plane.loop, pid, self._member_exited, child=False)
+    def add_member(self, pid: int) -> PidWatch | None:
+        """Watch *pid* as a member of this group (found by discovery); its new watch."""
+        if pid in self.members or pid == self.pid:
+            return None
+        watch = self.members[pid] = PidWatch(
+            self.plane.watcher, pid, self._member_exited, child=False
+        )
+        return watch
+
+    def found_member(self, pid: int) -> None:
+        """*pid*, found in this group after its first signal: noted, and watched unless
+        the cgroup tells when it is gone; signalled alone if killpg did not reach it."""
+        if self.contained and self.reached:
+            self.seen.add(pid)
+            return
+        watch = self.add_member(pid)
+        if watch is not None and not self.reached and self.signals:
+            self._send_each(Signals[self.signals[-1]], [watch])
 
     def alive(self) -> list[PidWatch]:
         """The leader and members not seen to exit."""
@@ -202,20 +241,21 @@ class TrackedGroup:
 
     # -- the ladder
 
+    def grace(self) -> float:
+        """Seconds from the request to SIGKILL (the policy's, else the session's)."""
+        grace = self.policy.grace
+        return self.plane.session.policy.term_grace if grace is None else grace
+
     def start_stop(self, now: float, *, kill_now: bool = False) -> None:
-        """Start the ladder: SIGTERM and the grace, or (*kill_now*) SIGKILL at once."""
+        """Start the ladder: SIGTERM (the plane's timer ends the grace), or (*kill_now*)
+        SIGKILL at once."""
         self.first_signal = now
         if kill_now:
             self.escalate(warn=False)
             return
         self.stage = "term"
         self.signal(signal.SIGTERM)
-        grace = self.policy.grace
-        if grace is None:
-            grace = self.plane.session.policy.term_grace
-        if self.stage == "term":
-            self._timer = self.plane.loop.call_later(grace, self.escalate)
-            self._check_settled()
+        self._check_settled()
 
     def signal(self, sig: signal.Signals) -> None:
         """Send *sig* to the group (or to each live pid if the group cannot take it).
@@ -250,6 +290,7 @@ class TrackedGroup:
                     "result": result,
                 },
             )
+            self.reached = result == "sent"
             if result == "sent":
                 if sig == signal.SIGKILL:
                     self.kill_members()
@@ -278,24 +319,35 @@ class TrackedGroup:
                 self.error = f"signal {name} to {watch.pid}: {result}"
 
     def escalate(self, *, warn: bool = True) -> None:
-        """SIGKILL the group (the grace is over), then wait up to ``kill_timeout``."""
-        self._timer = None
+        """SIGKILL the group (the grace is over), then wait up to ``kill_timeout``.
+
+        The plane kills the session cgroup after it (``cgroup.kill``), once for all the
+        groups whose grace ended together.
+        """
+        self.graced = True
         if self.stage in ("settled", "closed", "kill"):
             return
         self.stage = "kill"
         self.signal(signal.SIGKILL)
         if warn:
-            grace = self.policy.grace
-            if grace is None:
-                grace = self.plane.session.policy.term_grace
             self.plane.warn(
                 f"process {self.pid} (group {self.pgid}) of session {self.plane.session.id} "
-                f"was still running {grace:g} s after SIGTERM; sent SIGKILL"
+                f"was still running {self.grace():g} s after the interrupt; sent SIGKILL"
             )
-        self.plane.maybe_cgroup_kill()
         if self.stage == "kill":
             self._timer = self.plane.loop.call_later(self.policy.kill_timeout, self._give_up)
             self._check_settled()
+
+    def hold(self) -> None:
+        """The grace is over and nothing of this (contained) group is left in the cgroup:
+        no SIGKILL in its row; it settles on ``populated 0``, or gives up after
+        ``kill_timeout`` like an escalated group."""
+        self.graced = True
+        if self.stage != "term":
+            return
+        self.stage = "kill"
+        self._timer = self.plane.loop.call_later(self.policy.kill_timeout, self._give_up)
+        self._check_settled()
 
     def _give_up(self) -> None:
         self._timer = None
@@ -303,12 +355,23 @@ class TrackedGroup:
             return
         self.survived = True
         alive = [w.pid for w in self.alive()]
+        if self.contained and not alive:
+            self.error = self.error or "the session cgroup was still populated after SIGKILL"
         self.error = self.error or f"still running after SIGKILL: {alive}"
         self._settle()
 
+    def cgroup_emptied(self, now: float) -> None:
+        """The session cgroup is empty: every member of this (contained) group is gone."""
+        if self.emptied_at is None:
+            self.emptied_at = now
+        self._check_settled()
+
     def _check_settled(self) -> None:
-        if self.stage in ("term", "kill") and not self.alive():
-            self._settle()
+        if self.stage not in ("term", "kill") or self.alive():
+            return
+        if self.contained and self.plane.cgroup_holds_processes():
+            return
+        self._settle()
 
     def _settle(self) -> None:
         self.stage = "settled"
@@ -346,16 +409,6 @@ class TrackedGroup:
         if self.exited is not None:
             self.exited.set()
 
-    def reap_orphans(self) -> None:
-        """Reap the members (and an escapee leader) that exited after being reparented
-        to this process as a child subreaper: no one else will. A leader we started is
-        reaped by ``reap``; an adopted one by its own ``Popen``."""
-        watches = list(self.members.values())
-        if self.escaped:
-            watches.append(self.leader)
-        for watch in watches:
-            watch.reap_if_ours()
-
     def close(self) -> None:
         """Stop watching: timers cancelled, pidfds closed (idempotent)."""
         if self.stage == "closed":
@@ -371,6 +424,8 @@ class TrackedGroup:
     def report(self) -> ProcessReport:
         """This group's row of the stop report."""
         exit_times = [w.exited_at for w in (self.leader, *self.members.values())]
+        if self.contained:
+            exit_times.append(self.emptied_at)
         seconds: float | None = None
         if self.first_signal is not None and all(t is not None for t in exit_times):
             seconds = max(t for t in exit_times if t is not None) - self.first_signal
@@ -385,7 +440,7 @@ class TrackedGroup:
             escaped=self.escaped,
             survived=self.survived,
             error=self.error,
-            members=tuple(sorted(self.members)),
+            members=tuple(sorted(self.seen.union(self.members))),
             containment=self.plane.containment,
             adopted=self.adopted,
         )

@@ -5,16 +5,34 @@ the session's marker in its environment (``KILL_SWITCH_SESSION``), and, where cg
 is writable, a place in the session's own cgroup before it can fork. On interrupt each
 tracked group goes down the ladder of its ``EscalationPolicy`` (``_escalation``)::
 
-    find members          cgroup.procs, or a /proc scan (pgid, parent chain, marker)
-    the ladder            SIGTERM → grace → SIGKILL, per tracked group
-    verify                cgroup.kill + ``populated 0``, or a last /proc scan; what is
-                          found then is stopped too, for a bounded number of rounds
+    grace timer           one per plane, armed before any signal, at the request's time
+                          plus the grace (not at the time the loop delivered it)
+    SIGTERM               killpg of each tracked group
+    find the rest         after the SIGTERMs: with the session cgroup, one read of
+                          cgroup.procs (a process outside the tracked groups, an escapee,
+                          gets its SIGTERM by pidfd); without it, a /proc scan (pgid,
+                          parent chain, marker) or the children files
+    SIGKILL               at the grace: killpg of each group still in its grace, then
+                          ``cgroup.kill``
+    done                  the leaders' pidfds (one epoll set, ``_pid_watch``) and
+                          ``populated 0`` (inotify on ``cgroup.events``, opened with the
+                          cgroup; polled where inotify is not to be had); without a
+                          cgroup, a pidfd per member and a last /proc scan, whatever is
+                          found then stopped too, for a bounded number of rounds
     reap                  each leader, after the last signal to its group
+    close                 pipes, pidfds and the cgroup once the stop's handle resolved:
+                          off the path between interrupt() and the report
+
+With the cgroup, a stop of N trees costs the loop O(N) signals that keep the GIL and a
+handful of calls that release it (each of which may wait up to the switch interval for
+the GIL back when another thread is CPU-bound): no pidfd or epoll registration per member,
+no /proc reads per pid, nothing closed before the report.
 
 Invariants:
 
 * Everything runs on the event loop thread, in callbacks (pidfd readers, timers): a
   stop creates no task, and ``deliver`` never blocks. Only ``force`` runs on any thread.
+* Every process gets SIGTERM before SIGKILL, an escapee inside the cgroup included.
 * An escapee's group is never signalled with ``killpg``: no zombie of ours pins that
   pgid, so it may be anyone's by the time we signal. Its pidfd is safe.
 * The session cgroup is removed only when the plane is idle (nothing tracked, or the
@@ -43,12 +61,14 @@ from kill_switch._vocabulary._snapshots import ProcessInfo
 
 from ._cgroup import CgroupUnavailable, SessionCgroup
 from ._escalation import EscalationPolicy, EscalationWarning, TrackedGroup
-from ._pid_watch import POLL_MIN, signal_result
+from ._pid_watch import POLL_MAX, POLL_MIN, PidWatcher, signal_result
 from ._procfs import alive as _alive
+from ._procfs import children as _children
 from ._procfs import cmdline as _cmdline
 from ._procfs import descendants as _descendants
 from ._procfs import has_in_environ
 from ._procfs import scan as _scan
+from ._procfs import stat as _stat
 from ._subreaper import is_subreaper
 
 if TYPE_CHECKING:
@@ -65,6 +85,11 @@ TRACKING_ENV: Final = "KILL_SWITCH_SESSION"
 Containment = Literal["cgroup", "process_group"]
 
 _VERIFY_ROUNDS = 3
+
+#: The kernel sends at most one ``cgroup.events`` notification per 10 ms (a jiffy more
+#: with its rounding; ``CGROUP_FILE_NOTIFY_MIN_INTV``) and delays one that comes sooner.
+#: Within this long of the last one, a stop that waits for ``populated 0`` also polls.
+_NOTIFY_MARGIN: Final = 0.025
 
 
 class PendingSpawn(Protocol):
@@ -85,17 +110,32 @@ class ProcessPlane(Plane):
         self.session = session
         self.loop = session.loop
         self.policy = policy
+        #: the pidfds of this plane's processes, in one epoll set
+        self.watcher = PidWatcher(self.loop)
         self._groups: dict[int, TrackedGroup] = {}
         self._stopping: list[TrackedGroup] = []
         self._delivered = False
+        self._delivering = False
         self._finished = False
         self._done = anyio.Event()
         self._rounds = 0
         self._recheck: asyncio.TimerHandle | None = None
         self._recheck_until = 0.0
-        self._cgroup_killed = False
+        self._request_mono = 0.0
+        self._grace_timer: asyncio.TimerHandle | None = None
+        self._grace_when = float("inf")
+        self._cleanup_armed = False
         self._marker = f"\0{TRACKING_ENV}={session.id}\0".encode()
         self._cgroup: SessionCgroup | None = None
+        #: whether the session cgroup may hold a process: set when a child enters it,
+        #: cleared by inotify (or a poll) reading ``populated 0``
+        self._populated = False
+        #: inotify reports the cgroup's changes (else ``_populated`` is polled)
+        self._cgroup_watched = False
+        self._cgroup_poll: asyncio.TimerHandle | None = None
+        self._cgroup_poll_delay = POLL_MIN
+        #: when the kernel last notified a change of ``cgroup.events`` (at the latest)
+        self._cgroup_notified = float("-inf")
         self.containment: Containment = "process_group"
         self._cgroup_reason = "disabled by EscalationPolicy(cgroup=False)"
         self._want_cgroup = policy.cgroup
@@ -120,6 +160,9 @@ class ProcessPlane(Plane):
             self._cgroup_reason = str(exc)
             self.record(PROCESS_CONTAINMENT, {"containment": "process_group", "reason": str(exc)})
             return None
+        self._populated = False
+        # Opened with the cgroup, off any stop's path; without inotify, polled.
+        self._cgroup_watched = self._cgroup.watch(self.loop, self._cgroup_changed)
         if self.containment != "cgroup":
             self.containment = "cgroup"
             self.record(PROCESS_CONTAINMENT, {"containment": "cgroup", "path": self._cgroup.path})
@@ -141,6 +184,8 @@ class ProcessPlane(Plane):
             return
         if cg.remove():
             self._cgroup = None
+            self._cgroup_watched = False
+            self._populated = False
         elif delay < 0.5:
             delay = max(POLL_MIN, delay * 2)
             self.loop.call_later(delay, self._drop_cgroup, delay)
@@ -175,6 +220,49 @@ class ProcessPlane(Plane):
         with contextlib.suppress(RuntimeError):  # the loop closed: the session is over
             self.loop.call_soon_threadsafe(self.record, PROCESS_CONTAINMENT, details)
 
+    def _cgroup_changed(self, populated: bool, *, polled: bool = False) -> None:
+        """``cgroup.events`` changed (inotify), or a poll read it."""
+        if not polled:
+            self._cgroup_notified = time.monotonic()
+        self._populated = populated
+        if populated:
+            return
+        if self._delivered:
+            if not self._finished:
+                now = time.monotonic()
+                for g in self._stopping:
+                    if g.contained:
+                        g.cgroup_emptied(now)
+                self._maybe_finish()
+        elif not self._groups:
+            self._drop_cgroup()
+
+    def cgroup_holds_processes(self) -> bool:
+        """Whether the session cgroup may still hold a process of the stop (inotify's last
+        word). Where inotify may be late or is missing, a poll reads ``cgroup.events``
+        (at once, then with back-off) until it says empty."""
+        if self._cgroup is None or not self._populated:
+            return False
+        if self._cgroup_poll is None and not self._notify_prompt():
+            self._cgroup_poll_delay = 0.0
+            self._cgroup_poll = self.loop.call_later(0.0, self._poll_cgroup)
+        return True
+
+    def _notify_prompt(self) -> bool:
+        """Whether inotify will report ``populated 0`` as it happens (not rate-limited)."""
+        return self._cgroup_watched and (time.monotonic() - self._cgroup_notified > _NOTIFY_MARGIN)
+
+    def _poll_cgroup(self) -> None:
+        self._cgroup_poll = None
+        cg = self._cgroup
+        if cg is None or self._finished or not self._populated:
+            return
+        if not cg.populated():
+            self._cgroup_changed(False, polled=True)
+        elif not self._notify_prompt():
+            self._cgroup_poll_delay = min(POLL_MAX, max(POLL_MIN, self._cgroup_poll_delay * 2))
+            self._cgroup_poll = self.loop.call_later(self._cgroup_poll_delay, self._poll_cgroup)
+
     # -- tracking
 
     @property
@@ -202,13 +290,26 @@ class ProcessPlane(Plane):
         )
 
     def track(self, group: TrackedGroup) -> None:
-        """Track *group*; one tracked after the interrupt is SIGKILLed at once."""
+        """Track *group*; one tracked after the interrupt is SIGKILLed at once.
+
+        A process this plane started while its cgroup is in use joined the cgroup before
+        its exec: it is ``contained`` (a caller that put a process there itself may say
+        so before calling this).
+        """
+        if group.own and self.containment == "cgroup" and self._cgroup is not None:
+            group.contained = True
+        if group.contained:
+            if not self._populated:
+                # The kernel notified the entry just now (inotify's word may be queued).
+                self._cgroup_notified = time.monotonic()
+            self._populated = True
         self._groups[group.pid] = group
         if self._delivered:
             # A process tracked after the interrupt was delivered is stopped at once.
             self._stopping.append(group)
             self._finished = False
             group.start_stop(time.monotonic(), kill_now=True)
+            self.maybe_cgroup_kill()
 
     def untrack(self, group: TrackedGroup) -> None:
         """Forget *group* (it exited by itself, or its stop is over)."""
@@ -224,7 +325,12 @@ class ProcessPlane(Plane):
     # -- Plane protocol
 
     def deliver(self, request: InterruptRequest) -> None:
-        """Start the ladder for every tracked group. Loop thread; never blocks."""
+        """Start the ladder for every tracked group. Loop thread; never blocks.
+
+        The grace timer first (counted from the request), then a SIGTERM to each group,
+        then what the SIGTERMs could not reach by group: the session cgroup's other
+        processes, or (without a cgroup) a /proc search.
+        """
         if self._delivered:
             return
         for spawn in list(self._spawns):
@@ -232,19 +338,92 @@ class ProcessPlane(Plane):
             # first); one still being forked is adopted, and killed, when it appears.
             spawn.settle_now()
         self._delivered = True
-        now = time.monotonic()
+        self._delivering = True
+        self._request_mono = request.requested_mono
         groups = [g for g in self._groups.values() if g.stage == "running"]
-        escapees = self._discover(groups)
         self._stopping.extend(groups)
-        self._stopping.extend(escapees)
-        for g in escapees:
-            self.record(
-                PROCESS_ESCAPED,
-                {"pid": g.pid, "pgid": g.pgid, "command": list(g.command), "found": "deliver"},
-            )
-        for g in (*groups, *escapees):
-            g.start_stop(now)
+        for g in groups:
+            g.deadline = self._request_mono + g.grace()
+            g.stage = "term"  # in its grace from now on: the timer counts it
+        self._arm_grace()
+        loose = [g for g in groups if not g.contained]
+        # The children files are read before the SIGTERMs: a leader that has exited has
+        # none, and its orphans would be out of reach. A /proc scan is made after them.
+        # An adopted process that leads no group of its own: its tree is walked even
+        # where a scan follows (the scan finds descendants by their parent chain, which
+        # its exit breaks).
+        walk = (
+            loose if not self._scans(loose) else [g for g in loose if g.adopted and g.pgid is None]
+        )
+        walked = self._walk(walk) if walk else {}
+        now = time.monotonic()
+        try:
+            for g in groups:
+                g.start_stop(now)
+            # Bookkeeping after every SIGTERM is out: it waits on the kernel, they do not.
+            if self._cgroup is not None and self._populated:
+                self._sweep_cgroup(now, walked)
+            if loose:
+                self._discover(loose, now, walked)
+        finally:
+            self._delivering = False
         self._maybe_finish()
+
+    # -- the grace
+
+    def _arm_grace(self) -> None:
+        """(Re)arm the plane's one grace timer for the earliest group still in its grace."""
+        pending = [g.deadline for g in self._stopping if g.stage == "term" and not g.graced]
+        when = min(pending, default=float("inf"))
+        if self._grace_timer is not None:
+            if self._grace_when <= when:
+                return
+            self._grace_timer.cancel()
+            self._grace_timer = None
+        if when == float("inf"):
+            return
+        self._grace_when = when
+        self._grace_timer = self.loop.call_later(
+            max(0.0, when - time.monotonic()), self._grace_over
+        )
+
+    def _grace_over(self) -> None:
+        """SIGKILL each group whose grace is over and that still has a process, then the
+        cgroup as a whole (which also takes a process forked out of its group after the
+        cgroup was searched: it had no SIGTERM, as a process forked into a group after
+        its killpg had none)."""
+        self._grace_timer = None
+        self._grace_when = float("inf")
+        now = time.monotonic()
+        due = [
+            g for g in self._stopping if g.stage == "term" and not g.graced and g.deadline <= now
+        ]
+        if due:
+            left = self._cgroup_members() if any(g.contained for g in due) else {}
+            for g in due:
+                if g.contained:
+                    pids = left.get(g.pgid, ()) if g.pgid is not None else ()
+                    g.seen.update(p for p in pids if p != g.pid)
+                    if not pids and not g.alive():
+                        # Nothing of it outlived the grace: no SIGKILL in its row.
+                        g.hold()
+                        continue
+                g.escalate()
+            self.maybe_cgroup_kill()
+        self._arm_grace()
+
+    def _cgroup_members(self) -> dict[int | None, list[int]]:
+        """The session cgroup's processes now, by process group (one read; the rare
+        path of a grace that ran out)."""
+        cg = self._cgroup
+        out: dict[int | None, list[int]] = {}
+        if cg is None:
+            return out
+        me = os.getpid()
+        for pid in cg.procs():
+            if pid != me:
+                out.setdefault(_pgid_of(pid, None), []).append(pid)
+        return out
 
     async def settle(self, deadline: float) -> None:
         """Wait until every stopped group is reaped and verified, or until *deadline*."""
@@ -322,45 +501,95 @@ class ProcessPlane(Plane):
                 },
             )
 
-    # -- discovery
+    # -- discovery (after the SIGTERMs)
 
-    def _discover(self, groups: list[TrackedGroup]) -> list[TrackedGroup]:
-        """Fill in each group's members; return the escapees found as new groups."""
-        by_pgid = {g.pgid: g for g in groups if g.pgid is not None}
-        known = {g.pid for g in groups}
-        me = os.getpid()
-        candidates: dict[int, int | None] = {}  # pid -> pgid (None: look it up)
+    def _known(self) -> set[int]:
+        """The pids the stop already has: leaders, escapees, members."""
+        known = {os.getpid()}
+        for g in self._stopping:
+            known.add(g.pid)
+            known.update(g.members)
+            known.update(g.seen)
+        return known
+
+    def _sweep_cgroup(self, now: float, walked: dict[int, TrackedGroup]) -> None:
+        """Sort the session cgroup's processes after the SIGTERMs: a member of a tracked
+        group is noted; any other (an escapee inside the cgroup) gets its own SIGTERM."""
         cg = self._cgroup
-        if cg is not None:
-            for pid in cg.procs():
-                candidates[pid] = None
-        adopted = [g for g in groups if g.adopted or cg is None]
-        #: descendants of an adopted process that leads no group of its own: its members
-        tree_of: dict[int, TrackedGroup] = {}
-        if adopted:
-            if cg is None and any(g.policy.find_escapees for g in groups):
-                table = self._scan_table(groups)
-                candidates.update(table)
-            for g in adopted:
-                if g.adopted or cg is not None:
-                    for pid in _descendants(g.pid):
-                        candidates.setdefault(pid, None)
-                        if g.adopted and g.pgid is None:
-                            tree_of.setdefault(pid, g)
+        if cg is None:
+            return
+        by_pgid = {g.pgid: g for g in self._stopping if g.pgid is not None and not g.escaped}
+        known = self._known()
         escapees: list[TrackedGroup] = []
-        for pid, pgid in candidates.items():
-            if pid in known or pid == me:
+        for pid in cg.procs():
+            if pid in known:
                 continue
-            pgid = _pgid_of(pid, pgid)
+            pgid = _pgid_of(pid, None)
             if pgid is None:
-                continue
-            owner = by_pgid.get(pgid) or tree_of.get(pid)
+                continue  # gone already
+            # A descendant of an adopted process that leads no group: of its tree.
+            owner = by_pgid.get(pgid) or _tree_owner(walked, pid)
             if owner is not None:
-                owner.add_member(pid)
+                owner.found_member(pid)
             else:
                 escapees.append(self._escapee(pid, pgid))
                 known.add(pid)
-        return escapees
+        self._start_escapees(escapees, now, "deliver")
+
+    def _scans(self, groups: list[TrackedGroup]) -> bool:
+        """Whether these groups' processes are searched by a /proc scan (no cgroup, and
+        the policy asks for it) rather than through the children files."""
+        return self._cgroup is None and any(g.policy.find_escapees for g in groups)
+
+    @staticmethod
+    def _walk(groups: list[TrackedGroup]) -> dict[int, TrackedGroup]:
+        """The live descendants of *groups*' leaders (children files): pid → the group
+        whose leader it descends from."""
+        found: dict[int, TrackedGroup] = {}
+        for g in groups:
+            for pid in _descendants(g.pid):
+                found.setdefault(pid, g)
+        return found
+
+    def _discover(
+        self, groups: list[TrackedGroup], now: float, walked: dict[int, TrackedGroup]
+    ) -> None:
+        """Sort the members and escapees of groups outside the cgroup (adopted, or no
+        cgroup), *walked* before the SIGTERMs or scanned now. Escapees get a SIGTERM."""
+        by_pgid = {g.pgid: g for g in groups if g.pgid is not None}
+        known = self._known()
+        # pid -> pgid (None: look it up)
+        candidates: dict[int, int | None] = dict.fromkeys(walked)
+        if self._scans(groups):
+            candidates.update(self._scan_table(groups))
+        escapees: list[TrackedGroup] = []
+        for pid, known_pgid in candidates.items():
+            if pid in known:
+                continue
+            pgid = _pgid_of(pid, known_pgid)
+            if pgid is None:
+                continue
+            owner = by_pgid.get(pgid) or _tree_owner(walked, pid)
+            if owner is not None:
+                owner.found_member(pid)
+            else:
+                escapees.append(self._escapee(pid, pgid))
+            known.add(pid)
+        self._start_escapees(escapees, now, "deliver")
+
+    def _start_escapees(self, escapees: list[TrackedGroup], now: float, found: str) -> None:
+        """SIGTERM each escapee; the plane's grace timer (from the request) SIGKILLs it."""
+        for g in escapees:
+            self._stopping.append(g)
+            g.deadline = self._request_mono + g.grace()
+            self.record(
+                PROCESS_ESCAPED,
+                {"pid": g.pid, "pgid": g.pgid, "command": list(g.command), "found": found},
+            )
+        for g in escapees:
+            g.start_stop(now)
+        if escapees:
+            self._arm_grace()
 
     def _scan_table(self, groups: Iterable[TrackedGroup]) -> dict[int, int | None]:
         """Processes of this session found by a /proc scan: pid → pgid."""
@@ -415,7 +644,9 @@ class ProcessPlane(Plane):
     def maybe_cgroup_kill(self) -> None:
         """SIGKILL the whole cgroup once no group of the stop is still in its grace."""
         cg = self._cgroup
-        if cg is None or any(g.stage == "term" for g in self._stopping):
+        if cg is None or not self._populated:
+            return
+        if any(g.stage == "term" and not g.graced for g in self._stopping):
             return
         try:
             cg.kill()
@@ -425,7 +656,6 @@ class ProcessPlane(Plane):
                 {"target": "cgroup", "signal": "SIGKILL", "result": signal_result(exc)},
             )
             return
-        self._cgroup_killed = True
         self.record(
             PROCESS_SIGNAL,
             {"target": "cgroup", "signal": "SIGKILL", "result": "sent", "path": cg.path},
@@ -436,7 +666,11 @@ class ProcessPlane(Plane):
         self._maybe_finish()
 
     def _maybe_finish(self) -> None:
-        if self._finished or any(g.stage in ("term", "kill") for g in self._stopping):
+        if (
+            self._finished
+            or self._delivering
+            or any(g.stage in ("term", "kill") for g in self._stopping)
+        ):
             return
         leftovers = self._leftovers()
         if leftovers and self._rounds < _VERIFY_ROUNDS:
@@ -448,40 +682,49 @@ class ProcessPlane(Plane):
                     PROCESS_ESCAPED,
                     {"pid": g.pid, "pgid": g.pgid, "command": list(g.command), "found": "verify"},
                 )
-            self.maybe_cgroup_kill()
             for g in leftovers:
+                g.graced = True
                 g.start_stop(now, kill_now=True)
+            self.maybe_cgroup_kill()
             return
-        cg = self._cgroup
-        if cg is not None and cg.populated():
-            # Processes still leaving the cgroup (exit in progress): look again shortly,
-            # bounded by the kill timeout.
+        if self._cgroup is not None and self._cgroup_busy():
+            # Processes still leaving the cgroup (exit in progress): wait for inotify's
+            # word (or poll), bounded by the kill timeout.
             now = time.monotonic()
             if not self._recheck_until:
                 self._recheck_until = now + self.policy.kill_timeout
             if now < self._recheck_until:
                 if self._recheck is None:
-                    self._recheck = self.loop.call_later(POLL_MIN, self._recheck_fire)
+                    delay = self._recheck_until - now if self._cgroup_watched else POLL_MIN
+                    self._recheck = self.loop.call_later(delay, self._recheck_fire)
                 return
             for g in self._stopping:
                 g.survived = g.survived or bool(g.alive())
             self.record(PROCESS_SIGNAL, {"target": "cgroup", "result": "still populated"})
         self._finish()
 
+    def _cgroup_busy(self) -> bool:
+        """Whether the session cgroup holds a process (inotify's last word, or a read)."""
+        cg = self._cgroup
+        if cg is None:
+            return False
+        if not self._cgroup_watched and self._populated:
+            self._populated = cg.populated()
+        return self._populated
+
     def _recheck_fire(self) -> None:
         self._recheck = None
         self._maybe_finish()
 
     def _leftovers(self) -> list[TrackedGroup]:
-        """Processes of the stop still alive after every group settled."""
-        known = {g.pid for g in self._stopping}
-        for g in self._stopping:
-            known.update(g.members)
-        me = os.getpid()
+        """Processes of the stop still alive after every group settled: in the cgroup
+        (only while it is not known empty), or by a /proc scan without one."""
+        known = self._known()
         cg = self._cgroup
         if cg is not None:
-            pids = [p for p in cg.procs() if p not in known and p != me]
-            found: dict[int, int | None] = dict.fromkeys(pids)
+            if not self._cgroup_busy():
+                return []
+            found: dict[int, int | None] = dict.fromkeys(p for p in cg.procs() if p not in known)
         elif any(g.policy.find_escapees for g in self._stopping):
             found = {
                 p: pgid
@@ -506,16 +749,14 @@ class ProcessPlane(Plane):
         return out
 
     def _finish(self) -> None:
-        if self._recheck is not None:
-            self._recheck.cancel()
-            self._recheck = None
-        # Orphans of the stop reparented to this process (a child subreaper) are its
-        # zombies now: reap them, or they would pile up.
-        orphans_are_ours = is_subreaper()
+        """Reap, audit, report done; closing waits for the handle (``_after_stop``)."""
+        for timer in (self._recheck, self._grace_timer, self._cgroup_poll):
+            if timer is not None:
+                timer.cancel()
+        self._recheck = self._grace_timer = self._cgroup_poll = None
+        self._grace_when = float("inf")
         for g in self._stopping:
             g.reap()
-            if orphans_are_ours:
-                g.reap_orphans()
             if g.leader.exited_at is not None and not g.escaped:
                 self.record(
                     PROCESS_EXITED,
@@ -526,16 +767,54 @@ class ProcessPlane(Plane):
                         "signals": list(g.signals),
                     },
                 )
+        if is_subreaper():
+            # Orphans of the stop reparented to this process are its zombies now.
+            self._reap_orphans()
+        self._finished = True
+        self._done.set()
+        if not self._cleanup_armed:
+            self._cleanup_armed = True
+            self.session.handle.add_done_callback(self.loop, self._after_stop)
+
+    def _reap_orphans(self) -> None:
+        """Reap the processes of the stop reparented to this process (a child
+        subreaper): its zombies now, which no one else will ever wait for.
+
+        Ours to reap: a zombie child of this process still in a stopped group (a
+        process group id stays allocated while any member, a zombie included, holds it,
+        so it cannot be anyone else's), or a pid the stop knows, but never an adopted
+        process (its ``Popen`` or asyncio watcher reaps it).
+        """
+        pgids = {g.pgid for g in self._stopping if g.pgid is not None}
+        known = self._known()
+        # An adopted process is its own Popen's to wait for: never steal its status.
+        theirs = {g.pid for g in self._stopping if g.adopted}
+        for pid in _children(os.getpid()):
+            if pid in theirs:
+                continue
+            st = _stat(pid)
+            if st is None or st.state != "Z" or (st.pgid not in pgids and pid not in known):
+                continue
+            with contextlib.suppress(ChildProcessError):
+                os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG)
+
+    def _after_stop(self) -> None:
+        """The stop's handle has resolved: close pipes and pidfds, drop the cgroup.
+
+        Each of these calls releases the GIL; made after the report, none of them can
+        delay it.
+        """
+        self._cleanup_armed = False
+        if not self._finished:
+            return  # a process tracked late restarted the stop: its end comes back here
+        for g in self._stopping:
             if g.process is not None:
                 g.process.close_pipes()
             if not g.survived:
                 g.close()
                 self.untrack(g)
-        self._finished = True
         if not any(g.survived for g in self._stopping):
-            # rmdir of a cgroup takes ~100 us: after the stop is reported, not before.
-            self.loop.call_soon(self._drop_cgroup)
-        self._done.set()
+            self._drop_cgroup()
 
     # -- side channels
 
@@ -549,6 +828,12 @@ class ProcessPlane(Plane):
             warnings.warn(message, EscalationWarning, stacklevel=2)
         except Exception as exc:  # warnings-as-errors must not stop the ladder
             self.session.note_secondary(f"EscalationWarning raised: {exc!r}")
+
+
+def _tree_owner(walked: dict[int, TrackedGroup], pid: int) -> TrackedGroup | None:
+    """The adopted process leading no group of its own that *pid* descends from."""
+    g = walked.get(pid)
+    return g if g is not None and g.adopted and g.pgid is None else None
 
 
 def _pgid_of(pid: int, known: int | None) -> int | None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import os
 import sys
 from functools import cache
@@ -31,7 +30,7 @@ _PR_GET_CHILD_SUBREAPER = 37
 def _prctl() -> Any:  # the C function, or None off Linux
     if not sys.platform.startswith("linux"):
         return None
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc = ctypes.CDLL(None, use_errno=True)  # this process: libc is loaded already
     return libc.prctl
 
 

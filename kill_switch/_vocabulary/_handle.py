@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 if TYPE_CHECKING:
-    from collections.abc import Generator
+    from collections.abc import Callable, Generator
 
     from ._report import StopReport
 
@@ -69,6 +69,20 @@ class InterruptHandle:
             with self._lock:
                 if (loop, fut) in self._waiters:
                     self._waiters.remove((loop, fut))
+
+    def add_done_callback(
+        self, loop: asyncio.AbstractEventLoop, callback: Callable[[], object]
+    ) -> None:
+        """Call *callback* on *loop* (from its own thread) once the handle has resolved,
+        after the callbacks of those awaiting it then; soon if it has already."""
+        with self._lock:
+            resolved = self._report is not None
+            if not resolved:
+                fut: asyncio.Future[StopReport] = loop.create_future()
+                fut.add_done_callback(lambda _f: loop.call_soon(callback))
+                self._waiters.append((loop, fut))
+        if resolved:
+            loop.call_soon(callback)
 
     def __await__(self) -> Generator[Any, None, StopReport]:
         return self.wait().__await__()
