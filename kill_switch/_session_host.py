@@ -132,7 +132,8 @@ class SessionHost:
             clock=clock,
         )
         self._tools = ToolTasks(self, self._guard, self._scope.cancel)
-        # The tool plane is first: the fan-out cancels the calls before anything slower.
+        # The tool plane is registered first (its report rows come first); the stop
+        # delivers to the planes in its own order, the cheapest first (``_stop.py``).
         self._planes: dict[type[Plane], Plane] = {ToolTasks: self._tools}
         self._stop = Stop(
             self,
@@ -413,7 +414,10 @@ class SessionHost:
         host = self._host
         if not host.audible:
             return  # nobody to tell: building the event would be the interrupt's cost
-        host.record(
+        # While a stop is in flight its window holds the event for the stop's one
+        # group commit (the listeners see it at once).
+        window = self._stop.window
+        (host.record if window is None else window.record)(
             AuditEvent(
                 kind,
                 self.id,
