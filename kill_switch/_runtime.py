@@ -58,7 +58,9 @@ class _SwitchInterval:
     """
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        # Reentrant: interrupt() claims, and may run in a signal handler on a thread
+        # that is releasing a claim.
+        self._lock = threading.RLock()
         self._claims: list[float] = []
         self._saved = self._applied = sys.getswitchinterval()
 
@@ -98,7 +100,7 @@ class _StopWindow:
 
     def __init__(self, runtime: Runtime, switch_interval: float | None) -> None:
         self._runtime = runtime
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # reentrant: interrupt() may run in a signal handler
         self._events: list[AuditEvent] | None = []
         self._interval = switch_interval
         if switch_interval is not None:

@@ -298,6 +298,10 @@ class SessionHost:
         if requests[0] is not req:
             self.record(INTERRUPT_REPEATED, trigger=trigger, reason=reason, operator=operator)
             return self._handle
+        # The stop is in flight from its request: the switch interval is short from
+        # here (the loop must win the GIL back to deliver), its events held for one
+        # commit (interrupt_requested, sticky, still goes at once).
+        self._stop.open_window()
         # Children first, before our own flag: a sync tool of this session woken by the
         # flag may end this block, and with it the children's, before the cascade reads
         # the list. (A child leaving an interrupted parent stays on its list: _leave.)
@@ -324,6 +328,7 @@ class SessionHost:
         except RuntimeError:
             # The loop is closed: nothing of this session can still run.
             self._resolve(stop.build_report("after_end", quiescent=True, audit="disabled"))
+            stop.close_window()
         return self._handle
 
     def _check_delivered(self) -> None:

@@ -107,7 +107,7 @@ class Stop:
         self.finish_started = False
         #: Set when nothing was running to stop (``before_start`` / ``after_end``).
         self.fixed_outcome: Outcome | None = None
-        #: The stop in flight as the runtime sees it, from delivery until it resolves:
+        #: The stop in flight as the runtime sees it, from request until it resolves:
         #: the session's events go through it (``LoopHost.open_stop``).
         self.window: StopWindow | None = None
 
@@ -116,7 +116,6 @@ class Stop:
     def deliver(self, first: InterruptRequest) -> None:
         """Fan *first* out to every plane (the cheapest first), audit it, arm the stop
         timeout."""
-        self.open_window()
         last = len(_DELIVERY_ORDER)
         ordered = sorted(self.planes.items(), key=lambda kv: _DELIVERY_ORDER.get(kv[0], last))
         for _, plane in ordered:
@@ -137,8 +136,9 @@ class Stop:
         self.stop_timer = self.host.call_later(self.host.policy.stop_timeout, self._on_stop_timeout)
 
     def open_window(self) -> None:
-        """The stop is in flight: hold its events for one group commit and shorten the
-        switch interval (``StopPolicy.switch_interval``) until it resolves."""
+        """The stop is in flight (from its request, any thread): hold its events for one
+        group commit and shorten the switch interval (``StopPolicy.switch_interval``)
+        until it resolves."""
         if self.window is None:
             self.window = self.loop_host.open_stop(self.host.policy.switch_interval)
 
@@ -217,7 +217,6 @@ class Stop:
                 await host.handle
             return
         self.finish_started = True
-        self.open_window()  # a stop with a fixed outcome was never delivered
         try:
             await self._finish(cleanup=cleanup)
         finally:
@@ -270,8 +269,8 @@ class Stop:
             )
         # The stop's events (every plane's, then its last word) go to the sink
         # together: one commit on the stop's critical path.
-        assert self.window is not None
-        self.window.hand_over()
+        if self.window is not None:
+            self.window.hand_over()
         status = await self.loop_host.flush()
         self.resolve(attrs.evolve(report, audit=status))
 
