@@ -25,6 +25,8 @@ from kill_switch._vocabulary._plane import Plane
 from kill_switch._vocabulary._report import InterruptRequest
 from kill_switch.testing import MemoryAudit
 
+from .test_threads import run_and_interrupt
+
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
     from pathlib import Path
@@ -155,16 +157,7 @@ async def test_memory_sink_gets_the_stop_events_in_order_once_it_ends() -> None:
 
     async with ks.Runtime(audit=audit) as rt:
         rt.add_listener(lambda e: in_sink.append((e.kind, e in audit.events)))
-        session = rt.session("agent")
-
-        async def agent() -> None:
-            async with session:
-                await session.run_sync(tool)
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(agent)
-            await wait_for(started)
-            report = await session.interrupt("stop", trigger="operator")
+        session, report = await run_and_interrupt(rt, tool, started)
     assert report.outcome == "stopped"
     told = dict(in_sink)
     assert told["interrupt_requested"] is True
@@ -247,18 +240,8 @@ async def test_switch_interval_is_short_during_a_stop_and_restored_after(
     the stop resolves."""
     started, seen = threading.Event(), list[float]()
     async with ks.Runtime() as rt:
-        session = rt.session("agent")
-
-        async def agent() -> None:
-            async with session:
-                await session.run_sync(_interval_tool(started, seen))
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(agent)
-            await wait_for(started)
-            assert sys.getswitchinterval() == switch_interval_kept
-            await session.interrupt("stop", trigger="operator")
-            assert sys.getswitchinterval() == switch_interval_kept
+        await run_and_interrupt(rt, _interval_tool(started, seen), started)
+        assert sys.getswitchinterval() == switch_interval_kept
     assert seen == [SHORT]
 
 
@@ -266,16 +249,7 @@ async def test_switch_interval_none_leaves_it_alone(switch_interval_kept: float)
     """Negative control: with ``switch_interval=None`` the stop does not touch it."""
     started, seen = threading.Event(), list[float]()
     async with ks.Runtime(policy=ks.StopPolicy(switch_interval=None)) as rt:
-        session = rt.session("agent")
-
-        async def agent() -> None:
-            async with session:
-                await session.run_sync(_interval_tool(started, seen))
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(agent)
-            await wait_for(started)
-            await session.interrupt("stop", trigger="operator")
+        await run_and_interrupt(rt, _interval_tool(started, seen), started)
     assert seen == [switch_interval_kept]
 
 
@@ -471,3 +445,42 @@ async def test_thread_grace_counts_from_the_request(age: float) -> None:
         release.set()
         for t in threads:
             await anyio.to_thread.run_sync(t.join, WAIT)
+
+
+class _FailingSettle(Plane):
+    """A plane whose settling fails (a bug in a plane): the stop's finish raises."""
+
+    def quiescent(self) -> bool:
+        return False
+
+    async def settle(self, deadline: float) -> None:
+        raise LookupError("plane broke while settling")
+
+
+async def test_a_failing_stop_still_restores_the_interval_and_hands_over(
+    switch_interval_kept: float,
+) -> None:
+    """A stop whose finish fails still closes its window: the interval comes back and
+    its held events reach the sink."""
+    audit = MemoryAudit()
+    async with ks.Runtime(audit=audit, policy=ks.StopPolicy(stop_timeout=0.2)) as rt:
+        session = rt.session("agent")
+        session.add_plane(_FailingSettle())
+        running = anyio.Event()
+
+        async def agent() -> None:
+            async with session:
+                running.set()
+                await anyio.sleep_forever()
+
+        async def stop_it() -> None:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(agent)
+                await running.wait()
+                session.interrupt("stop", trigger="operator")
+
+        with pytest.raises(BaseExceptionGroup) as failed:
+            await stop_it()
+        assert failed.group_contains(LookupError, match="plane broke", depth=None)
+        assert sys.getswitchinterval() == switch_interval_kept
+        assert "interrupt_delivered" in audit.kinds(session.id)
