@@ -450,6 +450,9 @@ async def test_thread_grace_counts_from_the_request(age: float) -> None:
 class _FailingSettle(Plane):
     """A plane whose settling fails (a bug in a plane): the stop's finish raises."""
 
+    def deliver(self, request: InterruptRequest) -> None:
+        return None
+
     def quiescent(self) -> bool:
         return False
 
