@@ -55,6 +55,8 @@ THREADS = 4
 #: Whether this kill_switch has the switch interval setting (the script also runs
 #: against an older tree, for a before/after comparison in the same conditions).
 HAS_SWITCH = "switch_interval" in attrs.fields_dict(ks.StopPolicy)
+#: The interval every kill must leave behind (the stop's shortening is temporary).
+INTERVAL = sys.getswitchinterval()
 
 
 def _policy(switch: bool) -> ks.StopPolicy:
@@ -117,6 +119,8 @@ async def one_stop(rt: ks.Runtime, audit: SqliteAudit) -> tuple[float, int, str]
     await task
     if report.outcome != "stopped" or len(report.threads) != THREADS:
         raise RuntimeError(f"the stop was not clean:\n{report.summary()}")
+    if sys.getswitchinterval() != INTERVAL:
+        raise RuntimeError(f"the switch interval was left at {sys.getswitchinterval()}")
     return t1 - t0, commits, report.audit
 
 
