@@ -5,15 +5,17 @@
 The stop measured (set up afresh outside the timed window for every kill): a session
 with 20 parked tool calls and 4 sync tools in threads waiting in ``ks.sleep()``, and a
 SQLite audit (``Runtime(audit=<file>)``); timed from ``session.interrupt()`` until the
-``StopReport`` (its audit ``durable`` once flushed). Each thread's return is recorded on
-its own loop turn, so a writer that committed whatever was recorded at each wake-up
-would commit several times per stop; *commits per stop* counts the audit's batches
-(``SqliteAudit.statistics().batches``) from the request to the report.
+``StopReport`` (its audit ``durable`` once flushed). Woken, thread *i* does 2·*i* ms of
+its own work (``time.sleep``) before it returns, so the threads' returns are recorded
+on separate loop turns, as they are in a real stop: a writer that committed whatever was
+recorded at each wake-up would commit several times per stop. *commits per stop* counts
+the audit's batches (``SqliteAudit.statistics().batches``) from the request to the
+report: the request's own commit, then (with one group commit per stop) one more.
 
 Raw floors, same run, same load, interleaved with the kills:
 
-* *raw threads*: a ``threading.Event`` set → 4 waiting threads' exits reach the loop
-  (``call_soon_threadsafe``);
+* *raw threads*: a ``threading.Event`` set → 4 waiting threads, each after the same
+  2·*i* ms of work, exit and reach the loop (``call_soon_threadsafe``);
 * *raw commit*: one ``sqlite3`` row committed in WAL with ``synchronous=FULL`` on the
   loop's thread;
 * *raw floor*: their sum (the threads, then the commit: the critical path of this stop).
@@ -52,6 +54,8 @@ if TYPE_CHECKING:
 NAME = "stop_path"
 TASKS = 20
 THREADS = 4
+#: Thread i works i * STAGGER seconds once woken (in the stop and in the raw floor).
+STAGGER = 0.002
 #: Whether this kill_switch has the switch interval setting (the script also runs
 #: against an older tree, for a before/after comparison in the same conditions).
 HAS_SWITCH = "switch_interval" in attrs.fields_dict(ks.StopPolicy)
@@ -93,7 +97,10 @@ async def one_stop(rt: ks.Runtime, audit: SqliteAudit) -> tuple[float, int, str]
 
     def tool(i: int) -> None:
         started[i].set()
-        ks.sleep(3600)
+        try:
+            ks.sleep(3600)
+        finally:
+            time.sleep(i * STAGGER)  # the tool's own work before it returns
 
     async def host() -> None:
         async with rt.session("bench") as session:
@@ -137,15 +144,16 @@ async def raw_threads() -> float:
         if left == 0:
             done.set_result(None)
 
-    def worker(started: threading.Event) -> None:
+    def worker(started: threading.Event, i: int) -> None:
         started.set()
         flag.wait()
+        time.sleep(i * STAGGER)
         loop.call_soon_threadsafe(back)
 
     threads = []
-    for _ in range(THREADS):
+    for i in range(THREADS):
         started = threading.Event()
-        t = threading.Thread(target=worker, args=(started,), daemon=True)
+        t = threading.Thread(target=worker, args=(started, i), daemon=True)
         t.start()
         started.wait()
         threads.append(t)
