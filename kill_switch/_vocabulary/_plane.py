@@ -279,9 +279,10 @@ class LoopHost(Protocol):
         ...
 
     def open_stop(self, switch_interval: float | None) -> StopWindow:
-        """A stop begins (loop thread): hold its events for one group commit and, unless
-        *switch_interval* is ``None``, shorten the interpreter's switch interval until
-        the window closes (the runtime closes any left open when it exits)."""
+        """A stop begins (any thread, at its request): hold its events for one group
+        commit and, unless *switch_interval* is ``None``, shorten the interpreter's
+        switch interval until the window closes (the runtime closes any left open when
+        it exits)."""
         ...
 
     def spawn(self, fn: Callable[[], Coroutine[Any, Any, None]]) -> None:
