@@ -10,7 +10,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import anyio
@@ -21,7 +21,13 @@ from ._planes._context import _current_session
 from ._planes._pool import install as install_pool
 from ._sentinel import Sentinel
 from ._session import Session
-from ._vocabulary._audit_event import SESSION_REFUSED, AuditEvent, AuditSink, DurableAuditSink
+from ._vocabulary._audit_event import (
+    SESSION_REFUSED,
+    STICKY_KINDS,
+    AuditEvent,
+    AuditSink,
+    DurableAuditSink,
+)
 from ._vocabulary._exceptions import SessionRefused
 from ._vocabulary._limits import Limits, LimitWarning
 from ._vocabulary._policy import StopPolicy
@@ -42,6 +48,93 @@ T = TypeVar("T")
 
 _MAX_AGENT = 200
 _MAX_LABELS = 64
+
+
+class _SwitchInterval:
+    """The interpreter's switch interval while stops are in flight (process-wide).
+
+    Each stop in flight holds a claim; the shortest interval claimed applies, and the
+    interval found before the first claim is put back when the last one is released. A
+    value other code set meanwhile is the one put back instead.
+    """
+
+    def __init__(self) -> None:
+        # Reentrant: interrupt() claims, and may run in a signal handler on a thread
+        # that is releasing a claim.
+        self._lock = threading.RLock()
+        self._claims: list[float] = []
+        self._saved = self._applied = sys.getswitchinterval()
+
+    def claim(self, interval: float) -> None:
+        with self._lock:
+            self._claims.append(interval)
+            self._apply()
+
+    def release(self, interval: float) -> None:
+        with self._lock:
+            self._claims.remove(interval)
+            self._apply()
+
+    def _apply(self) -> None:
+        current = sys.getswitchinterval()
+        if current != self._applied:
+            self._saved = current  # set by other code: the value to put back at the end
+        want = min(self._claims) if self._claims else self._saved
+        if want != current:
+            sys.setswitchinterval(want)
+        self._applied = sys.getswitchinterval()  # read back: microsecond resolution
+
+
+_switch_interval = _SwitchInterval()
+
+
+class _StopWindow:
+    """One stop in flight, as its runtime sees it (the ``StopWindow`` contract).
+
+    Its session's events reach the listeners at once but the sink only together, when
+    the stop hands them over (one group commit instead of one per loop iteration);
+    sticky kinds (a kill is final) go to the sink at once. It holds the stop's claim on
+    the switch interval until closed.
+    """
+
+    __slots__ = ("_events", "_interval", "_lock", "_runtime")
+
+    def __init__(self, runtime: Runtime, switch_interval: float | None) -> None:
+        self._runtime = runtime
+        self._lock = threading.RLock()  # reentrant: interrupt() may run in a signal handler
+        self._events: list[AuditEvent] | None = []
+        self._interval = switch_interval
+        if switch_interval is not None:
+            _switch_interval.claim(switch_interval)
+        runtime._windows.add(self)
+
+    def record(self, event: AuditEvent) -> None:
+        runtime = self._runtime
+        if event.kind not in STICKY_KINDS:
+            with self._lock:
+                held = self._events
+                if held is not None:
+                    held.append(event)
+            if held is not None:
+                runtime._tell(event)
+                return
+        runtime._record(event)
+
+    def hand_over(self) -> None:
+        # Under the lock: an event recorded meanwhile by another thread waits, and so
+        # reaches the sink after the held ones, in order.
+        with self._lock:
+            held, self._events = self._events, None
+            if held:
+                self._runtime._to_sink(held)
+
+    def close(self) -> None:
+        self.hand_over()
+        with self._lock:
+            interval, self._interval = self._interval, None
+        if interval is not None:
+            _switch_interval.release(interval)
+        self._runtime._windows.discard(self)
 
 
 def _fleet_link() -> ModuleType:
@@ -107,6 +200,8 @@ class Runtime:
         self._terminated: set[str] = set()
         self._service: set[asyncio.Task[Any]] = set()
         self._listeners: tuple[Callable[[AuditEvent], None], ...] = ()
+        #: Stops in flight (``_StopWindow``): closed by the stop, or at exit at the latest.
+        self._windows: set[_StopWindow] = set()
         self._monitor: LoopMonitor | None = None
         self._entered = False
         self._closed = False
@@ -176,6 +271,8 @@ class Runtime:
             self._uninstall_task_factory()
             if self._monitor is not None:
                 self._monitor.close()
+            for window in list(self._windows):
+                window.close()  # a stop that never finished: its events, its interval
             if self._fleet_link is not None:  # fleet: leave it before the audit closes
                 with anyio.move_on_after(self.policy.stop_timeout + 1.0, shield=True):
                     await self._fleet_link.close()
@@ -401,8 +498,16 @@ class Runtime:
         return remove
 
     def _record(self, event: AuditEvent) -> None:
+        self._to_sink((event,))
+        self._tell(event)
+
+    def _to_sink(self, events: Sequence[AuditEvent]) -> None:
+        """Hand *events* to the sink back to back: recorded in one stretch, with no
+        await between them, ``SqliteAudit``'s writer takes them as one batch."""
         sink = self._sink
-        if sink is not None:
+        if sink is None:
+            return
+        for event in events:
             try:
                 sink.record(event)
             except Exception as exc:  # a sink must never raise; if it does, say so, go on
@@ -410,6 +515,8 @@ class Runtime:
                     f"kill_switch: audit sink failed to record {event.kind} "
                     f"{event.event_id}: {exc!r}\n"
                 )
+
+    def _tell(self, event: AuditEvent) -> None:
         for listener in self._listeners:
             try:
                 listener(event)
@@ -473,6 +580,9 @@ class _RuntimeHost:
         self.spawn = runtime._spawn
         self.enter = runtime._enter_session
         self.leave = runtime._leave_session
+
+    def open_stop(self, switch_interval: float | None) -> _StopWindow:
+        return _StopWindow(cast("Runtime", self.runtime), switch_interval)
 
     @property
     def closed(self) -> bool:

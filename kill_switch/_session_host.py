@@ -132,7 +132,8 @@ class SessionHost:
             clock=clock,
         )
         self._tools = ToolTasks(self, self._guard, self._scope.cancel)
-        # The tool plane is first: the fan-out cancels the calls before anything slower.
+        # The tool plane is registered first (its report rows come first); the stop
+        # delivers to the planes in its own order, the cheapest first (``_stop.py``).
         self._planes: dict[type[Plane], Plane] = {ToolTasks: self._tools}
         self._stop = Stop(
             self,
@@ -297,6 +298,10 @@ class SessionHost:
         if requests[0] is not req:
             self.record(INTERRUPT_REPEATED, trigger=trigger, reason=reason, operator=operator)
             return self._handle
+        # The stop is in flight from its request: the switch interval is short from
+        # here (the loop must win the GIL back to deliver), its events held for one
+        # commit (interrupt_requested, sticky, still goes at once).
+        self._stop.open_window()
         # Children first, before our own flag: a sync tool of this session woken by the
         # flag may end this block, and with it the children's, before the cascade reads
         # the list. (A child leaving an interrupted parent stays on its list: _leave.)
@@ -323,6 +328,7 @@ class SessionHost:
         except RuntimeError:
             # The loop is closed: nothing of this session can still run.
             self._resolve(stop.build_report("after_end", quiescent=True, audit="disabled"))
+            stop.close_window()
         return self._handle
 
     def _check_delivered(self) -> None:
@@ -413,7 +419,10 @@ class SessionHost:
         host = self._host
         if not host.audible:
             return  # nobody to tell: building the event would be the interrupt's cost
-        host.record(
+        # While a stop is in flight its window holds the event for the stop's one
+        # group commit (the listeners see it at once).
+        window = self._stop.window
+        (host.record if window is None else window.record)(
             AuditEvent(
                 kind,
                 self.id,

@@ -17,7 +17,9 @@ import attrs
 
 from ._cleanup import Hook, run_hooks
 from ._planes._pool import session_threads
+from ._planes._process_plane import ProcessPlane
 from ._planes._threads import ThreadPlane
+from ._planes._tool_tasks import ToolTasks
 from ._vocabulary._audit_event import (
     ESCALATED,
     INTERRUPT_COMPLETED,
@@ -32,14 +34,19 @@ if TYPE_CHECKING:
     import asyncio
     from collections.abc import Callable, Sequence
 
-    from ._planes._tool_tasks import ToolTasks
-    from ._vocabulary._plane import ForcePath, LoopHost, Plane, PlaneHost
+    from ._vocabulary._plane import ForcePath, LoopHost, Plane, PlaneHost, StopWindow
     from ._vocabulary._report import AuditStatus, InterruptRequest, Outcome
 
 
 #: How often the stop looks again at threads of other pools running the session's work
 #: while they have their grace (they return once they poll the flag).
 _POOL_RESCAN = 0.005
+
+#: The order planes get the interrupt in: the cheapest first, so that no plane's start
+#: waits for a slower one's — the thread plane arms its grace timer, the process plane
+#: sends its signals, the tool plane cancels its tasks; every other plane (bookkeeping,
+#: the limits' timers) follows in the order it was registered.
+_DELIVERY_ORDER: dict[type[Plane], int] = {ThreadPlane: 0, ProcessPlane: 1, ToolTasks: 2}
 
 
 class Stop:
@@ -63,6 +70,7 @@ class Stop:
         "secondary",
         "stop_timer",
         "tools",
+        "window",
     )
 
     def __init__(
@@ -99,12 +107,18 @@ class Stop:
         self.finish_started = False
         #: Set when nothing was running to stop (``before_start`` / ``after_end``).
         self.fixed_outcome: Outcome | None = None
+        #: The stop in flight as the runtime sees it, from request until it resolves:
+        #: the session's events go through it (``LoopHost.open_stop``).
+        self.window: StopWindow | None = None
 
     # ---------------------------------------------------------------- deliver
 
     def deliver(self, first: InterruptRequest) -> None:
-        """Fan *first* out to every plane, audit it, arm the stop timeout."""
-        for plane in list(self.planes.values()):
+        """Fan *first* out to every plane (the cheapest first), audit it, arm the stop
+        timeout."""
+        last = len(_DELIVERY_ORDER)
+        ordered = sorted(self.planes.items(), key=lambda kv: _DELIVERY_ORDER.get(kv[0], last))
+        for _, plane in ordered:
             try:
                 plane.deliver(first)
             except Exception as exc:  # a plane must not stop the others from stopping
@@ -120,6 +134,18 @@ class Stop:
             },
         )
         self.stop_timer = self.host.call_later(self.host.policy.stop_timeout, self._on_stop_timeout)
+
+    def open_window(self) -> None:
+        """The stop is in flight (from its request, any thread): hold its events for one
+        group commit and shorten the switch interval (``StopPolicy.switch_interval``)
+        until it resolves."""
+        if self.window is None:
+            self.window = self.loop_host.open_stop(self.host.policy.switch_interval)
+
+    def close_window(self) -> None:
+        window, self.window = self.window, None
+        if window is not None:
+            window.close()
 
     def _on_stop_timeout(self) -> None:
         self.stop_timer = None
@@ -139,11 +165,10 @@ class Stop:
 
     async def wait_pools(self, deadline: float) -> None:
         """Give threads of other pools running the session's work their grace (from the
-        delivery, bounded by *deadline*) to see the flag and return; keep those left."""
+        request, bounded by *deadline*) to see the flag and return; keep those left."""
         found = self.scan_pools()
         if found:
-            assert self.delivered_mono is not None
-            until = min(deadline, self.delivered_mono + self.host.policy.thread_grace)
+            until = min(deadline, self.requests[0].requested_mono + self.host.policy.thread_grace)
             with anyio.move_on_after(max(0.0, until - time.monotonic()), shield=True):
                 while found:
                     await anyio.sleep(_POOL_RESCAN)
@@ -192,6 +217,13 @@ class Stop:
                 await host.handle
             return
         self.finish_started = True
+        try:
+            await self._finish(cleanup=cleanup)
+        finally:
+            self.close_window()
+
+    async def _finish(self, *, cleanup: bool) -> None:
+        host = self.host
         first = self.requests[0]
         assert self.delivered_mono is not None
         outcome = self.fixed_outcome
@@ -235,6 +267,10 @@ class Stop:
                     "seconds": report.latency.total,
                 },
             )
+        # The stop's events (every plane's, then its last word) go to the sink
+        # together: one commit on the stop's critical path.
+        if self.window is not None:
+            self.window.hand_over()
         status = await self.loop_host.flush()
         self.resolve(attrs.evolve(report, audit=status))
 

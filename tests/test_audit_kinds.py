@@ -21,6 +21,7 @@ FORWARDERS = {
     ("_process_plane.py", "record"),  # ProcessPlane.record(kind, ...) -> session.record
     ("_runtime.py", "record"),  # Runtime.record(event) -> the sink and the listeners
     ("_runtime.py", "_record"),
+    ("_runtime.py", "_to_sink"),  # the held events of a stop, handed over together
     ("_cleanup.py", "run_hooks"),  # kind: Literal[...] below
     ("_shutdown.py", "_record_forced_exit"),  # sink.record(event): built above it
 }

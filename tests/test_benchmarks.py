@@ -17,7 +17,14 @@ import pytest
 from .redis_server import needs
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPTS = ["bench_fanout", "bench_interrupt", "bench_guard", "bench_scale", "bench_integrations"]
+SCRIPTS = [
+    "bench_fanout",
+    "bench_interrupt",
+    "bench_guard",
+    "bench_scale",
+    "bench_integrations",
+    "bench_stop_path",
+]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 ROW_KEYS = {
     "benchmark",

@@ -5,7 +5,7 @@ caller's context with the session set as current, so ``ks.check()`` and ``ks.sle
 inside it answer for that session. The call goes through the session's guard (it is an
 async tool handed to ``session.call``), so the tool plane's cancellation reaches the
 awaiting side. On interrupt the awaiting side waits, shielded and bounded, up to
-``StopPolicy.thread_grace`` from the interrupt's delivery for the thread to return; past
+``StopPolicy.thread_grace`` from the interrupt's request for the thread to return; past
 that the thread is *abandoned* (Python cannot stop a thread): the awaiting side goes on,
 the thread is named in the ``StopReport``, its late result is dropped, and its later
 ``ks.check()`` at commit points raises because the session's flag stays set.
@@ -157,31 +157,34 @@ class ThreadPlane(Plane):
         self._reported: list[_Worker] = []
         #: ``from_thread`` callbacks in flight; the interrupt cancels them.
         self._callbacks: set[asyncio.Task[Any]] = set()
-        self._delivered: float | None = None
+        #: When the threads' grace began: the interrupt's request (set on delivery).
+        self._grace_from: float | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._waiter: asyncio.Future[None] | None = None
 
     # ------------------------------------------------------------- the Plane
 
     def deliver(self, request: InterruptRequest) -> None:
-        """Note the delivery, arm the grace timer, cancel ``from_thread`` callbacks."""
-        self._delivered = time.monotonic()
+        """Arm the grace timer (the grace counts from the request, not from this
+        delivery), cancel ``from_thread`` callbacks."""
+        self._grace_from = request.requested_mono
         for w in self._running:
             self._report(w)
+        if self._pending():
+            grace_end = request.requested_mono + self._session.policy.thread_grace
+            self._timer = self._session.call_later(
+                max(0.0, grace_end - time.monotonic()), self._grace_over
+            )
         for task in self._callbacks:
             task.cancel(f"kill_switch: session {self._session.id} interrupted")
-        if self._pending():
-            self._timer = self._session.call_later(
-                self._session.policy.thread_grace, self._grace_over
-            )
 
     async def settle(self, deadline: float) -> None:
-        """Wait for the interrupted threads up to min(deadline, delivery + grace), then
+        """Wait for the interrupted threads up to min(deadline, request + grace), then
         abandon the rest. A checkpoint; never raises but re-raises cancellation."""
         if not self._pending():
             return
         now = time.monotonic()
-        grace_end = (self._delivered or now) + self._session.policy.thread_grace
+        grace_end = (self._grace_from or now) + self._session.policy.thread_grace
         until = min(deadline, grace_end)
         try:
             with anyio.move_on_after(max(0.0, until - now)):
@@ -275,7 +278,7 @@ class ThreadPlane(Plane):
         w = _Worker(tool, self._loop.create_future())
         w.name = f"kill_switch {session.agent}/pool {tool} [{session.id[:8]}]"
         self._running.add(w)
-        if self._delivered is not None:
+        if self._grace_from is not None:
             self._report(w)  # submitted during the stop: it is the stop's too
         return w
 
@@ -334,9 +337,9 @@ class ThreadPlane(Plane):
         w.result = None
 
     def grace_left(self) -> float:
-        """Seconds left of the interrupted threads' grace (from the delivery)."""
+        """Seconds left of the interrupted threads' grace (from the request)."""
         now = time.monotonic()
-        start = self._delivered if self._delivered is not None else now
+        start = self._grace_from if self._grace_from is not None else now
         return max(0.0, start + self._session.policy.thread_grace - now)
 
     def abandon(self, w: _Worker, cause: str) -> None:

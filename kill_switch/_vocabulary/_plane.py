@@ -236,6 +236,23 @@ class PlaneHost(Protocol):
         ...
 
 
+class StopWindow(Protocol):
+    """One stop in flight, as the runtime sees it (``LoopHost.open_stop``).
+
+    Any thread. ``record`` shows an event of the stop to the listeners at once and holds
+    it for the sink (a sticky kind goes to the sink at once: a kill is final);
+    ``hand_over`` gives the sink every held event together, in order (one group commit),
+    after which events go straight through; ``close`` hands over what is left and ends
+    the window (the switch interval it shortened is put back). Both are idempotent.
+    """
+
+    def record(self, event: AuditEvent) -> None: ...
+
+    def hand_over(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
 class LoopHost(Protocol):
     """What a session needs from its runtime (``Runtime`` hands one to each session).
 
@@ -261,6 +278,13 @@ class LoopHost(Protocol):
 
     async def flush(self) -> AuditStatus:
         """Wait (shielded, bounded) until every recorded event is durable; its status."""
+        ...
+
+    def open_stop(self, switch_interval: float | None) -> StopWindow:
+        """A stop begins (any thread, at its request): hold its events for one group
+        commit and, unless *switch_interval* is ``None``, shorten the interpreter's
+        switch interval until the window closes (the runtime closes any left open when
+        it exits)."""
         ...
 
     def spawn(self, fn: Callable[[], Coroutine[Any, Any, None]]) -> None:
