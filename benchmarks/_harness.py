@@ -260,9 +260,10 @@ async def timed_interrupt(
     return t1 - t0, report
 
 
-async def cancel_all(tasks: Sequence[asyncio.Task[Any]]) -> float:
-    """ns to cancel *tasks* and gather them, the collector paused: a raw kill's floor."""
-    with gc_paused():
+async def cancel_all(tasks: Sequence[asyncio.Task[Any]], *, collect: bool = True) -> float:
+    """ns to cancel *tasks* and gather them, the collector paused (after a collection
+    unless not *collect*): a raw kill's floor."""
+    with gc_paused(collect=collect):
         t0 = now_ns()
         for t in tasks:
             t.cancel()
@@ -271,7 +272,7 @@ async def cancel_all(tasks: Sequence[asyncio.Task[Any]]) -> float:
     return t1 - t0
 
 
-async def raw_kill(n: int) -> float:
+async def raw_kill(n: int, *, collect: bool = True) -> float:
     """*n* raw tasks parked on futures, then :func:`cancel_all` on them."""
     loop = asyncio.get_running_loop()
     parked = Countdown(n)
@@ -282,7 +283,7 @@ async def raw_kill(n: int) -> float:
 
     tasks = [loop.create_task(park()) for _ in range(n)]
     await parked.wait()
-    return await cancel_all(tasks)
+    return await cancel_all(tasks, collect=collect)
 
 
 class ControlClient:

@@ -609,15 +609,17 @@ async def raw_commit_in_thread(conn: sqlite3.Connection) -> float:
 
 
 async def raw_floors(raw_db: sqlite3.Connection, prefix: str = "") -> dict[str, float]:
-    """Every raw floor once, each in its own window; the critical path and the sum."""
-    tasks = await h.raw_kill(N_CALLS)
+    """Every raw floor once, each in its own window; the critical path and the sum.
+
+    One collection before the five windows, the collector paused across them: with the
+    runtime's heap (the book) a full collection takes 10-30 ms here, and one per window
+    made the floors the costliest part of a round.
+    """
     with h.gc_paused():
+        tasks = await h.raw_kill(N_CALLS, collect=False)
         trees = await raw_trees(GRACE)
-    with h.gc_paused():
         threads = await raw_threads(GRACE)
-    with h.gc_paused():
         commit = raw_commit(raw_db)
-    with h.gc_paused():
         commit_thread = await raw_commit_in_thread(raw_db)
     if my_zombies():
         raise KillFailed(f"raw floor left zombies: {my_zombies()}")
