@@ -139,6 +139,7 @@ import anyio.lowlevel
 
 import kill_switch as ks
 from benchmarks import _harness as h
+from benchmarks.control_load import LineProcess
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Sequence
@@ -746,7 +747,7 @@ def poller_main(url: str) -> int:
     return 0
 
 
-class Poller:
+class Poller(LineProcess):
     """``poller_main`` in a child process, driven from this one (blocking calls: run
     them off the loop)."""
 
@@ -754,45 +755,12 @@ class Poller:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
         env[POLL_TOKEN_ENV] = token
-        self.proc = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "--poll", url],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            env=env,
-            text=True,
-        )
-
-    def command(self, line: str) -> str:
-        """Send *line*; its acknowledgement.
-
-        Raises:
-            KillFailed: the poller answered an error or ended (the load is void).
-        """
-        assert self.proc.stdin is not None
-        assert self.proc.stdout is not None
-        self.proc.stdin.write(line + "\n")
-        self.proc.stdin.flush()
-        answer = self.proc.stdout.readline().strip()
-        if not answer or answer.startswith("error"):
-            raise KillFailed(f"HTTP poller: {answer or 'ended'} (after {line!r})")
-        return answer
+        super().__init__([sys.executable, str(Path(__file__).resolve()), "--poll", url], env)
 
     def stats(self) -> tuple[int, float, int]:
         """(polls answered 200, seconds on, errors) so far."""
         data = json.loads(self.command("stats"))
         return data["ok"], data["seconds"], data["errors"]
-
-    def close(self) -> None:
-        """End the process (bounded)."""
-        if self.proc.stdin is not None:
-            self.proc.stdin.close()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(30)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
 
 
 class Load:
