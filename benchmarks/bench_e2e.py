@@ -539,6 +539,9 @@ async def raw_trees(grace: float) -> float:
         proc.returncode = -signal.SIGTERM  # reaped above; keep Popen from trying again
         assert proc.stdout is not None
         proc.stdout.close()
+    left = [pid for pid in group_of if alive(pid) is not None]
+    if left:
+        raise KillFailed(f"raw floor: pids still alive after the trees' kill: {left}")
     return t1 - t0
 
 
