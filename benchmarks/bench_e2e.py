@@ -1004,7 +1004,9 @@ class Run:
         t0 = time.monotonic()
         half = warmup + reps // 2
         for i, order in enumerate(h.rotations(list(variants), warmup + reps)):
-            if i in (warmup, half):
+            if i == warmup:
+                marks.append(await self.load.stats())
+            if i == half:  # the same round as the first mark when reps is 1
                 marks.append(await self.load.stats())
             for name in order:
                 measures = await variants[name]()
