@@ -107,11 +107,12 @@ threads; audit ack ≤ 1.3x the raw commit; ≤ 40 GIL-releasing calls on the lo
 
 Run time: each round kills twice (b, c) and measures the floors once (twice under a
 load), every kill with a fresh session of 40 processes and 8 threads; the run prints its
-seconds per kill. Measured here (2 shared cores, other test suites running): 0.3-0.5 s
-per kill without load, 0.8-0.9 s under the HTTP or the CPU load, set-up, floors and
-checks included: the default 100 rounds (200 kills per load and loop) take ~1.5 min
-without load and ~3 min under each load, ~7-8 min per loop for ``--load all``. ``--reps``
-trades samples for time (the results say how many samples each row has).
+seconds per kill. Measured here (2 shared cores, other test suites running), set-up,
+floors and checks included: 0.3 s per kill without load, 0.5-0.7 s under the HTTP load,
+0.7-1.0 s under the CPU load; the default 100 rounds (200 kills per load and loop) took
+1 min without load and 1.7-3.7 min under each load, 5.5-7 min per loop for ``--load
+all`` (12.5 min for both loops). ``--reps`` trades samples for time (the results say
+how many samples each row has).
 """
 
 from __future__ import annotations
