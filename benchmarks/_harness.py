@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import datetime
 import gc
 import http.client
@@ -32,6 +33,7 @@ import json
 import math
 import os
 import platform
+import struct
 import sys
 import time
 from contextlib import contextmanager
@@ -118,6 +120,35 @@ async def until(predicate: Callable[[], bool]) -> None:
     """Let the loop run until *predicate* holds (a state counter, read between steps)."""
     while not predicate():  # noqa: ASYNC110  (counters of parked tasks have no event)
         await asyncio.sleep(0)
+
+
+class Countdown:
+    """A future resolved by the *n*-th :meth:`hit`: wait for *n* things to have happened
+    without spinning the loop (a ``sleep(0)`` spin competes with what it waits for).
+
+    Create it on the loop; :meth:`hit` there, :meth:`hit_threadsafe` from other threads.
+    """
+
+    def __init__(self, n: int) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.left = n
+        self.done: asyncio.Future[None] = self.loop.create_future()
+        if n <= 0:
+            self.done.set_result(None)
+
+    def hit(self) -> None:
+        """One more (on the loop)."""
+        self.left -= 1
+        if self.left <= 0 and not self.done.done():
+            self.done.set_result(None)
+
+    def hit_threadsafe(self) -> None:
+        """One more, from any thread."""
+        self.loop.call_soon_threadsafe(self.hit)
+
+    async def wait(self) -> None:
+        """Until the *n*-th hit."""
+        await self.done
 
 
 def rotations(names: Sequence[str], reps: int) -> Iterator[list[str]]:
@@ -229,9 +260,10 @@ async def timed_interrupt(
     return t1 - t0, report
 
 
-async def cancel_all(tasks: Sequence[asyncio.Task[Any]]) -> float:
-    """ns to cancel *tasks* and gather them, the collector paused: a raw kill's floor."""
-    with gc_paused():
+async def cancel_all(tasks: Sequence[asyncio.Task[Any]], *, collect: bool = True) -> float:
+    """ns to cancel *tasks* and gather them, the collector paused (after a collection
+    unless not *collect*): a raw kill's floor."""
+    with gc_paused(collect=collect):
         t0 = now_ns()
         for t in tasks:
             t.cancel()
@@ -240,19 +272,18 @@ async def cancel_all(tasks: Sequence[asyncio.Task[Any]]) -> float:
     return t1 - t0
 
 
-async def raw_kill(n: int) -> float:
+async def raw_kill(n: int, *, collect: bool = True) -> float:
     """*n* raw tasks parked on futures, then :func:`cancel_all` on them."""
     loop = asyncio.get_running_loop()
-    parked = 0
+    parked = Countdown(n)
 
     async def park() -> None:
-        nonlocal parked
-        parked += 1
+        parked.hit()
         await loop.create_future()
 
     tasks = [loop.create_task(park()) for _ in range(n)]
-    await until(lambda: parked >= n)
-    return await cancel_all(tasks)
+    await parked.wait()
+    return await cancel_all(tasks, collect=collect)
 
 
 class ControlClient:
@@ -313,6 +344,106 @@ class ControlClient:
 
     def close(self) -> None:
         self.conn.close()
+
+
+# ------------------------------------------------------------------- one thread's system calls
+
+_TRACEFS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
+_PERF_EVENT_OPEN = {"x86_64": 298, "aarch64": 241}  # the syscall's number
+_PERF_TYPE_TRACEPOINT = 2
+_PERF_FORMAT_GROUP = 1 << 3
+_PERF_FLAG_FD_CLOEXEC = 1 << 3
+_PERF_ATTR_SIZE = 64  # PERF_ATTR_SIZE_VER0: type, size, config, ..., read_format, flags
+
+
+class SyscallCounter:
+    """The system calls one thread makes between two :meth:`read` calls, by kind.
+
+    The kernel counts them: ``perf_event_open`` (through ctypes: the standard library
+    has no binding) on the ``raw_syscalls:sys_enter`` tracepoint, with one
+    ``syscalls:sys_enter_<name>`` counter per name given, all in one group read in one
+    call. Nothing runs in the counted thread but the reads, so what is timed in the
+    same window is not slowed (``strace`` stops the thread at every call; ``perf stat``
+    from outside cannot be bounded to one window without a control channel). A read is
+    one ``read`` call, counted in the difference of two: :meth:`delta` takes it off.
+
+    Needs Linux, tracefs mounted and the right to read tracepoints (root here);
+    :meth:`open` says why not otherwise.
+    """
+
+    def __init__(self, fds: list[int], names: list[str]) -> None:
+        self.fds = fds
+        self.names = names  # "all" first: every system call
+
+    @classmethod
+    def open(cls, tid: int, names: Sequence[str]) -> tuple[SyscallCounter | None, str]:
+        """Counters of thread *tid* (a native id), or ``(None, why not)``."""
+        nr = _PERF_EVENT_OPEN.get(platform.machine())
+        if sys.platform != "linux" or nr is None:
+            return None, f"perf_event_open is not known on {sys.platform}/{platform.machine()}"
+        root = next((r for r in _TRACEFS if os.path.isdir(f"{r}/events/raw_syscalls")), None)
+        if root is None:
+            return None, "tracefs is not mounted (/sys/kernel/tracing)"
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.syscall.restype = ctypes.c_long
+        fds: list[int] = []
+        kept: list[str] = []
+        try:
+            for name in ("all", *names):
+                event = "raw_syscalls/sys_enter" if name == "all" else f"syscalls/sys_enter_{name}"
+                try:
+                    tracepoint = int(Path(f"{root}/events/{event}/id").read_text())
+                except (OSError, ValueError):
+                    if name == "all":
+                        raise
+                    continue  # no such system call on this kernel
+                attr = ctypes.create_string_buffer(_PERF_ATTR_SIZE)
+                struct.pack_into(
+                    "IIQQQQ",
+                    attr,
+                    0,
+                    *(_PERF_TYPE_TRACEPOINT, _PERF_ATTR_SIZE, tracepoint, 0, 0),
+                    _PERF_FORMAT_GROUP,
+                )
+                fd = libc.syscall(
+                    ctypes.c_long(nr),
+                    attr,
+                    ctypes.c_int(tid),
+                    ctypes.c_int(-1),
+                    ctypes.c_int(fds[0] if fds else -1),
+                    ctypes.c_ulong(_PERF_FLAG_FD_CLOEXEC),
+                )
+                if fd < 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, f"perf_event_open({event}): {os.strerror(err)}")
+                fds.append(fd)
+                kept.append(name)
+        except OSError as exc:
+            for fd in fds:
+                os.close(fd)
+            return None, str(exc)
+        return cls(fds, kept), ""
+
+    def read(self) -> tuple[int, ...]:
+        """The counts so far (one ``read`` call)."""
+        n = len(self.fds)
+        values = struct.unpack(f"{n + 1}Q", os.read(self.fds[0], 8 * (n + 1)))
+        return values[1:]
+
+    def delta(self, before: Sequence[int], after: Sequence[int]) -> dict[str, int]:
+        """Calls by name between two reads, the second read's own call taken off;
+        ``other``: the calls of no name given."""
+        out = {name: b - a for name, a, b in zip(self.names, before, after, strict=True)}
+        out["all"] -= 1
+        if "read" in out:
+            out["read"] -= 1
+        out["other"] = out["all"] - sum(v for k, v in out.items() if k != "all")
+        return out
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
 
 
 # ------------------------------------------------------------------- event loops

@@ -28,7 +28,7 @@ import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 if TYPE_CHECKING:
     from collections.abc import Coroutine
@@ -136,7 +136,51 @@ class Load:
                 await task
 
 
-class LoadProcess:
+class LineProcess:
+    """A child process driven by lines on its stdin, each acknowledged by one line on its
+    stdout (blocking calls); ``close`` ends its input, then waits for it, bounded."""
+
+    def __init__(self, argv: list[str], env: dict[str, str] | None = None) -> None:
+        self.name = Path(argv[1]).name if len(argv) > 1 else argv[0]  # the script
+        self.proc = subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True
+        )
+
+    def command(self, line: str) -> str:
+        """Send *line*; its acknowledgement.
+
+        Raises:
+            RuntimeError: the process answered an error or ended.
+        """
+        assert self.proc.stdin is not None
+        assert self.proc.stdout is not None
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+        answer = self.proc.stdout.readline().strip()
+        if not answer or answer.startswith("error"):
+            raise RuntimeError(f"{self.name}: {answer or 'ended'} (after {line!r})")
+        return answer
+
+    def close(self) -> None:
+        """End the process (bounded)."""
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(30)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class LoadProcess(LineProcess):
     """``control_load.py`` in a child process, driven from this one (blocking calls)."""
 
     def __init__(
@@ -149,32 +193,14 @@ class LoadProcess:
         rate: float = 0.0,
     ) -> None:
         script = Path(__file__).resolve()
-        self.proc = subprocess.Popen(
+        super().__init__(
             [
                 *(sys.executable, str(script), url),
                 *("--idle", str(idle), "--half", str(half), "--flooders", str(flooders)),
                 *("--rate", str(rate)),
-            ],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
+            ]
         )
         self.running = False
-
-    def command(self, line: str) -> str:
-        """Send *line*; its acknowledgement.
-
-        Raises:
-            RuntimeError: the load process answered an error or ended.
-        """
-        assert self.proc.stdin is not None
-        assert self.proc.stdout is not None
-        self.proc.stdin.write(line + "\n")
-        self.proc.stdin.flush()
-        answer = self.proc.stdout.readline().strip()
-        if not answer or answer.startswith("error"):
-            raise RuntimeError(f"load process: {answer or 'ended'} (after {line!r})")
-        return answer
 
     def on(self) -> int:
         """Start the load; the number of sockets it holds open."""
@@ -191,24 +217,6 @@ class LoadProcess:
         """Requests sent, statuses seen, sockets re-opened and open now."""
         data: dict[str, Any] = json.loads(self.command("stats"))
         return data
-
-    def close(self) -> None:
-        """End the process (bounded)."""
-        if self.proc.stdin is not None:
-            self.proc.stdin.close()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(30)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-
-    def __enter__(self) -> LoadProcess:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 async def main(argv: list[str] | None = None) -> int:

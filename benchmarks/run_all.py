@@ -11,8 +11,9 @@ Result files in the ``_harness`` format (a ``rows`` list of :class:`_harness.Row
 into the combined table; other formats are summarised as they are. The exit status is
 non-zero if any script failed.
 
-Among them ``bench_e2e`` (a realistic session killed under load, every plane, against the
-sum of the raw floors) and ``bench_scaling`` (kill latency vs tool calls and sessions),
+Among them ``bench_e2e`` (a realistic session killed without load, under HTTP polling
+and beside a CPU-bound sibling, every plane, against the raw critical-path floor) and
+``bench_scaling`` (kill latency vs tool calls and sessions),
 which also draws ``docs/perf/kill_latency.png`` in a full run; with ``--quick`` its plot
 goes beside its JSON in the results folder, so a smoke run never replaces the figure.
 """

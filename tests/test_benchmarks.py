@@ -9,6 +9,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -96,9 +98,20 @@ def test_e2e_quick_run_kills_and_verifies(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = _check_results(out, "bench_e2e")
     assert {"raw floor sum", "interrupt → StopReport"} <= {r["variant"] for r in data["rows"]}
+    targeted = {r["variant"] for r in data["rows"] if r["target"]}
+    assert {
+        "interrupt → StopReport",
+        "interrupt → processes reaped",
+        "interrupt → threads back/abandoned",
+        "audit ack: last event → durable",
+    } <= targeted
+    assert {"raw critical path", "no load: raw critical path"} <= {
+        r["variant"] for r in data["rows"]
+    }
     for load in data["load"].values():
         assert load["kills_verified"] > 0
         assert load["http_polls_per_s"] > 0
+        assert load["book_stopped_sessions"][0] >= 900  # filled before the first kill
 
 
 @pytest.mark.timeout(360)
@@ -185,3 +198,54 @@ def test_control_soak_quick_run_kills_under_the_load(tmp_path: Path) -> None:
         assert row["baseline"] == "HTTP kill, quiet"
         assert row["extra"]["sockets_held"] == 200
         assert row["extra"]["flood_requests"] > 0
+
+
+def test_syscall_counter_counts_only_its_thread() -> None:
+    """The kernel-counted system calls of a thread: exactly its own, not another's."""
+    from benchmarks._harness import SyscallCounter
+
+    counter, why = SyscallCounter.open(threading.get_native_id(), ["close", "openat"])
+    if counter is None:
+        pytest.skip(f"system calls cannot be counted here: {why}")
+
+    def open_close(n: int) -> None:
+        for _ in range(n):
+            os.close(os.open(os.devnull, os.O_RDONLY))
+
+    try:
+        other = threading.Thread(target=open_close, args=(7,))
+        before = counter.read()
+        open_close(5)
+        other.start()  # negative control: its 7 closes are not this thread's
+        other.join()
+        after = counter.read()
+    finally:
+        counter.close()
+    calls = counter.delta(before, after)
+    assert (calls["close"], calls["openat"]) == (5, 5)
+    assert calls["all"] >= 10
+
+
+def test_e2e_counts_an_orphaned_zombie_as_gone_but_not_a_child() -> None:
+    """bench_e2e's check: an exited orphan (init reaps it later) is gone; an unreaped
+    child of the bench, or a running orphan, is not."""
+    from benchmarks.bench_e2e import alive, my_zombies
+
+    child = subprocess.Popen(["true"])
+    os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)  # exited, not reaped
+    assert alive(child.pid) == "Z"
+    assert child.pid in my_zombies()
+    child.wait()
+    assert alive(child.pid) is None
+    shell = subprocess.run(
+        ["sh", "-c", "sleep 1 >/dev/null 2>&1 & echo $!"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    orphan = int(shell.stdout)
+    assert alive(orphan) not in (None, "Z")  # running: not gone
+    deadline = time.monotonic() + 10.0
+    while alive(orphan) is not None and time.monotonic() < deadline:
+        time.sleep(0.05)  # the orphan's own 1 s sleep; nothing to wait on for a non-child
+    assert alive(orphan) is None
