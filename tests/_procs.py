@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import anyio
 import psutil
 
-from kill_switch._planes import _procfs
+from kill_switch._planes import _cgroup, _procfs
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -81,3 +81,13 @@ def no_zombies_no_leaks() -> Iterator[None]:
     zombies = zombie_children()
     assert zombies == [], f"zombie children left: {zombies}"
     assert me.num_fds() == before, "file descriptors leaked"
+
+
+def cgroup_available() -> bool:
+    """Whether a session cgroup can be made here (cgroup v2, writable)."""
+    try:
+        cg = _cgroup.SessionCgroup.create(f"probe-{os.getpid()}")
+    except _cgroup.CgroupUnavailable:
+        return False
+    cg.remove()
+    return True

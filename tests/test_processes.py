@@ -22,7 +22,7 @@ from kill_switch import EscalationPolicy, EscalationWarning
 from kill_switch._planes import _cgroup, _procfs
 from kill_switch.testing import MemoryAudit
 
-from ._procs import WAIT, alive, kill_quietly, no_zombies_no_leaks, wait_gone
+from ._procs import WAIT, alive, cgroup_available, kill_quietly, no_zombies_no_leaks, wait_gone
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Iterator
@@ -45,15 +45,6 @@ if os.fork() == 0:
     os._exit(0)
 time.sleep(1000)
 """
-
-
-def cgroup_available() -> bool:
-    try:
-        cg = _cgroup.SessionCgroup.create(f"probe-{os.getpid()}")
-    except _cgroup.CgroupUnavailable:
-        return False
-    cg.remove()
-    return True
 
 
 HAVE_CGROUP = cgroup_available()

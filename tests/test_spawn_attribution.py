@@ -28,7 +28,7 @@ import kill_switch as ks
 from kill_switch._planes import _adopt
 from kill_switch.testing import MemoryAudit
 
-from ._procs import alive, kill_quietly, wait_gone
+from ._procs import alive, cgroup_available, kill_quietly, wait_gone
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -66,6 +66,15 @@ async def kill_mid_tool(
     return report, pids
 
 
+def run_tree(out: Path) -> Any:
+    """A tool running the tree with ``anyio.run_process`` (the way tools usually do)."""
+
+    async def tool() -> None:
+        await anyio.run_process(["sh", "-c", TREE.format(out=out)])
+
+    return tool
+
+
 async def check_stopped(report: ks.StopReport, pids: list[int]) -> None:
     try:
         await wait_gone(pids)  # bounded: raises if a process of the tree is left
@@ -86,11 +95,7 @@ async def test_anyio_run_process_tree_is_stopped_with_the_session(tmp_path: Path
     """``anyio.run_process`` in a tool (on uvloop: spawned from C, seen at the fork)."""
     out = tmp_path / "pids"
     audit = MemoryAudit()
-
-    async def tool() -> None:
-        await anyio.run_process(["sh", "-c", TREE.format(out=out)])
-
-    report, pids = await kill_mid_tool(tool, out, audit=audit)
+    report, pids = await kill_mid_tool(run_tree(out), out, audit=audit)
     await check_stopped(report, pids)
     started = [e for e in audit.events if e.kind == "process_started"]
     assert [e.details["pid"] for e in started] == [pids[0]]
@@ -146,7 +151,7 @@ async def test_create_subprocess_exec_in_a_tool_is_stopped(tmp_path: Path) -> No
 async def test_an_orphan_of_an_adopted_process_is_held_by_the_cgroup(tmp_path: Path) -> None:
     """A tool's process whose child outlives it (the double fork of a daemon) is still
     the session's: moved into the session cgroup when adopted, it cannot reach PID 1."""
-    if not _cgroup_available():
+    if not cgroup_available():
         pytest.skip("no writable cgroup v2 here")  # CI runs as root with one
     out = tmp_path / "pids"
     ready = tmp_path / "ready"
@@ -249,28 +254,13 @@ async def test_a_spawn_that_cannot_be_attributed_is_reported(
     is not quiescent (fault injected: the children file reads as missing)."""
     monkeypatch.setattr(_adopt, "thread_children", lambda _tid: None)
     out = tmp_path / "pids"
-
-    async def tool() -> None:
-        await anyio.run_process(["sh", "-c", TREE.format(out=out)])
-
-    report, pids = await kill_mid_tool(tool, out)
+    report, pids = await kill_mid_tool(run_tree(out), out)
     kill_quietly(pids)
     await wait_gone(pids)
     assert not report.quiescent
     assert len(report.unattributed) == 1
     assert "cannot be found" in report.unattributed[0]
     assert "NOT attributed" in report.summary()
-
-
-def _cgroup_available() -> bool:
-    from kill_switch._planes import _cgroup
-
-    try:
-        cg = _cgroup.SessionCgroup.create(f"probe-{os.getpid()}")
-    except _cgroup.CgroupUnavailable:
-        return False
-    cg.remove()
-    return True
 
 
 def _in_session_cgroup(pid: int) -> bool:
@@ -295,7 +285,7 @@ async def test_a_process_that_cannot_join_the_cgroup_is_audited_and_still_stoppe
 ) -> None:
     """Fault injected: the move into the session cgroup fails (EACCES). The audit says
     so, and the tree is still found through /proc and stopped."""
-    if not _cgroup_available():
+    if not cgroup_available():
         pytest.skip("no writable cgroup v2 here")
     from kill_switch._planes import _cgroup
 
@@ -305,11 +295,7 @@ async def test_a_process_that_cannot_join_the_cgroup_is_audited_and_still_stoppe
     monkeypatch.setattr(_cgroup.SessionCgroup, "add", refuse)
     out = tmp_path / "pids"
     audit = MemoryAudit()
-
-    async def tool() -> None:
-        await anyio.run_process(["sh", "-c", TREE.format(out=out)])
-
-    report, pids = await kill_mid_tool(tool, out, audit=audit)
+    report, pids = await kill_mid_tool(run_tree(out), out, audit=audit)
     await check_stopped(report, pids)
     refused = [
         e.details
