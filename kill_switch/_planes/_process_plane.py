@@ -519,22 +519,7 @@ class ProcessPlane(Plane):
         if cg is None:
             return
         by_pgid = {g.pgid: g for g in self._stopping if g.pgid is not None and not g.escaped}
-        known = self._known()
-        escapees: list[TrackedGroup] = []
-        for pid in cg.procs():
-            if pid in known:
-                continue
-            pgid = _pgid_of(pid, None)
-            if pgid is None:
-                continue  # gone already
-            # A descendant of an adopted process that leads no group: of its tree.
-            owner = by_pgid.get(pgid) or _tree_owner(walked, pid)
-            if owner is not None:
-                owner.found_member(pid)
-            else:
-                escapees.append(self._escapee(pid, pgid))
-                known.add(pid)
-        self._start_escapees(escapees, now, "deliver")
+        self._sort_found(dict.fromkeys(cg.procs()), by_pgid, walked, now)
 
     def _scans(self, groups: list[TrackedGroup]) -> bool:
         """Whether these groups' processes are searched by a /proc scan (no cgroup, and
@@ -557,18 +542,30 @@ class ProcessPlane(Plane):
         """Sort the members and escapees of groups outside the cgroup (adopted, or no
         cgroup), *walked* before the SIGTERMs or scanned now. Escapees get a SIGTERM."""
         by_pgid = {g.pgid: g for g in groups if g.pgid is not None}
-        known = self._known()
         # pid -> pgid (None: look it up)
         candidates: dict[int, int | None] = dict.fromkeys(walked)
         if self._scans(groups):
             candidates.update(self._scan_table(groups))
+        self._sort_found(candidates, by_pgid, walked, now)
+
+    def _sort_found(
+        self,
+        candidates: Mapping[int, int | None],
+        by_pgid: Mapping[int, TrackedGroup],
+        walked: Mapping[int, TrackedGroup],
+        now: float,
+    ) -> None:
+        """Each pid found (pid → pgid, ``None``: look it up) the stop does not know yet:
+        a member of its process group's tracked group or of an adopted leader's tree,
+        else an escapee, which gets a SIGTERM of its own."""
+        known = self._known()
         escapees: list[TrackedGroup] = []
         for pid, known_pgid in candidates.items():
             if pid in known:
                 continue
             pgid = _pgid_of(pid, known_pgid)
             if pgid is None:
-                continue
+                continue  # gone already
             owner = by_pgid.get(pgid) or _tree_owner(walked, pid)
             if owner is not None:
                 owner.found_member(pid)
@@ -830,7 +827,7 @@ class ProcessPlane(Plane):
             self.session.note_secondary(f"EscalationWarning raised: {exc!r}")
 
 
-def _tree_owner(walked: dict[int, TrackedGroup], pid: int) -> TrackedGroup | None:
+def _tree_owner(walked: Mapping[int, TrackedGroup], pid: int) -> TrackedGroup | None:
     """The adopted process leading no group of its own that *pid* descends from."""
     g = walked.get(pid)
     return g if g is not None and g.adopted and g.pgid is None else None
