@@ -229,6 +229,16 @@ class LocalSource:
             entry = self.book.get(session_id)
             if entry is not None and entry.report is not None:
                 return 200, result_row(session_id, entry.report)
+            if entry is not None and entry.info.state == "interrupting":
+                # Its block has ended and its report is not in the book yet: the stop an
+                # earlier kill asked for is in flight. A kill is idempotent: say so, as
+                # ``?wait=false`` on a live session does (not 409, nothing refused).
+                return 202, {
+                    "session_id": session_id,
+                    "interrupt_id": entry.info.interrupt_id,
+                    "status": "interrupting",
+                    "report": None,
+                }
             if entry is not None:
                 raise Refused(409, f"session already {entry.info.state}; nothing to stop")
             raise Refused(404, "no such session")
