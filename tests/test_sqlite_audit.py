@@ -152,6 +152,44 @@ async def test_group_commit_from_tasks_and_threads(tmp_path: Path) -> None:
     assert result.anchor == "match"
 
 
+async def test_one_batch_of_many_rows_lands_in_order_across_inserts(tmp_path: Path) -> None:
+    """A batch larger than one INSERT carries (256 rows) and not a power of two lands
+    whole, in record order, every value as recorded, and the chain verifies."""
+    db = tmp_path / "a.db"
+    events = [ev(i, interrupt_id=f"i{i}", details={"n": i, "t": [i, None]}) for i in range(301)]
+    async with SqliteAudit(db) as audit:
+        for e in events:
+            audit.record(e)
+        assert await audit.flush() == "durable"
+        stats = audit.statistics()
+    assert stats.batches == 1  # recorded before the writer ran: one transaction
+    stored = rows(db)
+    assert [r.event_id for r in stored] == [e.event_id for e in events]
+    assert [r.seq for r in stored] == list(range(1, 302))
+    assert [(r.reason, r.interrupt_id, r.details) for r in stored] == [
+        (e.reason, e.interrupt_id, dict(e.details)) for e in events
+    ]
+    assert [r.wall_time for r in stored] == [e.wall_time for e in events]
+    result = verify(db)
+    assert (result.ok, result.count, result.anchor) == (True, 301, "match")
+
+
+def test_inserts_are_powers_of_two_within_sqlites_bound_values() -> None:
+    """The rows of a batch are cut into INSERTs of 2**k rows, largest first, each under
+    the connection's cap on bound values (a build with a low cap gets one row each)."""
+    from kill_switch._audit._store import _chunks
+
+    conn = sqlite3.connect(":memory:")
+    params = [(i,) for i in range(301)]
+    assert [len(c) for c in _chunks(params, conn)] == [256, 32, 8, 4, 1]
+    assert [r for c in _chunks(params, conn) for r in c] == params
+    conn.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 20)  # fewer than one row's 14
+    assert [len(c) for c in _chunks(params[:3], conn)] == [1, 1, 1]
+    conn.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 100)  # 7 rows: 4 at most
+    assert [len(c) for c in _chunks(params[:11], conn)] == [4, 4, 2, 1]
+    assert list(_chunks([], conn)) == []
+
+
 async def _record_async(audit: SqliteAudit, tag: str) -> None:
     for i in range(50):
         audit.record(ev(i, session=tag))
