@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import threading
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
+from unittest import mock
 
 import anyio
 import anyio.abc
@@ -227,31 +229,81 @@ def test_entry_text_is_the_row_encoded_once() -> None:
 
 async def test_a_burst_from_another_thread_wakes_the_loop_once() -> None:
     """Items put by a thread while the loop is busy arrive in one callback, in order;
-    the next item after it schedules a new one."""
+    items put while a burst lingers arrive with the next timed drain and wake nothing;
+    once a drain finds nothing, the next item wakes the loop again."""
+    loop = asyncio.get_running_loop()
     bursts: list[list[int]] = []
     arrived = asyncio.Event()  # set from a plain loop callback, not a task
+    wakes = 0
+    threadsafe = loop.call_soon_threadsafe
+
+    def counting(callback: Any, *args: Any) -> Any:
+        nonlocal wakes
+        wakes += 1
+        return threadsafe(callback, *args)
 
     def consume(burst: list[int]) -> None:
         bursts.append(burst)
         arrived.set()
 
-    handoff = Handoff[int](asyncio.get_running_loop(), consume)
+    handoff = Handoff[int](loop, consume, linger=0.05)
+    with mock.patch.object(loop, "call_soon_threadsafe", counting):
 
-    def put_all() -> None:
-        for i in range(100):
-            handoff.put(i)
+        def put_all(items: range) -> None:
+            for i in items:
+                handoff.put(i)
 
-    putter = threading.Thread(target=put_all)
-    putter.start()
-    putter.join()  # the loop is held here on purpose: every put lands before a drain
-    with anyio.fail_after(5):
-        await arrived.wait()
-    assert bursts == [list(range(100))]
-    arrived.clear()
-    threading.Thread(target=handoff.put, args=(100,)).start()
-    with anyio.fail_after(5):
-        await arrived.wait()
-    assert bursts == [list(range(100)), [100]]
+        putter = threading.Thread(target=put_all, args=(range(100),))
+        putter.start()
+        putter.join()  # the loop is held here on purpose: every put lands before a drain
+        with anyio.fail_after(5):
+            await arrived.wait()
+        assert bursts == [list(range(100))]
+        arrived.clear()
+        putter = threading.Thread(target=put_all, args=(range(100, 150),))
+        putter.start()
+        putter.join()  # within the linger: taken by the timed drain
+        with anyio.fail_after(5):
+            await arrived.wait()
+        assert bursts == [list(range(100)), list(range(100, 150))]
+        assert wakes == 1  # the second burst lingered in: no wake of its own
+        while handoff._scheduled:  # noqa: ASYNC110 - polling private state; the empty drain ends the burst
+            await asyncio.sleep(0.01)
+        arrived.clear()
+        threading.Thread(target=handoff.put, args=(150,)).start()
+        with anyio.fail_after(5):
+            await arrived.wait()
+    assert bursts == [list(range(100)), list(range(100, 150)), [150]]
+    assert wakes == 2  # the control: a put after the burst ended is counted as a wake
+
+
+@pytest.mark.parametrize("catch_up", [True, False])
+async def test_a_read_sees_every_event_recorded_before_it(
+    monkeypatch: pytest.MonkeyPatch, catch_up: bool
+) -> None:
+    """Events lingering in the hand-off (a burst in progress) reach the book before a
+    read is served: a stop made through the Python API is in the very next listing.
+    Negative control: without the catch-up the listing misses it while it lingers."""
+    from kill_switch.control import _app
+
+    monkeypatch.setattr(_app, "Handoff", functools.partial(Handoff, linger=30.0))
+    if not catch_up:
+        monkeypatch.setattr(Handoff, "catch_up", lambda self: None)
+    async with serving() as (runtime, client), anyio.create_task_group() as tg:
+        # A burst opens: this session's start wakes the control loop, whose drain then
+        # lingers 30 s; what is recorded meanwhile waits for it.
+        # (The drain was queued before this request reached the control loop: it ran.)
+        live = await tg.start(hold, runtime)
+        assert live.id in {r["session_id"] for r in (await listing(client))["sessions"]}
+        async with runtime.session("late") as session:
+            await session.interrupt("seen at once", trigger="operator")
+        rows = {r["session_id"]: r for r in (await listing(client))["sessions"]}
+        if catch_up:
+            assert rows[session.id]["interrupt_reason"] == "seen at once"
+            assert rows[session.id]["state"] == "terminated"
+        else:
+            assert session.id not in rows
+        tg.cancel_scope.cancel()
 
 
 def test_a_handoff_to_a_closed_loop_drops_quietly() -> None:

@@ -81,3 +81,51 @@ def test_decision_action_validated() -> None:
     assert not ks.Decision.block("no", "denied").allowed
     with pytest.raises(ValueError, match="action"):
         ks.Decision("maybe")  # type: ignore[arg-type]
+
+
+def test_ids_are_unique_in_a_process_its_threads_and_a_forked_child() -> None:
+    """Event ids stay unique where they could collide: many at once from threads, and in
+    a forked child (which must not continue its parent's sequence; negative control:
+    without the at-fork reseed the child's next id is the parent's)."""
+    import os
+    import threading
+
+    from kill_switch._vocabulary import _audit_event
+    from kill_switch._vocabulary._audit_event import new_id
+
+    ids: list[str] = []
+
+    def many() -> None:
+        ids.extend(new_id() for _ in range(5000))
+
+    threads = [threading.Thread(target=many) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(ids)) == len(ids) == 20_000
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+
+    def child_and_parent_ids(reseed: bool) -> tuple[str, str]:
+        r, w = os.pipe()
+        saved = _audit_event._reseed
+        if not reseed:  # the negative control: the child keeps its parent's sequence
+            _audit_event._reseed = lambda: None
+        try:
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - the child
+                os.write(w, new_id().encode())
+                os._exit(0)
+        finally:
+            _audit_event._reseed = saved
+        os.close(w)
+        with os.fdopen(r) as f:
+            forked = f.read()
+        os.waitpid(pid, 0)
+        return forked, new_id()
+
+    forked, mine = child_and_parent_ids(reseed=True)
+    assert forked[:16] != mine[:16]
+    assert forked != mine
+    forked, mine = child_and_parent_ids(reseed=False)
+    assert forked == mine  # without the reseed the two processes make the same id

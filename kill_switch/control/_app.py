@@ -178,6 +178,7 @@ class ControlApp:
             send, receive = anyio.create_memory_object_stream["Session"](1000)
             self._follow_send = send
             remove = runtime.add_listener(listener)
+            self.local.catch_up = handoff.catch_up
             try:
                 async with send, anyio.create_task_group() as tg:
                     tg.start_soon(self._follow, tg, receive)
@@ -188,6 +189,7 @@ class ControlApp:
                         tg.cancel_scope.cancel()
             finally:
                 remove()
+                self.local.catch_up = lambda: None
                 self._follow_send = None
 
     def _on_events(self, burst: list[tuple[AuditEvent, Session | None]]) -> None:

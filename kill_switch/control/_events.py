@@ -43,14 +43,23 @@ class Handoff(Generic[T]):
     schedules one callback, which takes every item queued by the time it runs.
 
     ``call_soon_threadsafe`` per item woke the control loop (a self-pipe write and a
-    GIL hand-over) once per audit event; a stop's burst of events now costs one.
+    GIL hand-over) once per audit event. After a drain that took something, the next one
+    is a timer on *loop* *linger* seconds later, and items put meanwhile wake nobody:
+    the recorder (the runtime's loop, in the middle of a stop) pays one write per burst
+    however its events are spread, and a drain that finds nothing ends the burst. The
+    price is up to *linger* of delay for the dashboard's later events.
     """
 
     def __init__(
-        self, loop: asyncio.AbstractEventLoop, consume: Callable[[list[T]], object]
+        self,
+        loop: asyncio.AbstractEventLoop,
+        consume: Callable[[list[T]], object],
+        *,
+        linger: float = 0.005,
     ) -> None:
         self._loop = loop
         self._consume = consume
+        self._linger = linger
         self._items: list[T] = []
         self._scheduled = False
         self._lock = threading.Lock()
@@ -68,10 +77,22 @@ class Handoff(Generic[T]):
             with self._lock:
                 self._items.clear()
 
+    def catch_up(self) -> None:
+        """Consume what is queued now (on *loop*): a reader that calls this first sees
+        every event recorded before it asked, lingering burst or not."""
+        with self._lock:
+            items, self._items = self._items, []
+        if items:
+            self._consume(items)
+
     def _drain(self) -> None:
         with self._lock:
             items, self._items = self._items, []
-            self._scheduled = False
+            if not items:
+                self._scheduled = False  # the burst is over: the next put wakes the loop
+                return
+        # Still scheduled: what is put before the timer is taken by it, with no wake-up.
+        self._loop.call_later(self._linger, self._drain)
         self._consume(items)
 
 

@@ -91,6 +91,10 @@ def result_row(session_id: str, report: StopReport) -> dict[str, Any]:
     }
 
 
+def _nothing() -> None:
+    pass
+
+
 class LocalSource:
     """The sessions of the runtime the control plane is mounted in (today's behaviour).
 
@@ -118,6 +122,9 @@ class LocalSource:
         self.metrics = metrics
         self.on_report = on_report
         self.kill_timeout = kill_timeout
+        #: Takes the runtime's events still on their way to the book (the control
+        #: plane's ``Handoff.catch_up`` while it runs): a read sees what happened before it.
+        self.catch_up: Callable[[], None] = _nothing
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
@@ -132,6 +139,7 @@ class LocalSource:
 
     def live(self) -> list[Entry]:
         """The runtime's sessions and the remembered ones that ended with a state."""
+        self.catch_up()
         live = {}
         for info in self.runtime.sessions():
             self.book.seen(info)
@@ -154,6 +162,7 @@ class LocalSource:
     async def page(self, query: Query) -> Page:
         """The live sessions' rows, built now, after a page of the remembered ones',
         serialised once each (``Entry.text``)."""
+        self.catch_up()
         live = set()
         for info in self.runtime.sessions():
             self.book.seen(info)
@@ -162,6 +171,7 @@ class LocalSource:
 
     async def session(self, session_id: str) -> dict[str, Any] | None:
         """The row, with tool calls in flight, processes, threads and budget use."""
+        self.catch_up()
         session = self.runtime.get(session_id)
         if session is None:
             entry = self.book.get(session_id)
