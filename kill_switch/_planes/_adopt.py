@@ -255,6 +255,7 @@ class Spawn:
         "deadline",
         "delay",
         "done",
+        "gone",
         "host",
         "plane",
         "polling",
@@ -279,6 +280,9 @@ class Spawn:
         self.before = None if before is None else set(before)
         self.plane: ProcessPlane | None = None
         self.done = False
+        #: the spawning thread exited before its child was found: the child was handed
+        #: to another thread of this process, where it cannot be told from others
+        self.gone = False
         self.polling = False
         self.deadline = time.monotonic() + _GIVE_UP
         self.delay = _FIRST_DELAY
@@ -288,6 +292,9 @@ class Spawn:
         if self.before is None:
             return []
         now = thread_children(self.tid)
+        if now is None:
+            self.gone = True
+            return []
         if not now:
             return []
         new = [p for p in now if p not in self.before]
@@ -306,14 +313,7 @@ class Spawn:
             # child: it is killed here once found.
             self.plane = None
         if self.before is None:
-            reason = (
-                f"{self.what}: its process cannot be found "
-                "(this kernel does not list a thread's children)"
-            )
-            self.host.record(PROCESS_UNATTRIBUTED, details={"spawn": self.what, "why": reason})
-            if self.plane is not None:
-                self.plane.unattributed.append(reason)
-            self._finish()
+            self._unattributed("this kernel does not list a thread's children")
             return
         if self.plane is not None:
             self.plane.expect(self)
@@ -349,10 +349,21 @@ class Spawn:
             return True
         new = self.new_children()
         if not new:
+            if self.gone:
+                self._unattributed("the thread that started it exited before it was found")
+                return True
             return False
         self.adopt(new)
         self._finish()
         return True
+
+    def _unattributed(self, why: str) -> None:
+        """The spawn's process cannot be found: audit and report it, stop looking."""
+        reason = f"{self.what}: its process cannot be found ({why})"
+        self.host.record(PROCESS_UNATTRIBUTED, details={"spawn": self.what, "why": reason})
+        if self.plane is not None:
+            self.plane.unattributed.append(reason)
+        self._finish()
 
     def adopt(self, pids: list[int]) -> None:
         """Adopt *pids* on the session's process plane. Loop thread."""
