@@ -65,7 +65,15 @@ from ._context import _current_session
 from ._escalation import DEFAULT_POLICY, EscalationPolicy, TrackedGroup
 from ._pid_watch import signal_result
 from ._process_plane import ProcessPlane
-from ._procfs import cmdline, descendants, thread_children
+from ._procfs import (
+    START_RESOLUTION,
+    alive,
+    children,
+    cmdline,
+    descendants,
+    start_time,
+    thread_children,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -257,6 +265,7 @@ class Spawn:
         "done",
         "gone",
         "host",
+        "noted_at",
         "plane",
         "polling",
         "tid",
@@ -284,6 +293,7 @@ class Spawn:
         #: to another thread of this process, where it cannot be told from others
         self.gone = False
         self.polling = False
+        self.noted_at = time.time()  # the scale of a process's start time in /proc
         self.deadline = time.monotonic() + _GIVE_UP
         self.delay = _FIRST_DELAY
 
@@ -349,13 +359,30 @@ class Spawn:
             return True
         new = self.new_children()
         if not new:
-            if self.gone:
+            if not self.gone:
+                return False
+            if self._may_run_elsewhere():
                 self._unattributed("the thread that started it exited before it was found")
-                return True
-            return False
+            else:
+                self._finish()  # whatever it started has exited: nothing to stop
+            return True
         self.adopt(new)
         self._finish()
         return True
+
+    def _may_run_elsewhere(self) -> bool:
+        """After the spawning thread exited (its children went to another thread):
+        whether a running child of this process, started since the spawn and not
+        tracked by the session, may be the spawn's."""
+        since = self.noted_at - 2 * START_RESOLUTION
+        plane = self.plane
+        for pid in children(os.getpid()):
+            if (plane is not None and plane.is_tracked(pid)) or not alive(pid):
+                continue
+            started = start_time(pid)
+            if started is not None and started >= since:
+                return True
+        return False
 
     def _unattributed(self, why: str) -> None:
         """The spawn's process cannot be found: audit and report it, stop looking."""
