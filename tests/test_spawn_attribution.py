@@ -491,9 +491,9 @@ async def test_a_spawn_whose_thread_exits_before_its_child_is_found_is_reported(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The spawning thread exits before the loop finds its child (which the kernel then
-    hands to another thread): the spawn cannot be attributed, and the report says so
-    instead of quiescent."""
-    monkeypatch.setattr(_adopt, "_GIVE_UP", 30.0)
+    hands to another thread) and the child runs: once the search gives up, the spawn is
+    reported as not attributed instead of dropped, and the stop is not quiescent."""
+    monkeypatch.setattr(_adopt, "_GIVE_UP", 0.2)  # within the stop's 10 s
     async with _pending_spawn(stop_timeout=10.0, stay=False) as (session, gate):
         # The fork and the thread's exit happen while this loop is held (bounded), so
         # the loop's next look at the thread's children finds the thread gone.

@@ -346,8 +346,11 @@ class Spawn:
         if self.settle_now():
             return
         if time.monotonic() >= self.deadline:
-            # No child appeared: the spawn failed, or its process ended at once.
-            self._finish()
+            if self.gone:
+                self._unattributed("the thread that started it exited before it was found")
+            else:
+                # No child appeared: the spawn failed, or its process ended at once.
+                self._finish()
             return
         self._schedule(self.delay)
         self.delay = min(self.delay * 2, _MAX_DELAY)
@@ -359,13 +362,13 @@ class Spawn:
             return True
         new = self.new_children()
         if not new:
-            if not self.gone:
-                return False
-            if self._may_run_elsewhere():
-                self._unattributed("the thread that started it exited before it was found")
-            else:
+            if self.gone and not self._may_run_elsewhere():
                 self._finish()  # whatever it started has exited: nothing to stop
-            return True
+                return True
+            # Not found yet; or its thread exited and a child that may be its still runs
+            # (one just killed takes a moment to die): looked at again until the search
+            # gives up, which then reports it.
+            return False
         self.adopt(new)
         self._finish()
         return True
