@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -324,6 +325,7 @@ class _Gate:
         #: children stay listed as its own
         self.leave = threading.Event()
         self.left = threading.Event()
+        self.tid = 0  # the spawning thread's native id
 
 
 #: Threads (ident) whose next ``subprocess.Popen`` event waits on their gate.
@@ -356,6 +358,7 @@ def _held_spawn(*, stay: bool) -> _Gate:
     gate = _Gate()
 
     def spawn() -> None:
+        gate.tid = threading.get_native_id()
         _gates[threading.get_ident()] = gate
         try:
             gate.popen.append(subprocess.Popen(["sleep", "1000"], stdin=subprocess.DEVNULL))
@@ -499,6 +502,7 @@ async def test_a_spawn_whose_thread_exits_before_its_child_is_found_is_reported(
         # the loop's next look at the thread's children finds the thread gone.
         gate.release.set()
         assert gate.left.wait(10)
+        _until_thread_gone(gate.tid)
         handle = session.interrupt("stop", trigger="operator")
         with anyio.fail_after(10):
             report = await handle
@@ -507,6 +511,14 @@ async def test_a_spawn_whose_thread_exits_before_its_child_is_found_is_reported(
     assert not report.quiescent
     (why,) = report.unattributed
     assert "exited before it was found" in why
+
+
+def _until_thread_gone(tid: int) -> None:
+    """Block until thread *tid* of this process has left the kernel's list (bounded)."""
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/self/task/{tid}"):
+        assert time.monotonic() < deadline, f"thread {tid} still there"
+        time.sleep(0.001)  # polling /proc: the kernel's word is the only signal
 
 
 def _state(pid: int) -> str | None:
