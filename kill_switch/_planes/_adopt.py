@@ -26,7 +26,9 @@ current:
   one, so that everything it forks from then on is held there and cannot reach PID 1.
   After a fork the child is found at once; after an audit event (the process does not
   exist yet) when the loop next runs, polled with back-off for a spawn from a worker
-  thread. A stop first resolves every spawn of its session still waiting.
+  thread. A stop first resolves every spawn of its session still waiting, and waits
+  (bounded by its ``stop_timeout``) for one whose process has not appeared yet: it is
+  not quiescent before that process is adopted and stopped.
 
 Why the spawning thread's children: a thread runs one spawn at a time, so the children it
 gains after a spawn's event are that spawn's, until its next spawn, which first hands the
