@@ -13,6 +13,9 @@ for it: after the report it looks at the world from outside the runtime's bookke
 * **zombies** — none of those processes is left unreaped;
 * **threads** — every thread of the session has returned, or is listed in the report as
   abandoned (Python cannot stop a thread that does not poll; the report must say so);
+* **model** — (synthetic sessions) the session's scripted agent loop made no model call
+  that started at or after the moment the drill requested the interrupt, and has ended:
+  read from the drill's own record of the calls, not from the runtime;
 * **audit** — the session's interrupt is in the durable audit log, and the log's hash
   chain verifies;
 
@@ -61,12 +64,14 @@ from ._planes._procfs import (
 )
 from ._planes._subreaper import subreaper
 from ._session import Session
+from ._tools import bind_session, refuse_if_interrupted
 from ._vocabulary._audit_event import (
     ESCALATED,
     INTERRUPT_COMPLETED,
     INTERRUPT_REQUESTED,
     DurableAuditSink,
 )
+from ._vocabulary._exceptions import Interrupted
 from ._vocabulary._policy import StopPolicy
 from ._vocabulary._validate import attrs_check, count, non_negative, positive_int, seconds
 
@@ -76,8 +81,8 @@ if TYPE_CHECKING:
     from ._runtime import Runtime
     from ._vocabulary._report import StopReport
 
-Leak = Literal["process", "orphan", "task", "thread"]
-LEAKS: Final[tuple[Leak, ...]] = ("process", "orphan", "task", "thread")
+Leak = Literal["process", "orphan", "task", "thread", "model"]
+LEAKS: Final[tuple[Leak, ...]] = ("process", "orphan", "task", "thread", "model")
 
 #: How often the independent checks are re-run while waiting for quiescence.
 _POLL: Final = 0.002
@@ -103,6 +108,12 @@ def _leaks(_inst: Any, attr: attrs.Attribute[Any], value: tuple[str, ...]) -> No
 class DrillShape:
     """The synthetic session ``run_drills`` starts for each run.
 
+    Every synthetic session also runs a scripted agent loop: a model (the drill's own
+    callable, which records when each call starts) alternating with a guarded tool call
+    through the session, refused before each model request once the session is
+    interrupted (as the integrations do); it is parked in its third tool call when the
+    interrupt comes.
+
     Attributes:
         calls: async tool calls parked when the interrupt comes.
         processes: subprocess trees (a shell leader and three grandchildren); the first
@@ -119,7 +130,11 @@ class DrillShape:
             only because the drill runs as a child subreaper), ``"task"`` leaves a task
             that swallows its cancellation, ``"thread"`` runs a sync tool that never
             polls in anyio's pool with ``abandon_on_cancel`` (off the thread plane; its
-            caller does not wait). Drills with a leak must fail.
+            caller does not wait), ``"model"`` runs the agent loop outside the session's
+            block (a server's request task) in a framework whose catch-all turns the
+            tool's failure, the kill included, into text for the model and does not
+            guard the model request: it makes one more model call after the kill, and
+            every other check still passes. Drills with a leak must fail.
     """
 
     calls: int = attrs.field(default=20, validator=_count)
@@ -288,6 +303,35 @@ def _only_threads_left(report: StopReport) -> bool:
     )
 
 
+def _check_model(agent: _Agent | None, killed_at: float) -> DrillCheck:
+    """No model call started at or after *killed_at* (the drill's clock, read just before
+    it asked for the interrupt), and the agent loop has ended: from the drill's record."""
+    if agent is None:
+        return DrillCheck(
+            "model",
+            True,
+            "not checked: the drill did not run this session's agent loop, so it has no "
+            "record of its model calls (synthetic runs have one)",
+            skipped=True,
+        )
+    calls = list(agent.calls)
+    late = [t - killed_at for t in calls if t >= killed_at]
+    if late:
+        return DrillCheck(
+            "model",
+            False,
+            f"{len(late)} model call(s) started after the interrupt was requested (the "
+            f"first {min(late) * 1e3:.2f} ms after): the agent went on after the kill",
+        )
+    if not agent.done.is_set():
+        return DrillCheck("model", False, "the agent loop still runs: it may call the model")
+    return DrillCheck(
+        "model",
+        True,
+        f"no model call after the interrupt ({len(calls)} before it); the agent loop ended",
+    )
+
+
 def _audit_path(session: Session) -> str | None:
     sink = session.runtime.audit
     return sink.path if isinstance(sink, DurableAuditSink) else None
@@ -347,6 +391,9 @@ async def drill(
     the runtime's back is caught, and so is an unrelated one the application started
     meanwhile — turn it off in a process that spawns such children.
 
+    The ``model`` check needs a record of the agent's model calls, which only the
+    drill's synthetic sessions keep (``run_drills``): here it is skipped, and says so.
+
     Cancellation: a checkpoint; cancelling the drill does not undo the interrupt.
 
     Raises:
@@ -354,6 +401,29 @@ async def drill(
         RuntimeError: not called on the session's event loop, or the session has not
             been entered or has already ended.
     """
+    return await _drill(
+        session,
+        None,
+        reason=reason,
+        operator=operator,
+        quiesce_within=quiesce_within,
+        untracked=untracked,
+        verify_chain=verify_chain,
+    )
+
+
+async def _drill(
+    session: Session,
+    agent: _Agent | None,
+    *,
+    reason: str = "kill drill",
+    operator: str | None = "kill-switch drill",
+    quiesce_within: float = 2.0,
+    untracked: bool = True,
+    verify_chain: bool = True,
+) -> DrillResult:
+    """``drill``, with the record of the model calls of the session's agent loop where
+    the drill runs it (``model`` is skipped without one)."""
     if not isinstance(session, Session):
         raise TypeError(f"drill needs a Session, not {type(session).__name__}")
     non_negative("quiesce_within", quiesce_within)
@@ -366,6 +436,9 @@ async def drill(
     if session.state in ("created", "finished", "failed"):
         raise RuntimeError(f"session {session.id} is {session.state}: there is nothing to drill")
 
+    # The model check's clock is the model's own (monotonic), read before the request: a
+    # call that starts at or after it came after the kill was asked for.
+    killed_at = time.monotonic()
     t0 = time.perf_counter()
     handle = session.interrupt(reason, trigger="operator", operator=operator)
     bound = session.policy.stop_timeout + quiesce_within
@@ -386,6 +459,7 @@ async def drill(
             procs,
             zombies,
             _check_threads(session, report),
+            _check_model(agent, killed_at),
         ]
         if all(c.ok for c in checks):
             quiesced = time.perf_counter() - t0
@@ -492,6 +566,81 @@ def _blocking_tool(ready: _Readiness, release: threading.Event) -> None:
         pass
 
 
+#: The scripted agent's tool calls that return at once; the next one parks.
+_QUICK_STEPS: Final = 2
+#: What a framework's catch-all hands the model for a failed tool call.
+_TOOL_ERROR: Final = "An error occurred while running the tool. Please try again."
+_FINAL: Final = "final answer"
+
+
+@attrs.define(eq=False)
+class _Agent:
+    """The drill's scripted agent: its model, and the record of every model call.
+
+    The record is the drill's own (``time.monotonic()`` at the start of each call), not
+    the runtime's ledger, so the ``model`` check does not take the runtime's word.
+    """
+
+    calls: list[float] = attrs.field(factory=list)
+    done: anyio.Event = attrs.field(factory=anyio.Event)
+    #: hands the session to a loop running outside its block (``"model"`` leak)
+    session: Session | None = None
+    bound: anyio.Event = attrs.field(factory=anyio.Event)
+
+    async def model(self, history: list[str]) -> str:
+        """A scripted model: ask for the tool, or answer once a tool failed."""
+        self.calls.append(time.monotonic())
+        await anyio.lowlevel.checkpoint()
+        return _FINAL if history and history[-1] == _TOOL_ERROR else "call the tool"
+
+
+async def _step(ready: _Readiness, n: int) -> str:
+    """The agent's tool: the first calls return, the next one is parked."""
+    if n < _QUICK_STEPS:
+        return f"result {n}"
+    ready.one()
+    await anyio.sleep_forever()
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+async def _agent_loop(
+    session: Session, agent: _Agent, ready: _Readiness, *, swallows_kill: bool
+) -> None:
+    """Model, tool, model, tool... until the model answers.
+
+    A framework's loop: a tool's failure becomes text for the model. Guarded as the
+    integrations guard one (the model request is refused once the session is
+    interrupted) unless *swallows_kill*: then its catch-all takes the kill too, and the
+    model request after it is not refused (the ``"model"`` leak).
+    """
+    try:
+        history: list[str] = []
+        while True:
+            if not swallows_kill:
+                refuse_if_interrupted(session)
+            if await agent.model(history) == _FINAL:
+                return
+            try:
+                history.append(await session.call(_step, ready, len(history), tool="step"))
+            except Exception:  # the framework's catch-all: the failure, as text
+                history.append(_TOOL_ERROR)
+            except Interrupted:  # noqa: ASYNC103 - the fault the "model" leak drills
+                if not swallows_kill:
+                    raise
+                history.append(_TOOL_ERROR)
+    finally:
+        agent.done.set()
+
+
+async def _request_task(agent: _Agent, ready: _Readiness) -> None:
+    """A server's request task: created outside the session's block, it binds the
+    session and runs the leaky agent loop (the ``"model"`` leak)."""
+    await agent.bound.wait()
+    assert agent.session is not None
+    with bind_session(agent.session):
+        await _agent_loop(agent.session, agent, ready, swallows_kill=True)
+
+
 async def _stubborn_task(release: threading.Event) -> None:
     while not release.is_set():
         try:
@@ -505,6 +654,7 @@ async def _synthetic(  # noqa: ASYNC114 - private; started with tg.start in this
     shape: DrillShape,
     run: int,
     leftovers: _Leftovers,
+    agent: _Agent,
     *,
     task_status: anyio.abc.TaskStatus[Session],
 ) -> None:
@@ -514,65 +664,87 @@ async def _synthetic(  # noqa: ASYNC114 - private; started with tg.start in this
         stop_timeout=shape.stop_timeout,
         max_abandoned_threads=max(16, shape.blocking_threads * 4),
     )
-    expected = shape.calls + shape.threads + shape.blocking_threads + ("thread" in shape.leak)
+    # +1: the agent loop, parked in its tool.
+    expected = shape.calls + shape.threads + shape.blocking_threads + ("thread" in shape.leak) + 1
     ready = _Readiness(expected)
-    if expected == 0:
-        ready.event.set()
-    async with runtime.session(
-        "drill", labels={"drill": "synthetic", "run": str(run)}, policy=policy
-    ) as session:
-        for _ in range(shape.calls):
-            session.start_soon(_parked, ready, tool="parked")
-        for _ in range(shape.threads):
-            session.start_soon(session.run_sync, _polling_tool, ready, tool="poll")
-        for _ in range(shape.blocking_threads):
-            session.start_soon(
-                session.run_sync, _blocking_tool, ready, leftovers.release, tool="block"
-            )
-        for i in range(shape.processes):
-            proc = await session.open_process(
-                ["sh", "-c", _STUBBORN_TREE if i == 0 else _TREE],
-                stdin=None,
-                stderr=None,
-            )
-            assert proc.stdout is not None
-            await proc.stdout.receive()  # "ready": the whole tree runs
-        if "process" in shape.leak:
-            # Behind the runtime's back: from an empty context (as a framework's own
-            # worker would), so not the session's work and not adopted by its spawn hook.
-            leftovers.popens.append(
-                contextvars.Context().run(
-                    subprocess.Popen,
-                    ["sleep", "300"],
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.DEVNULL,
-                    start_new_session=True,
-                )
-            )
-        if "orphan" in shape.leak:
-            # A daemon's double fork, behind the runtime's back (an empty context): the
-            # shell exits at once and its grandchild is orphaned.
-            daemon = contextvars.Context().run(
+    async with anyio.create_task_group() as server:
+        if "model" in shape.leak:
+            # Started before the session exists, so its context is not the session's.
+            server.start_soon(_request_task, agent, ready)
+        async with (
+            runtime.session(
+                "drill", labels={"drill": "synthetic", "run": str(run)}, policy=policy
+            ) as session,
+            anyio.create_task_group() as body,
+        ):
+            await _fill(session, shape, leftovers, agent, ready, body)
+            await ready.event.wait()
+            task_status.started(session)
+            await anyio.sleep_forever()
+
+
+async def _fill(
+    session: Session,
+    shape: DrillShape,
+    leftovers: _Leftovers,
+    agent: _Agent,
+    ready: _Readiness,
+    body: anyio.abc.TaskGroup,
+) -> None:
+    """Start a synthetic session's work on every plane, and its agent loop."""
+    for _ in range(shape.calls):
+        session.start_soon(_parked, ready, tool="parked")
+    for _ in range(shape.threads):
+        session.start_soon(session.run_sync, _polling_tool, ready, tool="poll")
+    for _ in range(shape.blocking_threads):
+        session.start_soon(session.run_sync, _blocking_tool, ready, leftovers.release, tool="block")
+    for i in range(shape.processes):
+        proc = await session.open_process(
+            ["sh", "-c", _STUBBORN_TREE if i == 0 else _TREE],
+            stdin=None,
+            stderr=None,
+        )
+        assert proc.stdout is not None
+        await proc.stdout.receive()  # "ready": the whole tree runs
+    if "process" in shape.leak:
+        # Behind the runtime's back: from an empty context (as a framework's own
+        # worker would), so not the session's work and not adopted by its spawn hook.
+        leftovers.popens.append(
+            contextvars.Context().run(
                 subprocess.Popen,
-                ["sh", "-c", "sleep 300 >/dev/null 2>&1 & echo $!"],
+                ["sleep", "300"],
                 stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                start_new_session=True,
             )
-            out, _ = await anyio.to_thread.run_sync(daemon.communicate)
-            leftovers.orphans.append(int(out))
-        if "thread" in shape.leak:
-            # A pool the thread plane does not run, whose caller does not wait for it.
-            session.start_soon(
-                anyio.to_thread.run_sync,
-                partial(_blocking_tool, ready, leftovers.release),
-                abandon_on_cancel=True,
-                tool="leak",
-            )
-        if "task" in shape.leak:
-            asyncio.get_running_loop().create_task(_stubborn_task(leftovers.release))
-        await ready.event.wait()
-        task_status.started(session)
-        await anyio.sleep_forever()
+        )
+    if "orphan" in shape.leak:
+        # A daemon's double fork, behind the runtime's back (an empty context): the
+        # shell exits at once and its grandchild is orphaned.
+        daemon = contextvars.Context().run(
+            subprocess.Popen,
+            ["sh", "-c", "sleep 300 >/dev/null 2>&1 & echo $!"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+        )
+        out, _ = await anyio.to_thread.run_sync(daemon.communicate)
+        leftovers.orphans.append(int(out))
+    if "thread" in shape.leak:
+        # A pool the thread plane does not run, whose caller does not wait for it.
+        session.start_soon(
+            anyio.to_thread.run_sync,
+            partial(_blocking_tool, ready, leftovers.release),
+            abandon_on_cancel=True,
+            tool="leak",
+        )
+    if "task" in shape.leak:
+        asyncio.get_running_loop().create_task(_stubborn_task(leftovers.release))
+    if "model" in shape.leak:
+        agent.session = session  # to the request task outside the block
+        agent.bound.set()
+    else:
+        # The agent loop inside the block, as an application runs it.
+        body.start_soon(partial(_agent_loop, session, agent, ready, swallows_kill=False))
 
 
 def _clean_leftovers(leftovers: _Leftovers) -> None:
@@ -627,11 +799,13 @@ async def _run_drills(
     results: list[DrillResult] = []
     for run in range(runs):
         leftovers = _Leftovers()
+        agent = _Agent()
         try:
             async with anyio.create_task_group() as tg:
-                session: Session = await tg.start(_synthetic, runtime, shape, run, leftovers)
-                result = await drill(
+                session: Session = await tg.start(_synthetic, runtime, shape, run, leftovers, agent)
+                result = await _drill(
                     session,
+                    agent,
                     quiesce_within=objectives.quiesce_ms / 1e3,
                     verify_chain=run == runs - 1,
                 )

@@ -19,13 +19,14 @@ if TYPE_CHECKING:
 
     from ._vocabulary._report import StopReport
 
-CheckName = Literal["report", "tasks", "processes", "zombies", "threads", "audit"]
+CheckName = Literal["report", "tasks", "processes", "zombies", "threads", "model", "audit"]
 CHECKS: Final[tuple[CheckName, ...]] = (
     "report",
     "tasks",
     "processes",
     "zombies",
     "threads",
+    "model",
     "audit",
 )
 

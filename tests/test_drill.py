@@ -1,6 +1,6 @@
 """The kill drill: it passes on a clean stop, and each of its checks fails on the fault it
 exists to catch (negative controls: a leaked subprocess, a leaked task, a zombie, an
-unlisted thread, a missing audit row)."""
+unlisted thread, a model call after the kill, a missing audit row)."""
 
 from __future__ import annotations
 
@@ -55,6 +55,22 @@ async def test_clean_sessions_pass_every_check(tmp_path: Path) -> None:
         assert result.report.outcome == "unresponsive"
         assert not result.report.quiescent
     assert "PASS" in summary.summary()
+
+
+@pytest.mark.both_loops
+async def test_clean_agent_loop_makes_no_model_call_after_the_kill(tmp_path: Path) -> None:
+    """The synthetic session's agent loop (guarded like the integrations) is parked in its
+    tool at the kill and never calls the model again: ``model`` passes, from the drill's
+    own record of the calls."""
+    async with ks.Runtime(audit=str(tmp_path / "audit.db")) as runtime:
+        summary = await run_drills(runtime, runs=3, shape=FAST)
+    assert summary.ok, summary.summary()
+    for result in summary.results:
+        (check,) = [c for c in result.checks if c.name == "model"]
+        assert check.ok
+        assert not check.skipped
+        # Three model calls before the kill (two quick tool results, then the parked one).
+        assert "no model call after the interrupt (3 before it)" in check.detail
 
 
 async def one_leaky_run(tmp_path: Path, shape: DrillShape) -> _drill_results.DrillResult:
@@ -135,6 +151,37 @@ async def test_leaked_task_fails_the_drill(tmp_path: Path) -> None:
     assert "audit" not in failed(result)
 
 
+async def test_a_model_call_after_the_kill_fails_the_drill(tmp_path: Path) -> None:
+    """The agent loop outside the session's block, in a framework whose catch-all turns
+    the kill into tool-error text and that does not guard the model request: it calls the
+    model once more after the kill. Only ``model`` fails: every other check, the report
+    included, passes — the model check, not chance, catches it."""
+    result = await one_leaky_run(tmp_path, attrs.evolve(FAST, leak=("model",)))
+    assert failed(result) == {"model"}, result.summary()
+    detail = next(c.detail for c in result.checks if c.name == "model")
+    assert "1 model call(s) started after the interrupt was requested" in detail
+    assert result.report is not None
+    assert not result.report.leaked_tasks
+    assert not result.report.swept_tasks
+
+
+async def test_model_check_reads_only_the_drills_own_record() -> None:
+    """The check looks at the drill's record of model calls and the agent loop's end:
+    a call at the kill's own clock reading counts as after it; a loop still running
+    fails; without a record (a user's session) it is skipped, saying why."""
+    agent = _drill._Agent()
+    agent.calls.extend([1.0, 2.0])
+    agent.done.set()
+    assert _drill._check_model(agent, 2.5).ok
+    assert not _drill._check_model(agent, 2.0).ok  # started at the kill: after it
+    running = _drill._Agent()
+    assert not _drill._check_model(running, 0.0).ok
+    skipped = _drill._check_model(None, 0.0)
+    assert skipped.ok
+    assert skipped.skipped
+    assert "no record of its model calls" in skipped.detail
+
+
 async def test_untracked_off_does_not_see_a_leaked_subprocess(tmp_path: Path) -> None:
     """Negative control of the ``untracked`` rule: without it, the same leak goes unseen —
     the rule, not chance, is what catches it."""
@@ -142,7 +189,9 @@ async def test_untracked_off_does_not_see_a_leaked_subprocess(tmp_path: Path) ->
     shape = attrs.evolve(FAST, leak=("process",))
     try:
         async with ks.Runtime() as runtime, anyio.create_task_group() as tg:
-            session = await tg.start(_drill._synthetic, runtime, shape, 0, leftovers)
+            session = await tg.start(
+                _drill._synthetic, runtime, shape, 0, leftovers, _drill._Agent()
+            )
             result = await drill(session, quiesce_within=0.1, untracked=False)
             tg.cancel_scope.cancel()
     finally:
@@ -263,6 +312,8 @@ async def test_drill_of_a_user_session_with_a_process_tree() -> None:
     assert len(result.report.processes) == 1
     audit = next(c for c in result.checks if c.name == "audit")
     assert audit.skipped  # no SQLite log to read: said, not silently passed
+    model = next(c for c in result.checks if c.name == "model")
+    assert model.skipped  # the drill did not run this agent: said, not claimed
 
 
 async def test_objectives_are_judged_on_measured_latency(tmp_path: Path) -> None:
@@ -339,7 +390,8 @@ def test_cli_passes_and_prints_json() -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("leak", "check"), [("process", "processes"), ("orphan", "processes"), ("task", "tasks")]
+    ("leak", "check"),
+    [("process", "processes"), ("orphan", "processes"), ("task", "tasks"), ("model", "model")],
 )
 def test_cli_fails_on_an_injected_leak(leak: str, check: str) -> None:
     """``--inject`` plants the fault; the drill exits 1 and names the check that caught it."""
@@ -408,6 +460,9 @@ async def test_cli_drills_a_live_session_through_the_control_plane(tmp_path: Pat
     assert checks["processes"]["ok"]
     assert checks["audit"]["ok"]
     assert not checks["audit"]["skipped"]
+    # Model calls happen in the other process: not seen from here, and said so.
+    assert checks["model"]["skipped"]
+    assert "cannot be seen from here" in checks["model"]["detail"]
     assert not [p for p in pids if _running(p)]
     assert unknown.returncode == 1
     assert "404" in unknown.stderr

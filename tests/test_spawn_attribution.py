@@ -13,12 +13,14 @@ report say so instead of "quiescent".
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import os
 import signal
 import subprocess
 import sys
 import threading
+import time
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -26,11 +28,13 @@ import pytest
 
 import kill_switch as ks
 from kill_switch._planes import _adopt
+from kill_switch._planes._process_plane import ProcessPlane
 from kill_switch.testing import MemoryAudit
 
 from ._procs import alive, cgroup_available, kill_quietly, wait_gone
 
 if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
     from pathlib import Path
 
 pytestmark = pytest.mark.both_loops
@@ -304,3 +308,224 @@ async def test_a_process_that_cannot_join_the_cgroup_is_audited_and_still_stoppe
     ]
     assert len(refused) == 1
     assert "Permission denied" in refused[0]["reason"]
+
+
+# ----------------------------------------------------- a spawn pending across the stop
+
+
+class _Gate:
+    """Holds one thread's ``subprocess.Popen`` between its audit event and its fork."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.popen: list[subprocess.Popen[bytes]] = []
+        self.returned = threading.Event()
+        #: the spawning thread lives on until this is set (a pool's worker does): its
+        #: children stay listed as its own
+        self.leave = threading.Event()
+        self.left = threading.Event()
+        self.tid = 0  # the spawning thread's native id
+
+
+#: Threads (ident) whose next ``subprocess.Popen`` event waits on their gate.
+_gates: dict[int, _Gate] = {}
+_gate_hook_added = False
+
+
+def _gate_hook(event: str, args: tuple[Any, ...]) -> None:
+    if event == "subprocess.Popen":
+        gate = _gates.pop(threading.get_ident(), None)
+        if gate is not None:
+            gate.entered.set()
+            gate.release.wait(30)
+
+
+def _held_spawn(*, stay: bool) -> _Gate:
+    """Start ``Popen(["sleep", "1000"])`` in a plain thread in the current (the
+    session's) context, held after the runtime's audit hook has seen it and before the
+    process exists.
+
+    The seam is a second audit hook: hooks run in the order they were added, and the
+    runtime's is added first, so the spawn is noted (pending on the session's process
+    plane) while the fork has not happened yet.
+    """
+    global _gate_hook_added
+    _adopt.install()
+    if not _gate_hook_added:
+        sys.addaudithook(_gate_hook)  # cannot be removed: inert for threads without a gate
+        _gate_hook_added = True
+    gate = _Gate()
+
+    def spawn() -> None:
+        gate.tid = threading.get_native_id()
+        _gates[threading.get_ident()] = gate
+        try:
+            gate.popen.append(subprocess.Popen(["sleep", "1000"], stdin=subprocess.DEVNULL))
+        finally:
+            _gates.pop(threading.get_ident(), None)
+            gate.returned.set()
+            if stay:
+                gate.leave.wait(30)
+            gate.left.set()
+
+    ctx = contextvars.copy_context()  # the session's context: its spawn is the session's
+    threading.Thread(target=ctx.run, args=(spawn,), daemon=True).start()
+    return gate
+
+
+@contextlib.asynccontextmanager
+async def _pending_spawn(
+    stop_timeout: float, *, stay: bool = True
+) -> AsyncIterator[tuple[ks.Session, _Gate]]:
+    """A session (its block in a task of its own, so that the interrupt does not cancel
+    the caller) whose held spawn waits on its process plane; cleaned up after."""
+    async with (
+        ks.Runtime(policy=ks.StopPolicy(stop_timeout=stop_timeout)) as rt,
+        anyio.create_task_group() as tg,
+    ):
+        gates: list[_Gate] = []
+
+        async def agent(*, task_status: anyio.abc.TaskStatus[ks.Session]) -> None:
+            async with rt.session("forking") as session:
+                gates.append(_held_spawn(stay=stay))
+                task_status.started(session)
+                await anyio.sleep_forever()
+
+        session = await tg.start(agent)
+        (gate,) = gates
+        try:
+            assert await anyio.to_thread.run_sync(gate.entered.wait, 10)
+            with anyio.fail_after(10):
+                while (plane := _plane(session)) is None or not plane.spawns_pending():  # noqa: ASYNC110
+                    await anyio.sleep(0.001)
+            yield session, gate
+        finally:
+            await anyio.to_thread.run_sync(_reap, gate)
+            tg.cancel_scope.cancel()
+
+
+def _plane(session: ks.Session) -> ProcessPlane | None:
+    plane = session._planes.get(ProcessPlane)
+    return plane if isinstance(plane, ProcessPlane) else None
+
+
+def _reap(gate: _Gate) -> None:
+    """Test cleanup: let the spawn go, kill and wait for its child."""
+    gate.release.set()
+    gate.leave.set()
+    assert gate.left.wait(10)
+    for p in gate.popen:
+        kill_quietly([p.pid])
+        p.wait()
+
+
+async def test_a_spawn_pending_at_the_stop_is_waited_for_then_adopted_and_killed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A child still being forked when the interrupt is delivered: the stop waits for it,
+    adopts and kills it, and only then says quiescent: its pid is in the report, dead."""
+    monkeypatch.setattr(_adopt, "_GIVE_UP", 30.0)  # the search outlasts any slow machine
+    async with _pending_spawn(stop_timeout=10.0) as (session, gate):
+        plane = _plane(session)
+        assert plane is not None
+        handle = session.interrupt("stop", trigger="operator")
+        with anyio.fail_after(10):
+            while not plane.delivered:  # noqa: ASYNC110 - the plane's own state
+                await anyio.sleep(0.001)
+        assert plane.spawns_pending()  # delivered while the child did not exist yet
+        assert not handle.done()
+        gate.release.set()  # now the fork: the child appears after the delivery
+        with anyio.fail_after(10):
+            report = await handle
+        # At the report the child no longer runs (a zombie until its Popen reaps it).
+        assert await anyio.to_thread.run_sync(gate.returned.wait, 10)
+        at_report = _state(gate.popen[0].pid)
+    assert report.quiescent, report.summary()
+    assert report.unattributed == ()
+    (row,) = report.processes
+    assert row.pid == gate.popen[0].pid
+    assert row.adopted
+    assert "SIGKILL" in row.signals  # tracked after the interrupt: killed at once
+    assert at_report in ("Z", None), at_report
+
+
+async def test_a_spawn_still_pending_at_the_stop_timeout_is_reported_not_quiescent(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A fork held past ``stop_timeout``: the report is not quiescent and names the spawn
+    whose process had not appeared."""
+    monkeypatch.setattr(_adopt, "_GIVE_UP", 30.0)
+    async with _pending_spawn(stop_timeout=0.2) as (session, _gate):
+        handle = session.interrupt("stop", trigger="operator")
+        with anyio.fail_after(10):
+            report = await handle  # the gate is still closed
+    assert not report.quiescent
+    (why,) = report.unattributed
+    assert why.startswith("subprocess.Popen: sleep 1000"), why
+    assert "had not appeared" in why
+    assert "NOT attributed" in report.summary()
+
+
+async def test_negative_control_without_the_wait_the_report_says_quiescent_too_early(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Negative control: with pending spawns ignored (the wait switched off), the stop
+    resolves quiescent while the child is still coming, and the child then runs (seen in
+    /proc) although the report named no process."""
+    monkeypatch.setattr(_adopt, "_GIVE_UP", 30.0)
+    async with _pending_spawn(stop_timeout=10.0) as (session, gate):
+        monkeypatch.setattr(ProcessPlane, "spawns_pending", lambda self: False)
+        handle = session.interrupt("stop", trigger="operator")
+        with anyio.fail_after(10):
+            report = await handle  # the gate is still closed
+        # Let the fork go while this loop is held, so nothing adopts (and kills) the
+        # child before /proc is read: blocking the loop on purpose, bounded.
+        gate.release.set()
+        assert gate.returned.wait(10)
+        state = _state(gate.popen[0].pid)
+    assert report.quiescent
+    assert report.processes == ()
+    assert report.unattributed == ()
+    assert state not in ("Z", None), state  # running after a report that said quiescent
+
+
+async def test_a_spawn_whose_thread_exits_before_its_child_is_found_is_reported(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The spawning thread exits before the loop finds its child (which the kernel then
+    hands to another thread) and the child runs: once the search gives up, the spawn is
+    reported as not attributed instead of dropped, and the stop is not quiescent."""
+    monkeypatch.setattr(_adopt, "_GIVE_UP", 0.2)  # within the stop's 10 s
+    async with _pending_spawn(stop_timeout=10.0, stay=False) as (session, gate):
+        # The fork and the thread's exit happen while this loop is held (bounded), so
+        # the loop's next look at the thread's children finds the thread gone.
+        gate.release.set()
+        assert gate.left.wait(10)
+        _until_thread_gone(gate.tid)
+        handle = session.interrupt("stop", trigger="operator")
+        with anyio.fail_after(10):
+            report = await handle
+        child = gate.popen[0].pid
+        assert _state(child) not in ("Z", None)  # it runs: the report must not say quiet
+    assert not report.quiescent
+    (why,) = report.unattributed
+    assert "exited before it was found" in why
+
+
+def _until_thread_gone(tid: int) -> None:
+    """Block until thread *tid* of this process has left the kernel's list (bounded)."""
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/self/task/{tid}"):
+        assert time.monotonic() < deadline, f"thread {tid} still there"
+        time.sleep(0.001)  # polling /proc: the kernel's word is the only signal
+
+
+def _state(pid: int) -> str | None:
+    """The process state letter from /proc (``None``: gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            data = f.read()
+    except OSError:
+        return None
+    return data[data.rfind(")") + 2 :].split()[0]

@@ -4,7 +4,7 @@
                       [--blocking-threads N] [--term-grace S] [--thread-grace S]
                       [--p50-ms X] [--p99-ms X] [--max-ms X] [--quiesce-ms X]
                       [--db PATH | --no-audit] [--loop asyncio|uvloop]
-                      [--inject process|task|thread] [--json]
+                      [--inject process|orphan|task|thread|model] [--json]
     kill-switch drill --session ID [--url URL] [--token T] [--reason R]
                       [--quiesce-ms X] [--p99-ms X] [--json]
 
@@ -14,7 +14,8 @@ the verdict. With ``--session`` it drills a live session of another process thro
 control plane: an HTTP kill as operator, then checks from this host that none of the
 processes the report names is alive, that the report says quiescent with no leaked
 task, and that the audit log holds the interrupt and verifies. (The tasks and threads of
-a remote process cannot be seen from here: for those it relies on the report.)
+a remote process cannot be seen from here: for those it relies on the report; its model
+calls cannot be seen at all, and the ``model`` check says so.)
 
 Exit codes: 0 every objective met, 1 a check or objective failed, 2 usage, 3 the control
 plane could not be reached.
@@ -78,7 +79,8 @@ def register(subparsers: Any) -> None:
         description=(
             "A kill drill: interrupt a session, wait for its StopReport, then check "
             "from outside the runtime's bookkeeping that no task, process, zombie or "
-            "unlisted thread of it is left and that the audit log holds the stop; "
+            "unlisted thread of it is left, that its agent made no model call after the "
+            "kill (synthetic sessions), and that the audit log holds the stop; "
             "pass or fail against the objectives given. Synthetic sessions in this "
             "process by default; a live one of another process with --session."
         ),
@@ -110,7 +112,11 @@ def register(subparsers: Any) -> None:
         choices=LEAKS,
         action="append",
         default=[],
-        help="a deliberate leak, to prove the drill catches it (the drill must then fail)",
+        help=(
+            "a deliberate leak, to prove the drill catches it (the drill must then fail): "
+            "process, orphan (a double fork), task, thread (a pool off the thread plane), "
+            "model (an agent loop outside the block that calls the model after the kill)"
+        ),
     )
     live = p.add_argument_group("a live session, through its control plane")
     live.add_argument("--session", metavar="ID", help="the session to drill")
@@ -252,6 +258,14 @@ def _remote(args: argparse.Namespace, objectives: DrillObjectives) -> DrillSumma
             True,
             f"{len(report.get('threads', ()))} thread(s) in the report, {len(abandoned)} "
             "listed as abandoned (a remote process's threads cannot be seen from here)",
+            skipped=True,
+        )
+    )
+    checks.append(
+        DrillCheck(
+            "model",
+            True,
+            "not checked: a remote process's model calls cannot be seen from here",
             skipped=True,
         )
     )

@@ -26,7 +26,9 @@ current:
   one, so that everything it forks from then on is held there and cannot reach PID 1.
   After a fork the child is found at once; after an audit event (the process does not
   exist yet) when the loop next runs, polled with back-off for a spawn from a worker
-  thread. A stop first resolves every spawn of its session still waiting.
+  thread. A stop first resolves every spawn of its session still waiting, and waits
+  (bounded by its ``stop_timeout``) for one whose process has not appeared yet: it is
+  not quiescent before that process is adopted and stopped.
 
 Why the spawning thread's children: a thread runs one spawn at a time, so the children it
 gains after a spawn's event are that spawn's, until its next spawn, which first hands the
@@ -65,7 +67,15 @@ from ._context import _current_session
 from ._escalation import DEFAULT_POLICY, EscalationPolicy, TrackedGroup
 from ._pid_watch import signal_result
 from ._process_plane import ProcessPlane
-from ._procfs import cmdline, descendants, thread_children
+from ._procfs import (
+    START_RESOLUTION,
+    alive,
+    children,
+    cmdline,
+    descendants,
+    start_time,
+    thread_children,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -255,7 +265,9 @@ class Spawn:
         "deadline",
         "delay",
         "done",
+        "gone",
         "host",
+        "noted_at",
         "plane",
         "polling",
         "tid",
@@ -279,7 +291,11 @@ class Spawn:
         self.before = None if before is None else set(before)
         self.plane: ProcessPlane | None = None
         self.done = False
+        #: the spawning thread exited before its child was found: the child was handed
+        #: to another thread of this process, where it cannot be told from others
+        self.gone = False
         self.polling = False
+        self.noted_at = time.time()  # the scale of a process's start time in /proc
         self.deadline = time.monotonic() + _GIVE_UP
         self.delay = _FIRST_DELAY
 
@@ -288,6 +304,9 @@ class Spawn:
         if self.before is None:
             return []
         now = thread_children(self.tid)
+        if now is None:
+            self.gone = True
+            return []
         if not now:
             return []
         new = [p for p in now if p not in self.before]
@@ -306,14 +325,7 @@ class Spawn:
             # child: it is killed here once found.
             self.plane = None
         if self.before is None:
-            reason = (
-                f"{self.what}: its process cannot be found "
-                "(this kernel does not list a thread's children)"
-            )
-            self.host.record(PROCESS_UNATTRIBUTED, details={"spawn": self.what, "why": reason})
-            if self.plane is not None:
-                self.plane.unattributed.append(reason)
-            self._finish()
+            self._unattributed("this kernel does not list a thread's children")
             return
         if self.plane is not None:
             self.plane.expect(self)
@@ -336,8 +348,11 @@ class Spawn:
         if self.settle_now():
             return
         if time.monotonic() >= self.deadline:
-            # No child appeared: the spawn failed, or its process ended at once.
-            self._finish()
+            if self.gone:
+                self._unattributed("the thread that started it exited before it was found")
+            else:
+                # No child appeared: the spawn failed, or its process ended at once.
+                self._finish()
             return
         self._schedule(self.delay)
         self.delay = min(self.delay * 2, _MAX_DELAY)
@@ -349,10 +364,38 @@ class Spawn:
             return True
         new = self.new_children()
         if not new:
+            if self.gone and not self._may_run_elsewhere():
+                self._finish()  # whatever it started has exited: nothing to stop
+                return True
+            # Not found yet; or its thread exited and a child that may be its still runs
+            # (one just killed takes a moment to die): looked at again until the search
+            # gives up, which then reports it.
             return False
         self.adopt(new)
         self._finish()
         return True
+
+    def _may_run_elsewhere(self) -> bool:
+        """After the spawning thread exited (its children went to another thread):
+        whether a running child of this process, started since the spawn and not
+        tracked by the session, may be the spawn's."""
+        since = self.noted_at - 2 * START_RESOLUTION
+        plane = self.plane
+        for pid in children(os.getpid()):
+            if (plane is not None and plane.is_tracked(pid)) or not alive(pid):
+                continue
+            started = start_time(pid)
+            if started is not None and started >= since:
+                return True
+        return False
+
+    def _unattributed(self, why: str) -> None:
+        """The spawn's process cannot be found: audit and report it, stop looking."""
+        reason = f"{self.what}: its process cannot be found ({why})"
+        self.host.record(PROCESS_UNATTRIBUTED, details={"spawn": self.what, "why": reason})
+        if self.plane is not None:
+            self.plane.unattributed.append(reason)
+        self._finish()
 
     def adopt(self, pids: list[int]) -> None:
         """Adopt *pids* on the session's process plane. Loop thread."""

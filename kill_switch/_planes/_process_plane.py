@@ -95,6 +95,9 @@ _NOTIFY_MARGIN: Final = 0.025
 class PendingSpawn(Protocol):
     """A process started by other means whose child is not adopted yet (``_adopt``)."""
 
+    #: what was spawned, for the report while its child has not appeared
+    what: str
+
     def settle_now(self) -> bool:
         """Adopt the child if it exists now; whether it did."""
         ...
@@ -117,7 +120,9 @@ class ProcessPlane(Plane):
         self._delivered = False
         self._delivering = False
         self._finished = False
-        self._done = anyio.Event()
+        #: Set (and dropped) when the stop may have settled: its groups finished, or the
+        #: last pending spawn resolved. ``settle`` re-checks and waits on a new one.
+        self._settled_maybe: anyio.Event | None = None
         self._rounds = 0
         self._recheck: asyncio.TimerHandle | None = None
         self._recheck_until = 0.0
@@ -199,6 +204,13 @@ class ProcessPlane(Plane):
     def forget(self, spawn: PendingSpawn) -> None:
         """*spawn*'s child was adopted, or it has none."""
         self._spawns.discard(spawn)
+        if not self._spawns:
+            self._wake_settle()
+
+    def spawns_pending(self) -> bool:
+        """Whether a spawn of the session is under way whose child is not adopted yet
+        (it may still be being forked): a stop is not quiescent until it resolves."""
+        return bool(self._spawns)
 
     def hold(self, pid: int) -> Containment:
         """Move adopted *pid* into the session cgroup where there is one, so that what it
@@ -335,7 +347,8 @@ class ProcessPlane(Plane):
             return
         for spawn in list(self._spawns):
             # Children of spawns not adopted yet join the stop like the others (SIGTERM
-            # first); one still being forked is adopted, and killed, when it appears.
+            # first); one still being forked is adopted, and killed, when it appears, and
+            # the stop waits for it (``settle``).
             spawn.settle_now()
         self._delivered = True
         self._delivering = True
@@ -425,26 +438,57 @@ class ProcessPlane(Plane):
                 out.setdefault(_pgid_of(pid, None), []).append(pid)
         return out
 
+    def _settled(self) -> bool:
+        """Every stopped group is reaped and verified, and no spawn is still pending (its
+        child, once it appears, is tracked and stopped: the stop is not over)."""
+        return self._finished and not self.spawns_pending()
+
+    def _wake_settle(self) -> None:
+        event = self._settled_maybe
+        if event is not None:
+            self._settled_maybe = None
+            event.set()
+
     async def settle(self, deadline: float) -> None:
-        """Wait until every stopped group is reaped and verified, or until *deadline*."""
-        if not self._delivered or self._done.is_set():
+        """Wait until every stopped group is reaped and verified and no spawn of the
+        session is pending, or until *deadline*.
+
+        A spawn pending at the stop resolves when its child appears (it is then adopted
+        and killed, which restarts the wait for its group) or when its search gives up.
+        Woken by those events, never by polling. Cancellation: a checkpoint.
+        """
+        if not self._delivered:
             return
         with anyio.move_on_after(max(0.0, deadline - time.monotonic())):
-            await self._done.wait()
+            while not self._settled():
+                if self._settled_maybe is None:
+                    self._settled_maybe = anyio.Event()
+                await self._settled_maybe.wait()
 
     def quiescent(self) -> bool:
-        """Every process of the stop is gone (none survived, the stop is verified)."""
+        """Every process of the stop is gone (none survived, the stop is verified, no
+        spawn is still coming)."""
         return (
-            self._done.is_set()
+            self._settled()
             and not any(g.survived for g in self._stopping)
             and not self.unattributed
         )
 
     def stop_fields(self) -> StopFields:
-        """One ``ProcessReport`` per process of the stop."""
+        """One ``ProcessReport`` per process of the stop; spawns still pending are
+        ``unattributed`` (their child had not appeared: it may run after the report)."""
+        pending = (
+            tuple(
+                f"{s.what}: its process had not appeared when the report was built "
+                "(adopted and killed when it does)"
+                for s in self._spawns
+            )
+            if self.spawns_pending()
+            else ()
+        )
         return StopFields(
             processes=tuple(g.report() for g in self._stopping),
-            unattributed=tuple(self.unattributed),
+            unattributed=(*self.unattributed, *pending),
         )
 
     def busy(self) -> bool:
@@ -768,7 +812,7 @@ class ProcessPlane(Plane):
             # Orphans of the stop reparented to this process are its zombies now.
             self._reap_orphans()
         self._finished = True
-        self._done.set()
+        self._wake_settle()
         if not self._cleanup_armed:
             self._cleanup_armed = True
             self.session.handle.add_done_callback(self.loop, self._after_stop)

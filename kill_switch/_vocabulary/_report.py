@@ -156,8 +156,9 @@ class StopReport:
     #: the process plane: every tracked process of the session.
     processes: tuple[ProcessReport, ...] = ()
     #: processes started in the session's context by other means (``subprocess``,
-    #: ``os.system``, ...) that could not be attributed to it, each with why: any makes
-    #: the stop not quiescent (they may still run).
+    #: ``os.system``, ...) that could not be attributed to it, or whose process had not
+    #: appeared yet when the report was built, each with why: any makes the stop not
+    #: quiescent (they may still run).
     unattributed: tuple[str, ...] = ()
     #: the thread plane: every sync tool thread (``session.run_sync``, or a pool thread
     #: running work submitted from the session's context) running when the interrupt
