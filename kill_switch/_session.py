@@ -146,7 +146,8 @@ class Session(SessionHost):
             # the sum of those bounds, so the block can never outlive its policy.
             with anyio.move_on_after(stop.exit_budget(), shield=True):
                 await stop.finish(cleanup=True)
-                await stop.run_cleanup()  # the stop finished without them (unresponsive)
+                if stop.cleanup_hooks:  # the stop finished without them (unresponsive)
+                    await stop.run_cleanup()
             self._set_state("terminated")
             self._leave()
             if exit_stop:

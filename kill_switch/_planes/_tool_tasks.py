@@ -171,6 +171,8 @@ class ToolTasks(Plane):
         return self.quiet_mono is not None
 
     def stop_fields(self) -> StopFields:
+        if not self.leaked:
+            return StopFields(tool_calls_cancelled=self.tool_calls_cancelled)
         rows = [
             (t, LeakedTask(t.get_name(), coro_name(t), done)) for t, done in self.leaked.items()
         ]
@@ -409,6 +411,8 @@ class ToolTasks(Plane):
         Runs once the body has exited; quiescence is not declared before it ran.
         """
         self.swept = True
+        if not self.tasks:  # the usual case: nothing created in the session's context
+            return
         current = asyncio.current_task()
         for task in list(self.tasks):
             if task.done() or task is current or task in self.tool_tasks:
