@@ -598,6 +598,7 @@ class _RuntimeHost:
         "context",
         "enter",
         "flush",
+        "flushes",
         "leave",
         "loop",
         "loop_thread",
@@ -618,6 +619,7 @@ class _RuntimeHost:
         self.record = runtime._record
         self.record_many = runtime._record_many
         self.flush = runtime._flush_audit
+        self.flushes = runtime._sink is not None
         self.spawn = runtime._spawn
         self.enter = runtime._enter_session
         self.leave = runtime._leave_session

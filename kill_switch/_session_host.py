@@ -618,7 +618,7 @@ def interrupt_many(
             s._request(req, batch)
     finally:
         batch.send()
-    return tuple(s._handle for s in sessions)
+    return tuple([s._handle for s in sessions])
 
 
 def _check_all(sessions: Sequence[SessionHost]) -> None:

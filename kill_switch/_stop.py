@@ -317,7 +317,6 @@ class Stop:
         # that returns at once still costs its call, N times in interrupt_all.
         if self.announced is not None:
             await self.wait_announced()
-        first = self.requests[0]
         assert self.delivered_mono is not None
         outcome = self.fixed_outcome
         if outcome is None:
@@ -332,6 +331,39 @@ class Stop:
             outcome = "stopped" if self.quiescent() else "unresponsive"
             if cleanup and self.cleanup_hooks:
                 await self.run_cleanup()
+        fields = self._conclude(outcome)
+        status = await self.loop_host.flush()
+        self.resolve(StopReport(audit=status, **fields))
+
+    def finish_now(self, *, cleanup: bool) -> bool:
+        """Finish at once, without awaiting, when nothing is left to wait for: no batch
+        hand-over pending, every plane quiet once settled, no pool thread running the
+        session's work, no cleanup hook to run, no audit sink to flush. Whether it did
+        (if not, ``finish`` does it, shielded and bounded). Runs once, like ``finish``.
+
+        A stop that never awaits needs no shielded cancel scope around it: no
+        cancellation can reach a task between two awaits.
+        """
+        if self.finish_started or self.announced is not None or self.loop_host.flushes:
+            return False
+        outcome = self.fixed_outcome
+        if outcome is None:
+            if self.settle_now() or self.scan_pools() or (cleanup and self.cleanup_hooks):
+                return False
+            outcome = "stopped"
+        self.finish_started = True
+        try:
+            fields = self._conclude(outcome)
+            self.resolve(StopReport(audit="disabled", **fields))
+        finally:
+            self.close_window()
+        return True
+
+    def _conclude(self, outcome: Outcome) -> dict[str, Any]:
+        """The stop has settled as *outcome*: disarm its timeout, audit its last word,
+        hand its events to the sink; the report's fields (but the audit status)."""
+        host = self.host
+        first = self.requests[0]
         if self.stop_timer is not None:
             self.stop_timer.cancel()
             self.stop_timer = None
@@ -375,8 +407,7 @@ class Stop:
         # together: one commit on the stop's critical path.
         if self.window is not None:
             self.window.hand_over()
-        status = await self.loop_host.flush()
-        self.resolve(StopReport(audit=status, **fields))
+        return fields
 
     def build_report(self, outcome: Outcome, *, quiescent: bool, audit: AuditStatus) -> StopReport:
         return StopReport(audit=audit, **self.report_fields(outcome, quiescent=quiescent))

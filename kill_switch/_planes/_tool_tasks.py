@@ -31,7 +31,7 @@ import anyio
 from kill_switch._vocabulary._audit_event import LEAKED_TASK
 from kill_switch._vocabulary._block import is_own
 from kill_switch._vocabulary._exceptions import Interrupted, ToolBlocked
-from kill_switch._vocabulary._plane import Plane, StopFields
+from kill_switch._vocabulary._plane import NO_FIELDS, Plane, StopFields
 from kill_switch._vocabulary._report import LeakedTask
 from kill_switch._vocabulary._snapshots import CallInfo
 
@@ -144,6 +144,9 @@ class ToolTasks(Plane):
         self.tool_calls_cancelled = (
             self.calls_in_flight - self.tool_calls_running + len(self.tool_tasks)
         )
+        if not (self.inflight or self.tool_tasks):  # a body alone: nothing to cancel here
+            self.check_quiet()
+            return
         for task in list(self.inflight):
             self.cancel_task(task)
         msg = f"kill_switch: session {self.host.id} interrupted"
@@ -172,7 +175,8 @@ class ToolTasks(Plane):
 
     def stop_fields(self) -> StopFields:
         if not self.leaked:
-            return StopFields(tool_calls_cancelled=self.tool_calls_cancelled)
+            n = self.tool_calls_cancelled
+            return StopFields(tool_calls_cancelled=n) if n else NO_FIELDS
         rows = [
             (t, LeakedTask(t.get_name(), coro_name(t), done)) for t, done in self.leaked.items()
         ]

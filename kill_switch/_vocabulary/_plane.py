@@ -268,6 +268,8 @@ class LoopHost(Protocol):
     context: contextvars.Context
     #: Whether anybody listens to audit events (a sink or a listener).
     audible: bool
+    #: Whether ``flush`` has a sink to wait for (else it says ``"disabled"`` at once).
+    flushes: bool
 
     @property
     def closed(self) -> bool: ...
