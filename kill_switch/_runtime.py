@@ -275,7 +275,7 @@ class Runtime:
     async def __aexit__(self, *exc_info: object) -> None:
         try:
             live = [s for s in self._sessions.values() if s.state != "created"]
-            handles = [s.interrupt("runtime closing", trigger="shutdown") for s in live]
+            handles = interrupt_many(self._host, live, "runtime closing", trigger="shutdown")
             with anyio.move_on_after(self.policy.stop_timeout + 1.0, shield=True):
                 for h in handles:
                     await h

@@ -596,7 +596,7 @@ def interrupt_many(
     reason: str,
     *,
     trigger: str,
-    operator: str | None,
+    operator: str | None = None,
 ) -> tuple[InterruptHandle, ...]:
     """Interrupt *sessions* as one batch (``Runtime.interrupt_where``); their handles.
 
