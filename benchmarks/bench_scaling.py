@@ -294,15 +294,23 @@ def main(argv: list[str] | None = None) -> int:
         "with --quick, beside --json)",
     )
     parser.add_argument("--no-plot", action="store_true", help="measure only")
+    parser.add_argument(
+        "--curves",
+        default="calls,sessions",
+        help="which curves to measure: calls, sessions or both (default: %(default)s)",
+    )
     args = parser.parse_args(argv)
+    curves = {c.strip() for c in args.curves.split(",") if c.strip()}
+    if not curves or curves - {"calls", "sessions"}:
+        parser.error(f"--curves takes calls and/or sessions, not {args.curves!r}")
     path = plot_path(args)
     if path is not None:
         missing = require_matplotlib()
         if missing is not None:
             print(missing, file=sys.stderr)
             return 2
-    calls = QUICK_CALLS if args.quick else CALLS
-    sessions = QUICK_SESSIONS if args.quick else SESSIONS
+    calls = (QUICK_CALLS if args.quick else CALLS) if "calls" in curves else ()
+    sessions = (QUICK_SESSIONS if args.quick else SESSIONS) if "sessions" in curves else ()
     title = "scaling: kill latency vs tool calls and sessions"
     plotted = None if path is None else str(path)
     rows = h.run_loops(

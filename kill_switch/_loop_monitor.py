@@ -34,6 +34,11 @@ class LoopMonitor:
         )
         self._thread.start()
 
+    @property
+    def ident(self) -> int | None:
+        """The monitor thread's ident."""
+        return self._thread.ident
+
     def watch(self, check: Callable[[], None], due_mono: float) -> None:
         """Call *check* on the monitor's thread at *due_mono* (``time.monotonic()``);
         it tests whether the loop delivered an interrupt and, if not, forces the stop.

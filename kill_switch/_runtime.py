@@ -19,13 +19,16 @@ from ._loop_monitor import LoopMonitor
 from ._planes import _adopt
 from ._planes._context import _current_session
 from ._planes._pool import install as install_pool
+from ._planes._pool import service_threads
 from ._sentinel import Sentinel
 from ._session import Session
+from ._session_host import interrupt_many
 from ._vocabulary._audit_event import (
     SESSION_REFUSED,
     STICKY_KINDS,
     AuditEvent,
     AuditSink,
+    BatchAuditSink,
     DurableAuditSink,
 )
 from ._vocabulary._exceptions import SessionRefused
@@ -62,17 +65,25 @@ class _SwitchInterval:
         # Reentrant: interrupt() claims, and may run in a signal handler on a thread
         # that is releasing a claim.
         self._lock = threading.RLock()
-        self._claims: list[float] = []
+        # Claims counted by interval: N stops in flight (interrupt_all) cost O(1) each,
+        # not a scan of N claims.
+        self._claims: dict[float, int] = {}
         self._saved = self._applied = sys.getswitchinterval()
 
     def claim(self, interval: float) -> None:
         with self._lock:
-            self._claims.append(interval)
+            claims = self._claims
+            claims[interval] = claims.get(interval, 0) + 1
             self._apply()
 
     def release(self, interval: float) -> None:
         with self._lock:
-            self._claims.remove(interval)
+            claims = self._claims
+            left = claims[interval] - 1
+            if left:
+                claims[interval] = left
+            else:
+                del claims[interval]
             self._apply()
 
     def _apply(self) -> None:
@@ -194,6 +205,8 @@ class Runtime:
         if policy is not None and not isinstance(policy, StopPolicy):
             raise TypeError(f"policy must be a StopPolicy, not {type(policy).__name__}")
         self._sink = audit
+        # A sink that takes several events in one call gets a batch with one wake-up.
+        self._sink_many = audit.record_many if isinstance(audit, BatchAuditSink) else None
         self.policy = policy if policy is not None else StopPolicy()
         self._track_tasks = track_tasks
         self._sessions: dict[str, Session] = {}
@@ -250,6 +263,8 @@ class Runtime:
         # plane (kept installed: outside a session it is a plain pool).
         install_pool(loop)
         self._monitor = LoopMonitor()
+        # Never runs a session's work: a stop's search for such threads skips it.
+        service_threads.add(self._monitor.ident)
         host = self._host
         host.loop, host.loop_thread, host.context = loop, self._loop_thread, ctx
         host.monitor = self._monitor
@@ -260,7 +275,7 @@ class Runtime:
     async def __aexit__(self, *exc_info: object) -> None:
         try:
             live = [s for s in self._sessions.values() if s.state != "created"]
-            handles = [s.interrupt("runtime closing", trigger="shutdown") for s in live]
+            handles = interrupt_many(self._host, live, "runtime closing", trigger="shutdown")
             with anyio.move_on_after(self.policy.stop_timeout + 1.0, shield=True):
                 for h in handles:
                     await h
@@ -270,6 +285,7 @@ class Runtime:
             self._closed = True
             self._uninstall_task_factory()
             if self._monitor is not None:
+                service_threads.discard(self._monitor.ident)
                 self._monitor.close()
             for window in list(self._windows):
                 window.close()  # a stop that never finished: its events, its interval
@@ -427,14 +443,19 @@ class Runtime:
     ) -> tuple[InterruptHandle, ...]:
         """Interrupt the live sessions of *agent* and/or carrying every one of *labels*.
 
-        Thread-safe; never blocks. With neither filter it interrupts them all.
+        Thread-safe; never blocks. With neither filter it interrupts them all. Each
+        session gets what ``interrupt()`` gives it (its own handle, request, audit rows
+        and cascade to its children); the batch shares the rest: one audit hand-over for
+        their ``interrupt_requested`` events and one loop callback delivering every stop
+        (one ``call_soon_threadsafe`` from another thread, whatever the number).
 
         Raises:
-            TypeError / ValueError: bad reason, trigger, operator or filter.
+            TypeError / ValueError: bad reason, trigger, operator or filter (checked
+                even when no session matches).
         """
         wanted = Selector(agent, _check_labels(labels))
         targets = [s for s in list(self._sessions.values()) if wanted.matches(s.agent, s.labels)]
-        return tuple(s.interrupt(reason, trigger=trigger, operator=operator) for s in targets)
+        return interrupt_many(self._host, targets, reason, trigger=trigger, operator=operator)
 
     # ------------------------------------------------------------------ audit
 
@@ -501,11 +522,29 @@ class Runtime:
         self._to_sink((event,))
         self._tell(event)
 
+    def _record_many(self, events: Sequence[AuditEvent]) -> None:
+        """Hand *events* to the sink as one batch, then show each to the listeners."""
+        self._to_sink(events)
+        if self._listeners:
+            for event in events:
+                self._tell(event)
+
     def _to_sink(self, events: Sequence[AuditEvent]) -> None:
         """Hand *events* to the sink back to back: recorded in one stretch, with no
-        await between them, ``SqliteAudit``'s writer takes them as one batch."""
+        await between them, ``SqliteAudit``'s writer takes them as one batch (and a
+        ``BatchAuditSink`` in one call: one lock, one wake-up of its writer)."""
         sink = self._sink
         if sink is None:
+            return
+        many = self._sink_many
+        if many is not None and len(events) > 1:
+            try:
+                many(events)
+            except Exception as exc:  # a sink must never raise; if it does, say so, go on
+                sys.stderr.write(
+                    f"kill_switch: audit sink failed to record {len(events)} events "
+                    f"({events[0].kind} {events[0].event_id}, ...): {exc!r}\n"
+                )
             return
         for event in events:
             try:
@@ -559,11 +598,13 @@ class _RuntimeHost:
         "context",
         "enter",
         "flush",
+        "flushes",
         "leave",
         "loop",
         "loop_thread",
         "monitor",
         "record",
+        "record_many",
         "runtime",
         "spawn",
     )
@@ -576,7 +617,9 @@ class _RuntimeHost:
         self.monitor: LoopMonitor | None = None
         self.audible = runtime._sink is not None
         self.record = runtime._record
+        self.record_many = runtime._record_many
         self.flush = runtime._flush_audit
+        self.flushes = runtime._sink is not None
         self.spawn = runtime._spawn
         self.enter = runtime._enter_session
         self.leave = runtime._leave_session

@@ -142,11 +142,15 @@ class Session(SessionHost):
             # Interrupted before the block ended (a request that raced the natural end
             # and whose delivery is still queued counts: exactly one terminal outcome).
             self._deliver()
-            # Every await below is bounded and shielded on its own; this outer bound is
-            # the sum of those bounds, so the block can never outlive its policy.
-            with anyio.move_on_after(stop.exit_budget(), shield=True):
-                await stop.finish(cleanup=True)
-                await stop.run_cleanup()  # the stop finished without them (unresponsive)
+            # Nothing to wait for (no sink, all quiet): finished here, without a cancel
+            # scope (a shielded, bounded one costs ~7 us, N times in interrupt_all).
+            if not stop.finish_now(cleanup=True):
+                # Every await below is bounded and shielded on its own; this outer bound
+                # is the sum of those bounds, so the block can never outlive its policy.
+                with anyio.move_on_after(stop.exit_budget(), shield=True):
+                    await stop.finish(cleanup=True)
+                    if stop.cleanup_hooks:  # the stop finished without them (unresponsive)
+                        await stop.run_cleanup()
             self._set_state("terminated")
             self._leave()
             if exit_stop:

@@ -10,7 +10,8 @@ public verbs: the block, tool calls, processes, threads, cleanup.
 
 Invariant: every state transition happens on the loop thread. ``interrupt()`` only
 appends to ``_requests`` (atomic under the GIL: the first element wins, with no lock a
-signal handler could deadlock on), sets the flag and schedules ``_deliver``.
+signal handler could deadlock on), sets the flag and schedules ``_deliver`` (``Batch``: one
+loop callback for every first request one call makes, ``interrupt_where``'s N included).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import threading
 import time
 import types
+from functools import partial
 from typing import TYPE_CHECKING, Any, cast
 
 import anyio
@@ -25,7 +27,7 @@ import anyio
 from ._guard import Guard, ToolPolicy
 from ._planes import _process_plane, _threads
 from ._planes._tool_tasks import ToolTasks
-from ._stop import Stop
+from ._stop import SharedStopTimer, Stop
 from ._vocabulary._audit_event import (
     CANCELLED_BEFORE_START,
     INTERRUPT_REPEATED,
@@ -41,7 +43,7 @@ from ._vocabulary._triggers import bound_operator, bound_reason, check_trigger
 
 if TYPE_CHECKING:
     import asyncio
-    from collections.abc import Callable, Iterable, Mapping
+    from collections.abc import Callable, Iterable, Mapping, Sequence
     from contextvars import Token
 
     from ._cleanup import Hook
@@ -292,44 +294,70 @@ class SessionHost:
         reason = bound_reason(reason)
         trigger = check_trigger(trigger)
         operator = bound_operator(operator)
-        req = InterruptRequest(trigger, reason, operator, time.time(), time.monotonic())
+        batch = Batch(self._host)
+        try:
+            self._request(
+                InterruptRequest(trigger, reason, operator, time.time(), time.monotonic()), batch
+            )
+        finally:
+            batch.send()
+        return self._handle
+
+    def _request(self, req: InterruptRequest, batch: Batch) -> None:
+        """Append *req* (any thread; never blocks). A first request opens the stop,
+        cascades to the children and joins *batch*, which audits and delivers it."""
         requests = self._requests
         requests.append(req)
         if requests[0] is not req:
-            self.record(INTERRUPT_REPEATED, trigger=trigger, reason=reason, operator=operator)
-            return self._handle
+            event = self._event(
+                INTERRUPT_REPEATED, trigger=req.trigger, reason=req.reason, operator=req.operator
+            )
+            if event is not None:
+                window = self._stop.window
+                if window is not None:
+                    window.record(event)
+                else:
+                    batch.events.append(event)
+            return
         # The stop is in flight from its request: the switch interval is short from
         # here (the loop must win the GIL back to deliver), its events held for one
-        # commit (interrupt_requested, sticky, still goes at once).
-        self._stop.open_window()
+        # commit (interrupt_requested, sticky, goes with the batch's, at its end).
+        stop = self._stop
+        stop.open_window()
+        stop.announced = batch.announced()
         # Children first, before our own flag: a sync tool of this session woken by the
         # flag may end this block, and with it the children's, before the cascade reads
         # the list. (A child leaving an interrupted parent stays on its list: _leave.)
         for child in list(self._children):
-            child.interrupt(
-                f"parent session {self.id} interrupted: {req.reason}",
-                trigger="parent",
-                operator=req.operator,
+            child._request(
+                InterruptRequest(
+                    "parent",
+                    bound_reason(f"parent session {self.id} interrupted: {req.reason}"),
+                    req.operator,
+                    time.time(),
+                    time.monotonic(),
+                ),
+                batch,
             )
         self._flag.set()
-        self.record(
+        event = self._event(
             INTERRUPT_REQUESTED, trigger=req.trigger, reason=req.reason, operator=req.operator
         )
-        host = self._host
-        stop = self._stop
-        host.watch_delivery(
-            self._check_delivered, req.requested_mono + self.policy.out_of_band_after
+        if event is not None:
+            batch.events.append(event)
+        batch.fresh.append(self)
+
+    def _event(self, kind: str, **fields: Any) -> AuditEvent | None:
+        """An audit event of this session, or ``None`` when nobody listens."""
+        if not self._host.audible:
+            return None
+        return AuditEvent(
+            kind,
+            self.id,
+            agent=self.agent,
+            interrupt_id=self._handle.interrupt_id if self._requests else None,
+            **fields,
         )
-        try:
-            if host.loop_thread == threading.get_ident():
-                self._loop.call_soon(self._deliver, context=host.context)
-            else:
-                self._loop.call_soon_threadsafe(self._deliver, context=host.context)
-        except RuntimeError:
-            # The loop is closed: nothing of this session can still run.
-            self._resolve(stop.build_report("after_end", quiescent=True, audit="disabled"))
-            stop.close_window()
-        return self._handle
 
     def _check_delivered(self) -> None:
         """The loop monitor's thread, ``out_of_band_after`` past the request: if the loop
@@ -337,8 +365,9 @@ class SessionHost:
         if self._state != "created":
             self._stop.go_out_of_band()
 
-    def _deliver(self) -> None:
-        """Fan the interrupt out. Loop thread only; idempotent."""
+    def _deliver(self, timers: dict[float, SharedStopTimer] | None = None) -> None:
+        """Fan the interrupt out. Loop thread only; idempotent. With *timers* (a batch's
+        delivery), the stop timeout is one timer shared with the batch's other stops."""
         stop = self._stop
         if stop.delivered_mono is not None:
             return
@@ -360,7 +389,7 @@ class SessionHost:
         self._set_state("interrupting")
         host.note_terminated(self.id)
         self._scope.cancel()
-        stop.deliver(first)
+        stop.deliver(first, timers)
 
     def _resolve(self, report: StopReport) -> None:
         self.report = report
@@ -478,3 +507,142 @@ class SessionHost:
         """Stop, from any thread, every plane that can be stopped without the loop
         (the watchdog's last resort, before it exits the process)."""
         self._stop.force(path)  # type: ignore[arg-type]  # checked by the planes
+
+
+# ------------------------------------------------------------------ batches
+
+
+class Batch:
+    """The first requests one call makes (a session's ``interrupt()`` with its cascade,
+    or ``Runtime.interrupt_where`` over N sessions), handed to the runtime together.
+
+    Requests are appended session by session (the first one wins, as ever); ``send``
+    then gives the sink their ``interrupt_requested`` events in one batch (one lock,
+    one writer wake-up), arms one out-of-band check per policy and delivers every stop
+    in one loop callback: from another thread, one ``call_soon_threadsafe`` hop for N
+    sessions instead of N.
+    """
+
+    __slots__ = ("_announced", "events", "fresh", "host", "on_loop")
+
+    def __init__(self, host: LoopHost) -> None:
+        self.host = host
+        self.on_loop = host.loop_thread == threading.get_ident()
+        #: Sessions whose first request this batch made, cascaded children before their
+        #: parent: the order they are delivered in.
+        self.fresh: list[SessionHost] = []
+        #: Audit events for the sink, in order (sticky ones: sent at the end of the call).
+        self.events: list[AuditEvent] = []
+        self._announced: asyncio.Future[None] | None = None
+
+    def announced(self) -> asyncio.Future[None] | None:
+        """What a stop of this batch waits for before its own events go to the sink
+        (``Stop.wait_announced``): ``None`` on the loop thread, where nothing of the
+        loop runs before ``send``. From another thread the loop may run a session's
+        exit meanwhile — a block ending by itself sees the request — and that stop's
+        rows must not reach the chain before its ``interrupt_requested``: it waits for
+        this future, which the batch's loop callback resolves."""
+        if self.on_loop or not self.host.audible:
+            return None
+        if self._announced is None:
+            # Constructed here, resolved on the loop by _deliver_all.
+            self._announced = self.host.loop.create_future()
+        return self._announced
+
+    def send(self) -> None:
+        """Audit the batch's events, watch and schedule its deliveries (never blocks)."""
+        host = self.host
+        if self.events:
+            host.record_many(self.events)
+        fresh = self.fresh
+        if not fresh:
+            return
+        # One out-of-band check per policy value, due at the latest request's due time
+        # (a check a little late, never early).
+        checks: dict[float, tuple[float, list[SessionHost]]] = {}
+        for s in fresh:
+            after = s.policy.out_of_band_after
+            due = s._requests[0].requested_mono + after
+            entry = checks.get(after)
+            if entry is None:
+                checks[after] = (due, [s])
+            else:
+                entry[1].append(s)
+                if due > entry[0]:
+                    checks[after] = (due, entry[1])
+        for due, group in checks.values():
+            host.watch_delivery(
+                group[0]._check_delivered if len(group) == 1 else partial(_check_all, group),
+                due,
+            )
+        try:
+            if self.on_loop:
+                host.loop.call_soon(_deliver_all, fresh, self._announced, context=host.context)
+            else:
+                host.loop.call_soon_threadsafe(
+                    _deliver_all, fresh, self._announced, context=host.context
+                )
+        except RuntimeError:
+            # The loop is closed: nothing of these sessions can still run.
+            for s in fresh:
+                stop = s._stop
+                s._resolve(stop.build_report("after_end", quiescent=True, audit="disabled"))
+                stop.close_window()
+
+
+def interrupt_many(
+    host: LoopHost,
+    sessions: Sequence[SessionHost],
+    reason: str,
+    *,
+    trigger: str,
+    operator: str | None = None,
+) -> tuple[InterruptHandle, ...]:
+    """Interrupt *sessions* as one batch (``Runtime.interrupt_where``); their handles.
+
+    Any thread; never blocks. Each session gets its own request, stop, handle and audit
+    rows, exactly as from ``interrupt()``; what they share is done once: the arguments'
+    checks, one request object, the sink hand-over, the out-of-band watch, one loop
+    callback and (``SharedStopTimer``) one stop timeout.
+
+    Raises:
+        TypeError / ValueError: bad reason, trigger or operator (before any request).
+    """
+    reason = bound_reason(reason)
+    trigger = check_trigger(trigger)
+    operator = bound_operator(operator)
+    req = InterruptRequest(trigger, reason, operator, time.time(), time.monotonic())
+    batch = Batch(host)
+    try:
+        for s in sessions:
+            s._request(req, batch)
+    finally:
+        batch.send()
+    return tuple([s._handle for s in sessions])
+
+
+def _check_all(sessions: Sequence[SessionHost]) -> None:
+    for s in sessions:
+        s._check_delivered()
+
+
+def _deliver_all(sessions: Sequence[SessionHost], announced: asyncio.Future[None] | None) -> None:
+    """A batch's one loop callback: every stop's ``interrupt_requested`` is in the sink
+    by now (release the stops that wait for it), deliver each, then arm the shared stop
+    timeouts."""
+    if announced is not None and not announced.done():
+        announced.set_result(None)
+    timers: dict[float, SharedStopTimer] | None = {} if len(sessions) > 1 else None
+    for s in sessions:
+        try:
+            s._deliver(timers)
+        except Exception as exc:  # one session's failure must not spare the others
+            s._loop.call_exception_handler(
+                {
+                    "message": f"kill_switch: delivering the interrupt of {s!r} failed",
+                    "exception": exc,
+                }
+            )
+    if timers:
+        for timer in timers.values():
+            timer.arm()

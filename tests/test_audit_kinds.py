@@ -18,6 +18,8 @@ PACKAGE = pathlib.Path(kill_switch.__file__).parent
 #: Functions that only pass a kind through from their own caller (checked at the callers).
 FORWARDERS = {
     ("_session_host.py", "record"),  # Session.record(kind, ...) -> AuditEvent(kind, ...)
+    ("_session_host.py", "_event"),  # Session._event(kind, ...) -> AuditEvent(kind, ...)
+    ("_session_host.py", "_request"),  # window.record(event): built by _event above it
     ("_process_plane.py", "record"),  # ProcessPlane.record(kind, ...) -> session.record
     ("_runtime.py", "record"),  # Runtime.record(event) -> the sink and the listeners
     ("_runtime.py", "_record"),
@@ -71,10 +73,11 @@ def kinds_written(path: pathlib.Path, module: str) -> tuple[set[str], list[str]]
                 continue
             func = node.func
             # x.record(kind, ...) / x._record(kind, ...) write (a PlaneHost, a plane, the
-            # runtime); a bare _record(row) is the query module's decoder
-            writes = (isinstance(func, ast.Attribute) and func.attr in ("record", "_record")) or (
-                isinstance(func, ast.Name) and func.id == "AuditEvent"
-            )
+            # runtime), x._event(kind, ...) builds one (a session's interrupt batch); a
+            # bare _record(row) is the query module's decoder
+            writes = (
+                isinstance(func, ast.Attribute) and func.attr in ("record", "_record", "_event")
+            ) or (isinstance(func, ast.Name) and func.id == "AuditEvent")
             if not writes or not node.args:
                 continue
             arg = node.args[0]

@@ -290,6 +290,37 @@ class SqliteAudit:
         except Exception as exc:  # the contract: a sink never raises into a stop
             say(f"kill_switch: audit record failed: {exc!r}")
 
+    def record_many(self, events: Sequence[AuditEvent]) -> None:
+        """Queue *events* for the writer, in order, with one lock and one wake-up (the
+        writer takes them as one batch). Thread-safe; never blocks on I/O; never raises."""
+        try:
+            good = []
+            for event in events:
+                if isinstance(event, AuditEvent):
+                    good.append(event)
+                else:
+                    say(
+                        f"kill_switch: audit record failed: expected an AuditEvent, got "
+                        f"{type(event).__name__}"
+                    )
+            if not good:
+                return
+            with self._lock:
+                closed = self._state == "closed"
+                if not closed:
+                    pending = self._pending
+                    n = self._recorded
+                    for event in good:
+                        n += 1
+                        pending.append((n, event))
+                    self._recorded = n
+            if closed:
+                _fallback_lines(good, "recorded after the audit log closed")
+                return
+            self._wake_writer()
+        except Exception as exc:  # the contract: a sink never raises into a stop
+            say(f"kill_switch: audit record failed: {exc!r}")
+
     def _wake_writer(self) -> None:
         loop, wake = self._loop, self._wake
         if loop is None or wake is None:

@@ -150,19 +150,28 @@ def _contexts(frame: FrameType) -> list[contextvars.Context]:
     return found
 
 
+#: Threads of the runtime's own that never run a session's work (the loop monitor):
+#: ``session_threads`` skips them, as it does the caller's.
+service_threads: set[int | None] = set()
+
+
 def session_threads(session: PlaneHost, known: set[int]) -> list[tuple[int, str]]:
-    """Live threads (ident, name), other than the caller's and *known*, with a frame
-    holding a context whose current session is *session*: they run its work."""
+    """Live threads (ident, name), other than the caller's, *known* and the service
+    threads, with a frame holding a context whose current session is *session*: they
+    run its work."""
     me = threading.get_ident()
-    names = {t.ident: t.name for t in threading.enumerate()}
+    skip = service_threads
     found = []
     for ident, top in sys._current_frames().items():
-        if ident == me or ident in known or ident not in names:
+        if ident == me or ident in known or ident in skip:
             continue
         frame: FrameType | None = top
         while frame is not None:
             if any(ctx.get(_current_session) is session for ctx in _contexts(frame)):
-                found.append((ident, names[ident]))
+                found.append(ident)
                 break
             frame = frame.f_back
-    return found
+    if not found:  # the usual case: no thread list to build
+        return []
+    names = {t.ident: t.name for t in threading.enumerate()}
+    return [(ident, names[ident]) for ident in found if ident in names]

@@ -31,7 +31,7 @@ import anyio
 from kill_switch._vocabulary._audit_event import LEAKED_TASK
 from kill_switch._vocabulary._block import is_own
 from kill_switch._vocabulary._exceptions import Interrupted, ToolBlocked
-from kill_switch._vocabulary._plane import Plane, StopFields
+from kill_switch._vocabulary._plane import NO_FIELDS, Plane, StopFields
 from kill_switch._vocabulary._report import LeakedTask
 from kill_switch._vocabulary._snapshots import CallInfo
 
@@ -144,6 +144,9 @@ class ToolTasks(Plane):
         self.tool_calls_cancelled = (
             self.calls_in_flight - self.tool_calls_running + len(self.tool_tasks)
         )
+        if not (self.inflight or self.tool_tasks):  # a body alone: nothing to cancel here
+            self.check_quiet()
+            return
         for task in list(self.inflight):
             self.cancel_task(task)
         msg = f"kill_switch: session {self.host.id} interrupted"
@@ -171,6 +174,9 @@ class ToolTasks(Plane):
         return self.quiet_mono is not None
 
     def stop_fields(self) -> StopFields:
+        if not self.leaked:
+            n = self.tool_calls_cancelled
+            return StopFields(tool_calls_cancelled=n) if n else NO_FIELDS
         rows = [
             (t, LeakedTask(t.get_name(), coro_name(t), done)) for t, done in self.leaked.items()
         ]
@@ -409,6 +415,8 @@ class ToolTasks(Plane):
         Runs once the body has exited; quiescence is not declared before it ran.
         """
         self.swept = True
+        if not self.tasks:  # the usual case: nothing created in the session's context
+            return
         current = asyncio.current_task()
         for task in list(self.tasks):
             if task.done() or task is current or task in self.tool_tasks:

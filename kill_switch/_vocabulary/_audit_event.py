@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any, Final, Protocol, runtime_checkable
 import attrs
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from ._report import AuditStatus
 
 # ------------------------------------------------------------------ event kinds
@@ -205,6 +207,16 @@ class AuditSink(Protocol):
     def record(self, event: AuditEvent) -> None: ...
 
     async def flush(self) -> AuditStatus: ...
+
+
+@runtime_checkable
+class BatchAuditSink(AuditSink, Protocol):
+    """An ``AuditSink`` that takes several events in one call (``SqliteAudit``): the
+    runtime hands a batch over with it (``interrupt_all``'s N ``interrupt_requested``
+    events, a stop's held events) — one lock, one wake-up of the writer. Same contract
+    as ``record``: in order, thread-safe, never blocks on I/O, never raises."""
+
+    def record_many(self, events: Sequence[AuditEvent]) -> None: ...
 
 
 @runtime_checkable

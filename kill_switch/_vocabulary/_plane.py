@@ -21,7 +21,7 @@ import attrs
 if TYPE_CHECKING:
     import asyncio
     import contextvars
-    from collections.abc import Awaitable, Callable, Coroutine, Iterable
+    from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
     from typing import Any
 
     from ._audit_event import AuditEvent
@@ -268,12 +268,19 @@ class LoopHost(Protocol):
     context: contextvars.Context
     #: Whether anybody listens to audit events (a sink or a listener).
     audible: bool
+    #: Whether ``flush`` has a sink to wait for (else it says ``"disabled"`` at once).
+    flushes: bool
 
     @property
     def closed(self) -> bool: ...
 
     def record(self, event: AuditEvent) -> None:
         """Hand *event* to the sink and the listeners. Any thread; never raises."""
+        ...
+
+    def record_many(self, events: Sequence[AuditEvent]) -> None:
+        """Hand *events* to the sink as one batch, then to the listeners. Any thread;
+        never raises."""
         ...
 
     async def flush(self) -> AuditStatus:
