@@ -21,6 +21,7 @@ import functools
 import os
 import struct
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 from typing import TYPE_CHECKING, Final
@@ -79,6 +80,21 @@ def _own_cgroup() -> str:
     raise CgroupUnavailable("this process is not in a cgroup v2 hierarchy")
 
 
+def parent_dir() -> str:
+    """The directory of our own cgroup, where session cgroups are made.
+
+    Raises:
+        CgroupUnavailable: no cgroup v2 hierarchy, or our cgroup is outside its mount.
+    """
+    mount, root = _unified_mount()
+    own = _own_cgroup()
+    if root != "/" and own.startswith(root):
+        own = own[len(root) :]
+    elif root != "/":
+        raise CgroupUnavailable(f"our cgroup {own!r} is outside the mounted root {root!r}")
+    return os.path.join(mount, own.lstrip("/"))
+
+
 class SessionCgroup:
     """One cgroup holding the processes of one session (a directory we created).
 
@@ -106,14 +122,7 @@ class SessionCgroup:
         Raises:
             CgroupUnavailable: cgroup v2 or ``cgroup.kill`` is missing, or not writable.
         """
-        mount, root = _unified_mount()
-        own = _own_cgroup()
-        if root != "/" and own.startswith(root):
-            own = own[len(root) :]
-        elif root != "/":
-            raise CgroupUnavailable(f"our cgroup {own!r} is outside the mounted root {root!r}")
-        parent = os.path.join(mount, own.lstrip("/"))
-        path = os.path.join(parent, PREFIX + name)
+        path = os.path.join(parent_dir(), PREFIX + name)
         try:
             os.mkdir(path, 0o755)
         except OSError as exc:
@@ -226,6 +235,22 @@ class SessionCgroup:
             os.write(fd, b"1")
         finally:
             os.close(fd)
+
+    def remove_when_empty(self, timeout: float) -> bool:
+        """Remove the directory once no process is left in it, waiting up to *timeout*
+        seconds; ``False`` if it is still populated then. Any thread: it blocks (the
+        watchdog's, before ``os._exit``). Leaves the fds and the watch alone: the loop
+        may still hold them, and the process is about to exit.
+        """
+        deadline = time.monotonic() + timeout
+        delay = 0.001
+        while self.populated():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            time.sleep(min(delay, left))
+            delay = min(delay * 2, 0.02)
+        return _rmdir(self.path)
 
     def remove(self) -> bool:
         """Remove the (empty) cgroup and close our fds; ``False`` if it is still busy."""
