@@ -272,6 +272,25 @@ def _mover() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix="kill_switch-cgroup")
 
 
+def close_soon(fd: int) -> None:
+    """Close *fd* on the mover thread (now, on this one, once the interpreter is
+    shutting down). Nothing else may use *fd* from now on."""
+    try:
+        _mover().submit(os.close, fd)
+    except RuntimeError:  # no new futures at interpreter shutdown
+        os.close(fd)
+
+
+def drain(timeout: float) -> bool:
+    """Wait until the mover thread has done what was handed to it so far; ``False`` if
+    it had not within *timeout* seconds. Any thread but the mover's (tests, shutdown)."""
+    try:
+        _mover().submit(lambda: None).result(timeout)
+    except TimeoutError:
+        return False
+    return True
+
+
 def _rmdir(path: str) -> bool:
     try:
         os.rmdir(path)
@@ -362,12 +381,14 @@ class _Inotify:
         self.release()
 
     def release(self) -> None:
-        """One user less; the last one closes the instance."""
+        """One user less; the last one closes the instance (on the mover thread)."""
         self.users -= 1
         if self.users <= 0 and self._by_loop.get(self.loop) is self:
             del self._by_loop[self.loop]
             self.loop.remove_reader(self.fd)
-            os.close(self.fd)
+            # Closing an inotify instance waits in the kernel for an SRCU grace period
+            # (p50 ~4 ms, up to 35 ms measured): not on the loop's thread.
+            close_soon(self.fd)
 
     def _ready(self) -> None:
         try:
