@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 from typing import TYPE_CHECKING, Final
 
-from ._procfs import read_file
+from ._procfs import alive, read_file
 
 if TYPE_CHECKING:
     import asyncio
@@ -176,6 +176,8 @@ class SessionCgroup:
             except ProcessLookupError:
                 pass  # exited already: nothing left to hold
             except OSError as exc:
+                if exc.errno == errno.ENOENT and not alive(pid):
+                    return  # the session ended (its cgroup removed) after this one exited
                 failed(pid, exc)
 
         _mover().submit(move)
