@@ -20,7 +20,8 @@ per spawn (a batch of ``anyio.run_process(["true"])`` per sample, figures per sp
   baseline;
 * ``run_process, in a session``: inside a session's context: the thread's children read
   before the spawn, the child adopted (its pidfd watched, moved into the session cgroup
-  where there is one) and dropped when it exits. **Target: ≤ 1.3x the baseline, p50.**
+  where there is one: made at the first spawn, kept while the session lives) and
+  dropped when it exits. **Target: ≤ 1.3x the baseline, p50.**
 """
 
 from __future__ import annotations

@@ -36,6 +36,7 @@ from ._vocabulary._audit_event import (
 )
 from ._vocabulary._decision import ALLOW, Decision
 from ._vocabulary._exceptions import Interrupted
+from ._vocabulary._stderr import say
 
 if TYPE_CHECKING:
     import types
@@ -177,6 +178,11 @@ class Session(SessionHost):
         return _block.leave(False, exc, original)
 
     def _leave(self) -> None:
+        for plane in list(self._planes.values()):
+            try:
+                plane.close()
+            except Exception as exc:  # one plane's failure must not keep the others
+                say(f"kill_switch: session {self.id}: {type(plane).__name__}.close: {exc!r}")
         self._host.leave(self)
         self._unlink()
 

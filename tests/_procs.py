@@ -78,6 +78,8 @@ def no_zombies_no_leaks() -> Iterator[None]:
     me = psutil.Process()
     before = me.num_fds()
     yield
+    # An inotify instance is closed on the cgroup mover thread: done before counting.
+    assert _cgroup.drain(WAIT), "the cgroup mover thread is stuck"
     zombies = zombie_children()
     assert zombies == [], f"zombie children left: {zombies}"
     assert me.num_fds() == before, "file descriptors leaked"
@@ -91,3 +93,21 @@ def cgroup_available() -> bool:
         return False
     cg.remove()
     return True
+
+
+def session_cgroups(pid: int | None = None) -> list[str]:
+    """The session cgroups process *pid* (default: this one) made that are still there:
+    their paths (a session cgroup is named ``kill_switch-<pid>-<random>``)."""
+    try:
+        parent = _cgroup.parent_dir()
+    except _cgroup.CgroupUnavailable:
+        return []
+    prefix = f"{_cgroup.PREFIX}{os.getpid() if pid is None else pid}-"
+    return sorted(os.path.join(parent, d) for d in os.listdir(parent) if d.startswith(prefix))
+
+
+def cgroup_of(pid: int) -> str:
+    """The cgroup v2 path of *pid* (``/proc/<pid>/cgroup``'s ``0::`` line); ``""`` if
+    it has gone."""
+    text = _procfs.read_file(f"/proc/{pid}/cgroup").decode()
+    return next((line[3:] for line in text.splitlines() if line.startswith("0::")), "")

@@ -9,10 +9,12 @@ import re
 import sys
 import threading
 import time
+from pathlib import Path
 
 import anyio
 
 import kill_switch as ks
+from kill_switch._planes import _cgroup
 
 MODE, DB, TB = sys.argv[1], sys.argv[2], sys.argv[3]
 
@@ -20,6 +22,11 @@ MODE, DB, TB = sys.argv[1], sys.argv[2], sys.argv[3]
 def regex_holding_the_gil() -> None:
     # Catastrophic backtracking: the re engine holds the GIL for the whole match.
     re.match(r"(a+)+$", "a" * 64 + "b")
+
+
+def keep(_self: _cgroup.SessionCgroup, timeout: float) -> bool:
+    """``remove_when_empty`` that removes nothing (the negative control's)."""
+    return False
 
 
 async def hang() -> None:
@@ -37,7 +44,16 @@ async def main() -> int:
                     session.on_cleanup(regex_holding_the_gil, name="regex")
                 elif MODE == "non_daemon":
                     threading.Thread(target=time.sleep, args=(3600,), daemon=False).start()
+                elif MODE.startswith("stuck_loop"):
+                    if MODE == "stuck_loop_keeps_cgroup":
+                        # Negative control: the forced stop does not remove the cgroup.
+                        _cgroup.SessionCgroup.remove_when_empty = keep  # type: ignore[method-assign,assignment]
+                    proc = await session.open_process(["sleep", "1000"])
+                    Path(DB + ".pid").write_text(f"{proc.pid}\n")  # noqa: ASYNC240 - a test child
                 print("ready", flush=True)
+                if MODE.startswith("stuck_loop"):
+                    # The loop's thread blocks (on purpose): only the watchdog can act.
+                    time.sleep(3600)  # noqa: ASYNC251
                 await anyio.sleep_forever()
     print(f"orderly exit {shutdown.exit_code}", flush=True)
     return shutdown.exit_code or 0

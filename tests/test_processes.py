@@ -22,7 +22,15 @@ from kill_switch import EscalationPolicy, EscalationWarning
 from kill_switch._planes import _cgroup, _procfs
 from kill_switch.testing import MemoryAudit
 
-from ._procs import WAIT, alive, cgroup_available, kill_quietly, no_zombies_no_leaks, wait_gone
+from ._procs import (
+    WAIT,
+    alive,
+    cgroup_available,
+    kill_quietly,
+    no_zombies_no_leaks,
+    session_cgroups,
+    wait_gone,
+)
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Iterator
@@ -59,10 +67,7 @@ BOTH = pytest.mark.parametrize(
 
 def cgroups_left() -> list[str]:
     """The session cgroups this process created that are still there."""
-    mount = "/sys/fs/cgroup/unified"
-    if not os.path.isdir(mount):
-        return []
-    return [d for d in os.listdir(mount) if d.startswith(f"kill_switch-{os.getpid()}-")]
+    return session_cgroups()
 
 
 @pytest.fixture(autouse=True)
@@ -668,12 +673,8 @@ async def test_cancelled_aclose_kills_the_whole_group() -> None:
         # the grandchildren got the group's SIGKILL too
         with anyio.fail_after(10):
             await wait_gone(pids)
-        # The leader's exit left the grandchildren in the cgroup: the plane removes it
-        # once they are out, retrying with back-off. Wait for that while the loop runs
-        # (a poll: nothing signals the rmdir).
-        with anyio.fail_after(WAIT):
-            while cgroups_left():  # noqa: ASYNC110 - no event to wait on
-                await anyio.sleep(0.01)
+    # The session cgroup lives as long as the session: gone with its block.
+    assert cgroups_left() == []
 
 
 # ------------------------------------------------------ FAULT 32: spawn vs interrupt

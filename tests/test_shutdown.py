@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -12,6 +13,8 @@ import pytest
 
 import kill_switch as ks
 from kill_switch import EXIT_FORCED, EXIT_FORCED_C_LEVEL
+
+from ._procs import alive, cgroup_available, session_cgroups
 
 CHILD = Path(__file__).with_name("shutdown_child.py")
 
@@ -146,6 +149,44 @@ def test_next_writer_moves_the_spooled_record_into_the_chain(tmp_path: Path) -> 
     result = ks.verify_audit(child.db)
     assert (result.ok, result.spooled) == (True, 0)
     assert "spooled" not in result.summary()
+
+
+def stuck_loop_with_a_process(mode: str, tmp: Path) -> tuple[int, list[str], list[str]]:
+    """A child whose loop blocks with a process in its session cgroup, SIGTERMed until
+    the watchdog exits it: the process's pid, the child's session cgroups before the
+    signal and after the exit."""
+    child = Child(mode, tmp)
+    pid = int(Path(str(child.db) + ".pid").read_text())
+    before = session_cgroups(child.proc.pid)
+    child.signal()
+    rc, _, err = child.finish()
+    assert rc == EXIT_FORCED, err
+    return pid, before, session_cgroups(child.proc.pid)
+
+
+@pytest.mark.skipif(not cgroup_available(), reason="needs a writable cgroup v2")
+def test_the_watchdogs_forced_stop_removes_the_session_cgroup(tmp_path: Path) -> None:
+    """The loop is stuck, the watchdog forces the exit: it kills the session's processes
+    and removes the session cgroup first (no loop will after the exit)."""
+    pid, before, after = stuck_loop_with_a_process("stuck_loop", tmp_path)
+    assert len(before) == 1
+    assert after == []
+    assert not alive(pid)
+
+
+@pytest.mark.skipif(not cgroup_available(), reason="needs a writable cgroup v2")
+def test_negative_control_a_forced_exit_without_the_removal_leaves_the_cgroup(
+    tmp_path: Path,
+) -> None:
+    """Negative control: without the forced stop's removal the child leaves its session
+    cgroup behind, which the check above sees."""
+    _, before, after = stuck_loop_with_a_process("stuck_loop_keeps_cgroup", tmp_path)
+    try:
+        assert after == before
+        assert len(after) == 1
+    finally:
+        for path in after:
+            os.rmdir(path)
 
 
 def test_gil_holding_call_still_exits(tmp_path: Path) -> None:

@@ -31,7 +31,14 @@ from kill_switch._planes import _adopt
 from kill_switch._planes._process_plane import ProcessPlane
 from kill_switch.testing import MemoryAudit
 
-from ._procs import alive, cgroup_available, kill_quietly, wait_gone
+from ._procs import (
+    alive,
+    cgroup_available,
+    cgroup_of,
+    kill_quietly,
+    session_cgroups,
+    wait_gone,
+)
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -529,3 +536,173 @@ def _state(pid: int) -> str | None:
     except OSError:
         return None
     return data[data.rfind(")") + 2 :].split()[0]
+
+
+# ------------------------------------------------------ the session cgroup's lifetime
+# One cgroup per session, not per spawn: made at the session's first process, kept while
+# it has none, removed when the block ends (or its stop's handle resolved), on every path.
+
+needs_cgroup = pytest.mark.skipif(
+    not cgroup_available(), reason="needs a writable cgroup v2 (CI runs as root with one)"
+)
+
+
+async def held_in(pid: int) -> str:
+    """The session cgroup adopted *pid* was moved into (the mover thread moves it after
+    the adoption: polled, bounded)."""
+    with anyio.fail_after(10):
+        while "/kill_switch-" not in (path := cgroup_of(pid)):  # noqa: ASYNC110 - no event
+            await anyio.sleep(0.005)
+    return os.path.basename(path)
+
+
+async def held_and_gone(session: ks.Session) -> str:
+    """Start a process the tool's way, wait until the session cgroup holds it, end it and
+    wait until the session has seen it go; the cgroup's name."""
+    async with await anyio.open_process(["sleep", "1000"]) as proc:
+        try:
+            name = await held_in(proc.pid)
+        finally:
+            proc.kill()
+    with anyio.fail_after(10):
+        while session.processes():  # noqa: ASYNC110 - untracked when its exit is seen
+            await anyio.sleep(0.005)
+    return name
+
+
+def names(paths: list[str]) -> list[str]:
+    return [os.path.basename(p) for p in paths]
+
+
+async def two_spawns(*, wait_removed: bool) -> tuple[list[str], list[list[str]]]:
+    """Two processes one after the other in one session: the cgroup each was held in,
+    and the session cgroups there were once each had gone (*wait_removed*: once none)."""
+    held: list[str] = []
+    between: list[list[str]] = []
+    async with ks.Runtime() as rt, rt.session("twice") as session:
+        for _ in range(2):
+            held.append(await held_and_gone(session))
+            with anyio.fail_after(10):
+                while wait_removed and session_cgroups():  # noqa: ASYNC110 - no event
+                    await anyio.sleep(0.005)
+            between.append(names(session_cgroups()))
+    return held, between
+
+
+@needs_cgroup
+async def test_the_session_cgroup_is_kept_between_spawns() -> None:
+    """Two processes started one after the other are held in the same session cgroup,
+    which stays while the session has no process, and goes with the session."""
+    held, between = await two_spawns(wait_removed=False)
+    assert held[0] == held[1]
+    assert between == [[held[0]], [held[0]]]
+    assert session_cgroups() == []
+
+
+@needs_cgroup
+async def test_negative_control_a_cgroup_per_spawn_is_seen(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Negative control: with the former lifetime (an idle plane drops its cgroup) each
+    spawn gets a cgroup of its own, which the checks above see."""
+    monkeypatch.setattr(ProcessPlane, "_keeps_cgroup", lambda _self: False)
+    held, between = await two_spawns(wait_removed=True)
+    assert held[0] != held[1]
+    assert between == [[], []]
+    assert session_cgroups() == []
+
+
+@needs_cgroup
+async def test_the_session_cgroup_is_removed_when_the_block_returns() -> None:
+    """A block that returns after its processes ended: its cgroup is gone with it."""
+    async with ks.Runtime() as rt:
+        async with rt.session("done") as session:
+            name = await held_and_gone(session)
+            assert names(session_cgroups()) == [name]
+        assert session.state == "finished"
+        assert session_cgroups() == []
+
+
+async def held_then_raise(session: ks.Session) -> None:
+    """The block: a process held in the cgroup and gone, then an error."""
+    async with session:
+        name = await held_and_gone(session)
+        assert names(session_cgroups()) == [name]
+        raise RuntimeError("the tool failed")
+
+
+@needs_cgroup
+async def test_the_session_cgroup_is_removed_when_the_block_raises() -> None:
+    """A block that raises after its processes ended: its cgroup is gone with it."""
+    async with ks.Runtime() as rt:
+        session = rt.session("fails")
+        with pytest.raises(RuntimeError, match="the tool failed"):
+            await held_then_raise(session)
+        assert session.state == "failed"
+        assert session_cgroups() == []
+
+
+@needs_cgroup
+async def test_the_session_cgroup_is_removed_after_a_kill(tmp_path: Path) -> None:
+    """A session killed mid-tool: its cgroup is gone once the stop is over."""
+    out = tmp_path / "pids"
+    report, pids = await kill_mid_tool(run_tree(out), out)
+    await check_stopped(report, pids)
+    assert report.processes[0].containment == "cgroup"
+    assert session_cgroups() == []
+
+
+@needs_cgroup
+async def test_the_session_cgroup_is_removed_after_the_blocks_own_stop(tmp_path: Path) -> None:
+    """A block that returns while its tool's tree still runs stops it: the cgroup is gone
+    once that stop is over."""
+    out = tmp_path / "pids"
+    tree = ["sh", "-c", TREE.format(out=out)]
+    async with ks.Runtime(policy=ks.StopPolicy(term_grace=5.0)) as rt:
+        async with rt.session("leaves") as session:
+            await anyio.open_process(tree, stdin=None, stdout=None, stderr=None)
+            pids = await until_started(out)
+            assert len(session_cgroups()) == 1
+        report = session.report
+    assert report is not None
+    await check_stopped(report, pids)
+    assert session.state == "terminated"
+    assert session_cgroups() == []
+
+
+def still_populated(audit: MemoryAudit) -> list[ks.AuditEvent]:
+    return [e for e in audit.events if e.details.get("result") == "still populated"]
+
+
+@needs_cgroup
+async def test_a_session_cgroup_an_orphan_keeps_is_audited(tmp_path: Path) -> None:
+    """A process left running in the cgroup after the block returned (a daemon whose
+    parent exited) keeps the cgroup: the audit names it (``still populated``)."""
+    out = tmp_path / "pid"
+    ready = tmp_path / "ready"
+    script = f"while [ ! -e {ready} ]; do sleep 0.01; done; sleep 1000 & echo $! > {out}"
+    audit = MemoryAudit()
+    orphan = 0
+    try:
+        async with ks.Runtime(audit=audit) as rt:
+            async with rt.session("daemoniser") as session:
+                async with await anyio.open_process(["sh", "-c", script]) as proc:
+                    await held_in(proc.pid)
+                    ready.touch()
+                    await proc.wait()
+                with anyio.fail_after(10):
+                    while session.processes() or not out.read_text().endswith("\n"):  # noqa: ASYNC110
+                        await anyio.sleep(0.005)
+                orphan = int(out.read_text())
+            assert session.state == "finished"
+            with anyio.fail_after(10):
+                while not still_populated(audit):  # noqa: ASYNC110 - the audit is the signal
+                    await anyio.sleep(0.01)
+        (event,) = still_populated(audit)
+        assert event.details["pids"] == [orphan]
+        assert names(session_cgroups()) == [os.path.basename(event.details["path"])]
+    finally:
+        kill_quietly([orphan] if orphan else [])
+        await wait_gone([orphan] if orphan else [])
+        for path in session_cgroups():
+            os.rmdir(path)

@@ -35,8 +35,12 @@ Invariants:
 * Every process gets SIGTERM before SIGKILL, an escapee inside the cgroup included.
 * An escapee's group is never signalled with ``killpg``: no zombie of ours pins that
   pgid, so it may be anyone's by the time we signal. Its pidfd is safe.
-* The session cgroup is removed only when the plane is idle (nothing tracked, or the
-  stop finished with no survivor): an idle plane keeps no cgroup.
+* The session cgroup lives as long as the session: made at its first process, kept
+  while the plane is idle, removed once empty when the block ends (``close``) or the
+  stop's handle resolved with no survivor. A cgroup per spawn cost a spawn up to 4x its
+  time (``bench_spawn_hook.py``): the loop's inotify instance, closed with the last
+  watch, waits in the kernel for an SRCU grace period, and the removal waits for the
+  mover thread's migration.
 """
 
 from __future__ import annotations
@@ -91,6 +95,10 @@ _VERIFY_ROUNDS = 3
 #: Within this long of the last one, a stop that waits for ``populated 0`` also polls.
 _NOTIFY_MARGIN: Final = 0.025
 
+#: How long the watchdog's forced stop waits for ``cgroup.kill`` to empty the session
+#: cgroup before it removes it (the watchdog leaves an action behind after 0.2 s).
+_FORCED_REMOVE_WAIT: Final = 0.15
+
 
 class PendingSpawn(Protocol):
     """A process started by other means whose child is not adopted yet (``_adopt``)."""
@@ -144,6 +152,8 @@ class ProcessPlane(Plane):
         self.containment: Containment = "process_group"
         self._cgroup_reason = "disabled by EscalationPolicy(cgroup=False)"
         self._want_cgroup = policy.cgroup
+        #: the session's block has ended (``close``): no cgroup is made from now on
+        self._closed = False
         #: Spawns seen by ``_adopt`` whose child is not adopted yet: resolved first at a
         #: stop.
         self._spawns: set[PendingSpawn] = set()
@@ -155,7 +165,10 @@ class ProcessPlane(Plane):
 
     def ensure_cgroup(self) -> SessionCgroup | None:
         """The session cgroup for the next child, created on first use; ``None`` where
-        the policy declines it or cgroup v2 is not writable (audited once, with why)."""
+        the policy declines it, cgroup v2 is not writable (audited once, with why) or the
+        session's block has ended."""
+        if self._closed:
+            return None
         if self._cgroup is not None or not self._want_cgroup:
             return self._cgroup
         try:
@@ -181,9 +194,15 @@ class ProcessPlane(Plane):
         self.record(PROCESS_CONTAINMENT, {"containment": "process_group", "reason": reason})
         self._drop_cgroup()
 
+    def _keeps_cgroup(self) -> bool:
+        """Whether an idle session cgroup is kept: for the session's life, unless the
+        plane fell back to process groups."""
+        return self._want_cgroup and not self._closed
+
     def _drop_cgroup(self, delay: float = 0.0) -> None:
         """Remove the idle session cgroup; while processes are still leaving it, retry
-        with back-off for about a second (escapees that keep running keep it)."""
+        with back-off for about a second. Processes that keep running in it keep it:
+        audited (``still populated``) once the plane is closed, as a stop's end does."""
         cg = self._cgroup
         if cg is None or self._groups:
             return
@@ -194,6 +213,26 @@ class ProcessPlane(Plane):
         elif delay < 0.5:
             delay = max(POLL_MIN, delay * 2)
             self.loop.call_later(delay, self._drop_cgroup, delay)
+        elif self._closed:
+            self.record(
+                PROCESS_SIGNAL,
+                {
+                    "target": "cgroup",
+                    "result": "still populated",
+                    "path": cg.path,
+                    "pids": cg.procs(),
+                },
+            )
+
+    def close(self) -> None:
+        """The session's block has ended: remove the session cgroup once it is empty (at
+        once, usually). After a stop, its handle's resolution removes it (``_after_stop``).
+        Loop thread; never raises for a cgroup that cannot be removed (audited)."""
+        if self._closed:
+            return
+        self._closed = True
+        if not self._delivered:
+            self._drop_cgroup()
 
     # -- processes started by other means (``_adopt``)
 
@@ -246,7 +285,7 @@ class ProcessPlane(Plane):
                     if g.contained:
                         g.cgroup_emptied(now)
                 self._maybe_finish()
-        elif not self._groups:
+        elif not self._groups and not self._keeps_cgroup():
             self._drop_cgroup()
 
     def cgroup_holds_processes(self) -> bool:
@@ -330,8 +369,9 @@ class ProcessPlane(Plane):
         self.release_idle_cgroup()
 
     def release_idle_cgroup(self) -> None:
-        """Drop the session cgroup if nothing is tracked and no stop has begun."""
-        if not self._groups and not self._delivered:
+        """Drop the session cgroup if nothing is tracked, no stop has begun, and it is no
+        longer kept for the session (the block has ended, or the plane fell back)."""
+        if not self._groups and not self._delivered and not self._keeps_cgroup():
             self._drop_cgroup()
 
     # -- Plane protocol
@@ -544,6 +584,26 @@ class ProcessPlane(Plane):
                     "via": path,
                 },
             )
+        if cg is not None and path == "watchdog":
+            # The process exits next (``os._exit``), and no loop will remove the cgroup
+            # after it: remove it here once the kill has emptied it (bounded: the
+            # watchdog gives this action 0.2 s).
+            self._remove_before_exit(cg)
+
+    def _remove_before_exit(self, cg: SessionCgroup) -> None:
+        """Remove *cg* from this (watchdog) thread once empty; audit one that stays."""
+        if cg.remove_when_empty(_FORCED_REMOVE_WAIT):
+            return
+        self.record(
+            PROCESS_SIGNAL,
+            {
+                "target": "cgroup",
+                "result": "still populated",
+                "path": cg.path,
+                "pids": cg.procs(),
+                "via": "watchdog",
+            },
+        )
 
     # -- discovery (after the SIGTERMs)
 

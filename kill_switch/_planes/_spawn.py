@@ -264,7 +264,7 @@ async def open_process(
         else:
             popen = spawn(None)
     except BaseException:
-        # Nothing started: an idle plane keeps no cgroup.
+        # Nothing started: the cgroup stays for the session (dropped if it fell back).
         plane.release_idle_cgroup()
         raise
     tracked = TrackedGroup(

@@ -108,6 +108,11 @@ class Plane(Protocol):
         """This plane's rows of the ``StopReport``."""
         return NO_FIELDS
 
+    def close(self) -> None:
+        """The session's block has ended: release what the plane kept for the session's
+        life. Called once; must not block or raise."""
+        return None
+
 
 class CallGuard(Protocol):
     """What the tool plane needs of the guard to start a tool task's call."""
